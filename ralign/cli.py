@@ -1,0 +1,185 @@
+"""The `ralign` command: compile, check, graph, rules, execute, eval.
+
+Exit status: 0 on success, 1 when a recipe, data or step has an error, 2 on wrong usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ralign import __version__
+from ralign.errors import RalignError, UsageError
+
+EPILOG = """examples:
+  ralign compile recipes/quickstart.ralign          write build/quickstart.plan.json
+  ralign check recipes/*.ralign stdlib/hhh.ralign    diagnostics only
+  ralign graph recipes/quickstart.ralign            Mermaid text of the plan
+  ralign rules stdlib/hhh.ralign --reward rules --prompt "How do I bake bread?" --response "Mix flour..."
+  ralign execute recipes/quickstart.ralign --run-dir runs/quickstart
+  ralign eval --model ralign:smollm2-135m --data ralign:evals/hhh-mini
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _roots(args: argparse.Namespace) -> tuple[Path, ...]:
+    return tuple(Path(r) for r in (args.root or ()))
+
+
+def _existing(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"no such file: {path}")
+    return p
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from ralign.compile import compile_file
+
+    src = _existing(args.file)
+    out = Path(args.output) if args.output else Path("build") / f"{src.stem}.plan.json"
+    plan = compile_file(src, _roots(args), plan_path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(plan.dumps(), encoding="utf-8")
+    rounds = {s.round for s in plan.steps}
+    print(f"compiled {src} -> {out}")
+    print(f"  recipe '{plan.recipe}': {plan.rounds} round(s), seed {plan.seed}, policy '{plan.policy}'")
+    print(f"  {len(plan.steps)} steps over {len(rounds)} stage(s) (evaluations included); plan hash {plan.hash[:16]}")
+    for s in plan.steps:
+        if s.round <= 1:
+            label = s.kind + (f" {s.name}" if s.name and not s.kind.startswith("train") else "")
+            print(f"    r{s.round} {s.phase:<10} {label:<22} line {s.span.get('line')}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ralign.compile import check_file
+
+    failed = 0
+    for name in args.files:
+        try:
+            checked = check_file(_existing(name), _roots(args))
+        except RalignError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+            continue
+        what = f"recipe '{checked.recipe}'" if checked.recipe else "library"
+        print(f"{name}: ok ({what})")
+    return 1 if failed else 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from ralign.compile import compile_file
+    from ralign.plan import mermaid
+
+    print(mermaid(compile_file(_existing(args.file), _roots(args))), end="")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from ralign.compile import check_file
+    from ralign.rewards.evaluate import explain
+
+    checked = check_file(_existing(args.file), _roots(args))
+    report = explain(checked, args.reward, prompt=args.prompt, response=args.response)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max([len(r["rule"]) for r in report["rules"]] + [5])
+    for r in report["rules"]:
+        cond = "" if r["when"] is None else ("  (when: yes)" if r["when"] else "  (when: no)")
+        print(f"  {r['rule']:<{width}}  {r['value']:+.4f}{cond}")
+    print(f"  {'total':<{width}}  {report['total']:+.4f}")
+    return 0
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    from ralign.runtime.executor import execute
+
+    return execute(Path(args.plan), run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, roots=_roots(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ralign.runtime.executor import evaluate_command
+
+    return evaluate_command(model=args.model, data=args.data, task=args.task, limit=args.limit, device=args.device, output=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ralign",
+        description="Align a language model with its own judgments: compile a .ralign recipe into a plan, then run it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"ralign {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--root", action="append", metavar="DIR", help="another folder imports and data files may come from (repeatable)")
+        return sp
+
+    c = add("compile", "compile a recipe into a JSON plan")
+    c.add_argument("file", help="the .ralign recipe")
+    c.add_argument("-o", "--output", metavar="PLAN", help="where to write the plan (default: build/<recipe>.plan.json)")
+    c.set_defaults(func=cmd_compile)
+
+    k = add("check", "check recipes and libraries; print diagnostics only")
+    k.add_argument("files", nargs="+", metavar="FILE")
+    k.set_defaults(func=cmd_check)
+
+    g = add("graph", "print the plan as a Mermaid flowchart")
+    g.add_argument("file")
+    g.set_defaults(func=cmd_graph)
+
+    r = add("rules", "score one (prompt, response) with a reward: each rule's value and the total")
+    r.add_argument("file", help="a recipe or reward library")
+    r.add_argument("--reward", required=True, help="the reward's name (`alias.name` for an imported one)")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--response", required=True)
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_rules)
+
+    e = add("execute", "run a plan (or a recipe, compiled on the fly)")
+    e.add_argument("plan", metavar="PLAN_OR_RECIPE")
+    e.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<recipe>); re-running resumes")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.set_defaults(func=cmd_execute)
+
+    v = sub.add_parser("eval", help="evaluate a model on an HHH-format or behavior set", description="evaluate a model")
+    v.add_argument("--model", required=True, help="hub id, local folder, or ralign:smollm2-135m")
+    v.add_argument("--data", required=True, help="a file, hf:..., or ralign:evals/hhh-mini / ralign:seeds/hhh")
+    v.add_argument("--task", choices=("hhh", "behavior"), default="hhh")
+    v.add_argument("--limit", type=int)
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    v.add_argument("-o", "--output", help="write the results as JSON here")
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args))
+    except RalignError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Reward programs: a fixed table of pure builtins and an evaluator over the plan's expression IR."""

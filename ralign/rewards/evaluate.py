@@ -1,0 +1,225 @@
+"""Compile the plan's expression IR into Python closures and score (prompt, response) records.
+
+No eval/exec: each IR node becomes a small closure over its children, and every
+call goes through the fixed builtin table. Lets are constants folded once; def
+calls and reward values are memoised per record, since detectors repeat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ralign.rewards.builtins import BUILTINS
+from ralign.rewards.regex import compile_regex
+
+Record = dict[str, Any]  # prompt, response, score values; "_memo" is the evaluator's
+Fn = Callable[[Record, tuple[Any, ...]], Any]
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "+": lambda a, b: a + b,
+    "++": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b if b != 0 else 0.0,  # total: x / 0 is 0
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+class Programs:
+    """The lets, defs and rewards of a plan, compiled on demand and cached."""
+
+    def __init__(self, programs: Mapping[str, Mapping[str, Any]]) -> None:
+        self.source = programs
+        self._lets: dict[str, Any] = {}
+        self._defs: dict[str, tuple[dict[str, int], Fn]] = {}
+        self._rewards: dict[str, list[tuple[str, Fn, Fn | None]]] = {}
+        self.agree_values: dict[int, list[float]] = {}
+
+    # ---- compiling
+    def compile(self, ir: Any, params: dict[str, int] | None = None) -> Fn:
+        """A closure `fn(record, args)` for an IR node; `params` maps a def's parameter names to arg slots."""
+        head = ir[0]
+        if head in ("num", "str", "bool"):
+            value = float(ir[1]) if head == "num" else ir[1]
+            return lambda rec, args: value
+        if head == "re":
+            rx = compile_regex(ir[1], ir[2])
+            return lambda rec, args: rx
+        if head == "list":
+            items = [self.compile(i, params) for i in ir[1]]
+            return lambda rec, args: [f(rec, args) for f in items]
+        if head == "var":
+            name = ir[1]
+            if params is not None and name in params:
+                slot = params[name]
+                return lambda rec, args: args[slot]
+            return lambda rec, args: rec[name]
+        if head == "let":
+            value = self.let(ir[1])
+            return lambda rec, args: value
+        if head == "reward":
+            qname = ir[1]
+            return lambda rec, args: self._memo(rec, ("reward", qname), lambda: self.reward_value(qname, rec))
+        if head == "neg":
+            x = self.compile(ir[1], params)
+            return lambda rec, args: -x(rec, args)
+        if head == "not":
+            x = self.compile(ir[1], params)
+            return lambda rec, args: not x(rec, args)
+        if head == "bin":
+            return self._binary(ir[1], self.compile(ir[2], params), self.compile(ir[3], params))
+        if head == "if":
+            c, a, b = (self.compile(x, params) for x in ir[1:4])
+            return lambda rec, args: a(rec, args) if c(rec, args) else b(rec, args)
+        if head == "call":
+            fn = BUILTINS[ir[1]].fn
+            argf = [self.compile(a, params) for a in ir[2]]
+            if len(argf) == 1:
+                (f0,) = argf
+                return lambda rec, args: fn(f0(rec, args))
+            if len(argf) == 2:
+                f0, f1 = argf
+                return lambda rec, args: fn(f0(rec, args), f1(rec, args))
+            return lambda rec, args: fn(*(f(rec, args) for f in argf))
+        if head == "def":
+            qname = ir[1]
+            argf = [self.compile(a, params) for a in ir[2]]
+
+            def call(rec: Record, args: tuple[Any, ...]) -> Any:
+                values = tuple(f(rec, args) for f in argf)
+                key = ("def", qname, *(v if not isinstance(v, list) else tuple(v) for v in values))
+                return self._memo(rec, key, lambda: self.def_fn(qname)(rec, values))
+
+            return call
+        if head == "agree":
+            node_id = id(ir)
+            return lambda rec, args: self.agree_values[node_id][rec["_index"]]
+        raise ValueError(f"unknown expression node {head!r}")
+
+    @staticmethod
+    def _binary(op: str, a: Fn, b: Fn) -> Fn:
+        if op == "and":
+            return lambda rec, args: bool(a(rec, args)) and bool(b(rec, args))
+        if op == "or":
+            return lambda rec, args: bool(a(rec, args)) or bool(b(rec, args))
+        f = _BINARY[op]
+        return lambda rec, args: f(a(rec, args), b(rec, args))
+
+    @staticmethod
+    def _memo(rec: Record, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        memo = rec.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
+    def let(self, qname: str) -> Any:
+        if qname not in self._lets:
+            self._lets[qname] = self.compile(self.source["lets"][qname])({}, ())
+        return self._lets[qname]
+
+    def def_fn(self, qname: str) -> Fn:
+        if qname not in self._defs:
+            spec = self.source["defs"][qname]
+            slots = {p: i for i, p in enumerate(spec["params"])}
+            self._defs[qname] = (slots, self.compile(spec["body"], slots))
+        return self._defs[qname][1]
+
+    def rules(self, qname: str) -> list[tuple[str, Fn, Fn | None]]:
+        if qname not in self._rewards:
+            compiled = []
+            for rule in self.source["rewards"][qname]["rules"]:
+                when = self.compile(rule["when"]) if rule["when"] is not None else None
+                compiled.append((rule["name"], self.compile(rule["value"]), when))
+            self._rewards[qname] = compiled
+        return self._rewards[qname]
+
+    # ---- evaluating
+    def reward_value(self, qname: str, rec: Record) -> float:
+        """A reward's value for one record: the sum of its rules (a rule whose `when` fails adds 0)."""
+        total = 0.0
+        for _, value, when in self.rules(qname):
+            if when is None or when(rec, ()):
+                total += float(value(rec, ()))
+        return _finite(total)
+
+    def score(self, ir: Any, records: Sequence[Record]) -> list[float]:
+        """Evaluate a number expression over a batch (batch-level `agree` nodes first)."""
+        recs = [dict(r, _index=i) for i, r in enumerate(records)]
+        self._prepare_agree(ir, recs)
+        fn = self.compile(ir)
+        return [_finite(float(fn(r, ()))) for r in recs]
+
+    def holds(self, ir: Any, records: Sequence[Record]) -> list[bool]:
+        """Evaluate a bool expression over a batch."""
+        fn = self.compile(ir)
+        return [bool(fn(dict(r), ())) for r in records]
+
+    def _prepare_agree(self, ir: Any, recs: list[Record]) -> None:
+        from ralign.runtime.agree import agree  # numpy, runtime only
+
+        for node in _agree_nodes(ir):
+            sources = [[_finite(float(self.compile(a)(r, ()))) for r in recs] for a in node[1]]
+            combined, weights = agree(sources)
+            self.agree_values[id(node)] = list(combined)
+            self.agree_weights = getattr(self, "agree_weights", {})
+            self.agree_weights[id(node)] = list(weights)
+
+
+def _agree_nodes(ir: Any) -> list[Any]:
+    out, stack = [], [ir]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list) and node:
+            if node[0] == "agree":
+                out.append(node)
+            else:
+                stack.extend(x for x in node if isinstance(x, list))
+    return out
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def explain(checked: Any, reward: str, *, prompt: str, response: str) -> dict[str, Any]:
+    """Each rule's value (and whether its condition held) and the total, for one (prompt, response).
+
+    Args:
+        checked: a `Checked` recipe or library.
+        reward: the reward's name in the checked file (`alias.name` for an imported one).
+    """
+    from ralign.errors import UsageError, did_you_mean
+
+    rewards = checked.programs["rewards"]
+    main = next(iter(checked.sources))
+    wanted = {f"{main}:{reward}"} if "." not in reward else set()
+    if "." in reward:
+        alias, name = reward.split(".", 1)
+        wanted = {q for q in rewards if q.endswith(f":{name}") and (q.split(":")[0].endswith("/" + alias) or q.split(":")[0].rsplit("/", 1)[-1].removesuffix(".ralign") == alias)}
+    found = [q for q in rewards if q in wanted]
+    if not found:
+        known = sorted(q.split(":", 1)[1] if q.startswith(main + ":") else _display(q) for q in rewards)
+        raise UsageError(f"no reward '{reward}' in {main} (rewards: {', '.join(known) or 'none'}){did_you_mean(reward, known)}")
+    qname = found[0]
+    progs = Programs(checked.programs)
+    rec: Record = {"prompt": prompt, "response": response}
+    rows = []
+    for rule in progs.rules(qname):
+        name, value, when = rule
+        held = None if when is None else bool(when(rec, ()))
+        v = float(value(rec, ())) if held in (None, True) else 0.0
+        rows.append({"rule": name, "value": _finite(v), "when": held})
+    return {"reward": reward, "rules": rows, "total": _finite(sum(r["value"] for r in rows))}
+
+
+def _display(qname: str) -> str:
+    unit, name = qname.split(":", 1)
+    stem = unit.rsplit("/", 1)[-1].removesuffix(".ralign")
+    return f"{stem}.{name}"

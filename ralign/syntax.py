@@ -1,0 +1,353 @@
+"""Source text -> AST: the Lark LALR parser, tree-to-node conversion, and friendly parse errors."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+
+from ralign import nodes as n
+from ralign.errors import Diagnostic, RecipeError
+from ralign.source import Source, Span
+
+
+def grammar_path() -> Path:
+    """The grammar file: beside the package in a source tree, inside it in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "grammar" / "ralign.lark", here.parent / "grammar" / "ralign.lark"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("grammar/ralign.lark is missing from the ralign installation")
+
+
+@cache
+def parser(kind: str = "lalr") -> Lark:
+    """The shared parser (`kind="earley"` exists only for the benchmark)."""
+    options = {"strict": True} if kind == "lalr" else {}
+    return Lark(
+        grammar_path().read_text(encoding="utf-8"),
+        parser=kind,
+        propagate_positions=True,
+        maybe_placeholders=False,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def parse(source: Source, kind: str = "lalr") -> n.Module:
+    """Parse one file into a Module, or raise RecipeError with a positioned diagnostic."""
+    try:
+        tree = parser(kind).parse(source.text)
+    except UnexpectedInput as exc:
+        raise RecipeError([_diagnose(source, exc, kind)], {source.name: source}) from None
+    try:
+        decls = _ToNodes(source.name).transform(tree)
+    except VisitError as exc:  # a node-building check (e.g. a bad escape) failed
+        if isinstance(exc.orig_exc, _NodeError):
+            span, message = exc.orig_exc.args
+            raise RecipeError([Diagnostic(span, message)], {source.name: source}) from None
+        raise
+    return n.Module(file=source.name, decls=tuple(decls))
+
+
+# ---- errors ---------------------------------------------------------------------
+
+_WORDS = {
+    "NAME": "a name",
+    "STRING": "a string",
+    "LONG_STRING": 'a """string"""',
+    "NUMBER": "a number",
+    "REGEX": "a /regex/",
+    "COMPARE": "a comparison",
+    "$END": "the end of the file",
+}
+
+
+def _word(terminal: str, lark: Lark) -> str:
+    if terminal in _WORDS:
+        return _WORDS[terminal]
+    try:
+        pattern = lark.get_terminal(terminal).pattern
+    except KeyError:
+        return terminal.lower()
+    return f"'{pattern.value}'"
+
+
+def _describe(token: Token | str, lark: Lark) -> str:
+    if not isinstance(token, Token) or token.type == "$END":
+        return "the end of the file"
+    text = str(token)
+    if token.type in ("STRING", "LONG_STRING"):
+        return "a string"
+    return f"'{text[:30]}'"
+
+
+def _diagnose(source: Source, exc: UnexpectedInput, kind: str) -> Diagnostic:
+    lark = parser(kind)
+    line = getattr(exc, "line", 1) or 1
+    column = getattr(exc, "column", 1) or 1
+    if line < 1:  # Lark reports the end of input as line -1
+        line, column = _end_of(source)
+    span = Span(source.name, line, column)
+    if isinstance(exc, UnexpectedCharacters):
+        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        hint = ""
+        if char == '"':
+            hint = " (a string must close on the same line; use \"\"\"...\"\"\" for text over several lines)"
+        elif char == "/":
+            hint = " (a /regex/ must close on the same line)"
+        return Diagnostic(span, f"unexpected character {char!r}{hint}")
+    expected = sorted(getattr(exc, "expected", None) or getattr(exc, "accepts", None) or ())
+    token = getattr(exc, "token", None)
+    if {"NUMBER", "STRING", "NAME"} <= set(expected):  # an operand may stand here
+        expected = [t for t in expected if t not in _OPERAND_STARTS] + ["@expr"]
+    words = sorted({"an expression" if t == "@expr" else _word(t, lark) for t in expected})
+    listed = words[0] if len(words) == 1 else "one of " + ", ".join(words)
+    got = _describe(token, lark) if token is not None else "the end of the file"
+    message = f"expected {listed}, but found {got}"
+    at_end = token is None or (isinstance(token, Token) and token.type == "$END")
+    if at_end or "RBRACE" in expected:
+        upto = len(source.text) if at_end else (getattr(token, "start_pos", None) or 0)
+        opened = _unclosed_brace(source, upto)
+        if opened is not None and at_end:
+            return Diagnostic(
+                Span(source.name, *opened),
+                "this '{' is never closed: expected '}' before the end of the file",
+                ((span, message),),
+            )
+        if opened is not None and str(token) in _TOP_LEVEL:
+            message += f" (is the block opened at line {opened[0]} missing its '}}'?)"
+            return Diagnostic(span, message, ((Span(source.name, *opened), "the block opened here"),))
+    return Diagnostic(span, message)
+
+
+_OPERAND_STARTS = {"NUMBER", "STRING", "LONG_STRING", "REGEX", "NAME", "LPAR", "LSQB", "LBRACE", "MINUS", "NOT", "TRUE", "FALSE"}
+_TOP_LEVEL = {"recipe", "import", "model", "dataset", "template", "let", "def", "reward", "phase", "evaluate"}
+
+
+def _end_of(source: Source) -> tuple[int, int]:
+    lines = source.text.splitlines() or [""]
+    return len(lines), len(lines[-1]) + 1
+
+
+def _unclosed_brace(source: Source, upto: int) -> tuple[int, int] | None:
+    """Where the innermost '{' still open at offset `upto` was opened (strings and comments skipped)."""
+    stack: list[tuple[int, int]] = []
+    text, i, line, col = source.text[:upto], 0, 1, 1
+    while i < len(text):
+        c = text[i]
+        if text.startswith('"""', i):
+            j = text.find('"""', i + 3)
+            j = len(text) if j < 0 else j + 3
+        elif c == '"':
+            j = i + 1
+            while j < len(text) and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            j += 1
+        elif c == "#":
+            j = text.find("\n", i)
+            j = len(text) if j < 0 else j
+        else:
+            if c == "{":
+                stack.append((line, col))
+            elif c == "}" and stack:
+                stack.pop()
+            j = i + 1
+        chunk = text[i:j]
+        newlines = chunk.count("\n")
+        if newlines:
+            line += newlines
+            col = len(chunk) - chunk.rfind("\n")
+        else:
+            col += len(chunk)
+        i = j
+    return stack[-1] if stack else None
+
+
+# ---- tree -> nodes ----------------------------------------------------------------
+
+
+class _NodeError(Exception):
+    """Raised inside the transformer; turned into a diagnostic by `parse`."""
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "/": "/", "0": "\0"}
+
+
+def unescape(body: str, span: Span) -> str:
+    """Decode the escapes of a "..." string (no eval: a fixed table, plus \\uXXXX)."""
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = body[i + 1] if i + 1 < len(body) else ""
+        if nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+        elif nxt == "u" and len(body) >= i + 6 and _is_hex(body[i + 2 : i + 6]):
+            out.append(chr(int(body[i + 2 : i + 6], 16)))
+            i += 6
+        else:
+            raise _NodeError(span, f"unknown escape '\\{nxt}' in string (known: \\n \\t \\r \\\" \\\\ \\/ \\uXXXX)")
+    return "".join(out)
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+@v_args(meta=True)
+class _ToNodes(Transformer):
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    def _span(self, meta) -> Span:  # type: ignore[no-untyped-def]
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, tok: Token) -> Span:
+        return Span(self.file, tok.line or 1, tok.column or 1, tok.end_line or 0, tok.end_column or 0)
+
+    # declarations
+    def start(self, meta, items):  # type: ignore[no-untyped-def]
+        return items
+
+    def recipe(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Recipe(self._span(meta), self._string(c[0]), c[1])
+
+    def import_decl(self, meta, c):  # type: ignore[no-untyped-def]
+        alias = str(c[1]) if len(c) > 1 else None
+        return n.Import(self._span(meta), self._string(c[0]), self._tok(c[0]), alias)
+
+    def model(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Model(self._tok(c[0]), str(c[0]), c[1])
+
+    def dataset(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Dataset(self._tok(c[0]), str(c[0]), c[1])
+
+    def template(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Template(self._tok(c[0]), str(c[0]), c[1])
+
+    def let(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Let(self._tok(c[0]), str(c[0]), c[1])
+
+    def def_(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Def(self._tok(c[0]), str(c[0]), c[1], c[2])
+
+    def params(self, meta, c):  # type: ignore[no-untyped-def]
+        return tuple(str(t) for t in c)
+
+    def reward(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Reward(self._tok(c[0]), str(c[0]), tuple(c[1:]))
+
+    def rule(self, meta, c):  # type: ignore[no-untyped-def]
+        when = c[2] if len(c) > 2 else None
+        return n.Rule(self._tok(c[0]), str(c[0]), c[1], when)
+
+    def phase(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Phase(self._tok(c[0]), str(c[0]), tuple(c[1:]))
+
+    def step(self, meta, c):  # type: ignore[no-untyped-def]
+        kind = c[0]
+        name = c[1] if len(c) == 3 else None
+        return n.Step(
+            self._tok(kind),
+            str(kind),
+            str(name) if name is not None else None,
+            c[-1],
+            self._tok(name) if name is not None else None,
+        )
+
+    def evaluate(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Evaluate(self._tok(c[0]), str(c[0]), c[1])
+
+    def block(self, meta, c):  # type: ignore[no-untyped-def]
+        return tuple(c)
+
+    def attr(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Attr(self._tok(c[0]), str(c[0]), c[1])
+
+    # expressions
+    def _string(self, tok: Token) -> str:
+        return unescape(str(tok)[1:-1], self._tok(tok))
+
+    def number(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Number(self._span(meta), float(c[0]))
+
+    def string(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.String(self._span(meta), self._string(c[0]))
+
+    def long_string(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.String(self._span(meta), str(c[0])[3:-3], long=True)
+
+    def regex(self, meta, c):  # type: ignore[no-untyped-def]
+        text = str(c[0])
+        end = text.rfind("/")
+        return n.Regex(self._span(meta), text[1:end].replace("\\/", "/"), text[end + 1 :])
+
+    def true(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Bool(self._span(meta), True)
+
+    def false(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Bool(self._span(meta), False)
+
+    def dotted(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Ref(self._span(meta), tuple(str(t) for t in c))
+
+    def ref(self, meta, c):  # type: ignore[no-untyped-def]
+        return c[0]
+
+    def call(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Call(self._span(meta), c[0], c[1])
+
+    def args(self, meta, c):  # type: ignore[no-untyped-def]
+        return tuple(c)
+
+    def list(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.ListExpr(self._span(meta), tuple(c))
+
+    def map(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.MapExpr(self._span(meta), tuple(c))
+
+    def neg(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Unary(self._span(meta), "-", c[0])
+
+    def not_(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Unary(self._span(meta), "not", c[0])
+
+    def _binary(self, op: str):  # type: ignore[no-untyped-def]
+        def build(meta, c):  # type: ignore[no-untyped-def]
+            return n.Binary(self._span(meta), op, c[0], c[-1])
+
+        return build
+
+    def compare(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), str(c[1]), c[0], c[2])
+
+    def or_(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "or", c[0], c[1])
+
+    def and_(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "and", c[0], c[1])
+
+    def add(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "+", c[0], c[1])
+
+    def sub(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "-", c[0], c[1])
+
+    def mul(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "*", c[0], c[1])
+
+    def div(self, meta, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._span(meta), "/", c[0], c[1])
+
+
+# `def` is a Python keyword, so the grammar rule named `def` needs an alias here.
+setattr(_ToNodes, "def", _ToNodes.def_)
+_ = Tree  # re-exported for type users
