@@ -20,15 +20,16 @@ def check_file(path: Path, roots: tuple[Path, ...] = ()) -> Checked:
     return check(loaded, library=is_library)
 
 
-def compile_file(path: Path, roots: tuple[Path, ...] = (), plan_path: Path | None = None) -> Plan:
+def compile_file(path: Path, roots: tuple[Path, ...] = (), plan_path: Path | None = None, parser_kind: str = "lalr") -> Plan:
     """Compile a recipe into a plan.
 
     Args:
         path: the recipe file.
         roots: further folders its imports and data may come from.
         plan_path: where the plan will be written; sets the (unhashed) `recipe_dir` relative to it.
+        parser_kind: the Lark parser: "lalr" ("earley" exists only for bench/compile.py).
     """
-    plan = lower(check(load(path, roots)))
+    plan = lower(check(load(path, roots, parser_kind)))
     if plan_path is not None:
         rel = os.path.relpath(path.resolve().parent, plan_path.resolve().parent)
         plan = Plan(**{**plan.__dict__, "recipe_dir": Path(rel).as_posix()})

@@ -48,13 +48,14 @@ def confined(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(real == r or r in real.parents for r in roots)
 
 
-def load(path: Path, extra_roots: tuple[Path, ...] = ()) -> Loaded:
+def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lalr") -> Loaded:
     """Parse `path` and everything it imports; all import problems are reported together.
 
     Args:
         path: the recipe file.
         extra_roots: further folders imports and data may come from (the recipe's folder
             and the stdlib always are roots).
+        parser_kind: the Lark parser: "lalr" ("earley" exists only for bench/compile.py).
     """
     path = path.resolve()
     recipe_dir = path.parent
@@ -78,7 +79,7 @@ def load(path: Path, extra_roots: tuple[Path, ...] = ()) -> Loaded:
         source = Source.read(file, key)
         sources[key] = source
         try:
-            module = parse(source)
+            module = parse(source, parser_kind)
         except RecipeError as exc:
             problems.extend(exc.diagnostics)
             return

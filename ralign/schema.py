@@ -221,4 +221,4 @@ POINTWISE_VARS = ("prompt", "response", "scale")
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.
 BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini")
-BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-gpt2", "tiny-qwen2")  # tiny-*: random-init test models

@@ -1,0 +1,1 @@
+"""The torch side of ralign: models, sampling, ranking and training."""

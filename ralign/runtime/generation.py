@@ -1,0 +1,356 @@
+"""Batched, seeded sampling from a causal LM: chat-formatted responses and few-shot self-instruct prompts."""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Progress = Callable[[int, int], None]
+
+SELF_INSTRUCT_DROPS = ("empty", "too_short", "too_long", "truncated", "seed_duplicate", "duplicate")
+# A list marker at the start of a line: "-", "*", "•", "1.", "1)", "(1)", "#1", "Q:"/"Instruction:".
+_MARKER = re.compile(
+    r"^\s*(?:[-*•·]+|\(?\d+[.):]|#\d+[.):]?|(?:q|question|instruction|task|prompt)\s*\d*\s*[:.)])\s*",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'`“”‘’«»"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation.
+
+    Args:
+        text: the new tokens decoded without special tokens, stripped.
+        finished: whether the model stopped with an end-of-sequence token (not the length limit).
+        tokens: how many tokens were generated (the end token included).
+    """
+
+    text: str
+    finished: bool
+    tokens: int
+
+
+def _device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The model's stop tokens (its generation config's, else the tokenizer's eos)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _config(model, tokenizer, *, rows: int, temperature: float, top_p: float, max_new_tokens: int):
+    """The model's generation config with this call's decoding settings, copied (never edited in place)."""
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.max_new_tokens = max_new_tokens
+    cfg.max_length = None
+    cfg.min_new_tokens = None
+    cfg.num_return_sequences = rows
+    cfg.pad_token_id = _pad_id(tokenizer)
+    cfg.eos_token_id = _eos_ids(model, tokenizer) or None
+    cfg.use_cache = True
+    cfg.do_sample = temperature > 0
+    # Only the sampling knobs this call sets: no model default (top_k=50, repetition penalty...)
+    # silently reshapes the distribution.
+    cfg.temperature = temperature if temperature > 0 else None
+    cfg.top_p = top_p if temperature > 0 else None
+    cfg.top_k = None
+    cfg.min_p = None
+    cfg.typical_p = None
+    cfg.repetition_penalty = None
+    cfg.no_repeat_ngram_size = None
+    return cfg
+
+
+def generate(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 32,
+    add_special_tokens: bool = False,
+    progress: Progress | None = None,
+) -> list[list[Completion]]:
+    """Continue each text n times, batched by token length with left padding and the KV cache.
+
+    Args:
+        model: a causal LM with `.generate`.
+        tokenizer: its tokenizer.
+        texts: the exact texts to continue.
+        n: continuations per text; with temperature 0 one greedy continuation is copied n times.
+        temperature: 0 = greedy, else sampling temperature.
+        top_p: nucleus sampling mass (sampling only).
+        max_new_tokens: the most tokens per continuation.
+        seed: seeds the sampler; the process's global RNG state is restored afterwards.
+        batch_size: sequences (texts x rows per text) per generate call, at least one text.
+        add_special_tokens: let the tokenizer add its BOS etc. (raw text); False for chat-formatted
+            text, whose template writes its own.
+        progress: called as progress(texts_done, tokens_generated) after each batch.
+    Returns:
+        Per text, n Completions in the input order.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    greedy = temperature == 0
+    rows = 1 if greedy else n
+    encoded = [
+        list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts
+    ]
+    # Shortest first: similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
+    per_batch = max(1, batch_size // rows)
+    cfg = _config(
+        model,
+        tokenizer,
+        rows=rows,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+    )
+    eos = set(_eos_ids(model, tokenizer))
+    pad = _pad_id(tokenizer)
+    device = _device(model)
+    results: list[list[Completion]] = [[] for _ in texts]
+
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(order), per_batch):
+            idx = order[start : start + per_batch]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)  # [B, T]
+            mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
+            for b, i in enumerate(idx):
+                input_ids[b, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[b, width - len(encoded[i]) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=cfg,
+            )  # [B * rows, T + new]
+            new = out[:, width:].tolist()
+            generated = 0
+            for b, i in enumerate(idx):
+                for r in range(rows):
+                    done = _completion(tokenizer, new[b * rows + r], eos)
+                    generated += done.tokens
+                    results[i].append(done)
+            if greedy:
+                for i in idx:
+                    results[i] = results[i] * n
+            if progress is not None:
+                progress(len(idx), generated)
+    return results
+
+
+def _completion(tokenizer, tokens: list[int], eos: set[int]) -> Completion:
+    """Cut at the first end token, decode without special tokens."""
+    cut = next((k for k, t in enumerate(tokens) if t in eos), None)
+    kept = tokens if cut is None else tokens[:cut]
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return Completion(text, cut is not None, len(tokens) if cut is None else cut + 1)
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    per_prompt: int,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 32,
+    context: Sequence[str | None] | None = None,
+    progress: Progress | None = None,
+) -> list[list[str]]:
+    """Sample responses to prompts, each wrapped as a user turn with the chat template.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (its chat template formats the turn).
+        prompts: the user prompts.
+        per_prompt: K responses per prompt.
+        temperature: 0 = greedy (the K responses are then identical).
+        top_p: nucleus sampling mass.
+        max_new_tokens: the most tokens per response.
+        seed: the same inputs and seed give the same responses.
+        batch_size: sequences per generate call.
+        context: optional, per prompt, a full text (already rendered with the prompt inside) to
+            wrap instead of the bare prompt; None or "" entries fall back to the prompt.
+        progress: called as progress(prompts_done, tokens_generated) after each batch.
+    Returns:
+        Per prompt, K response strings (new tokens only, special tokens skipped, stripped).
+    """
+    from ralign.runtime.models import format_prompt
+
+    if context is not None and len(context) != len(prompts):
+        raise ValueError(f"context has {len(context)} entries for {len(prompts)} prompts")
+    texts = [
+        format_prompt(tokenizer, context[i] if context is not None and context[i] else p)
+        for i, p in enumerate(prompts)
+    ]
+    done = generate(
+        model,
+        tokenizer,
+        texts,
+        n=per_prompt,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        add_special_tokens=False,
+        progress=progress,
+    )
+    return [[c.text for c in row] for row in done]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def clean_instruction(
+    completion: Completion, *, min_words: int = 3, max_words: int = 100
+) -> tuple[str | None, str | None]:
+    """The instruction in a self-instruct continuation, or why there is none.
+
+    Keeps the first non-blank line, strips a leading list marker and surrounding quotes.
+
+    Args:
+        completion: the raw continuation.
+        min_words: fewer words than this is "too_short".
+        max_words: more words than this is "too_long".
+    Returns:
+        (instruction, None) or (None, reason) with reason one of "empty", "too_short",
+        "too_long", "truncated" (the line never ended: no newline and the length limit was hit).
+    """
+    text = completion.text.lstrip()
+    line, newline, _ = text.partition("\n")
+    if not newline and not completion.finished and line.strip():
+        return None, "truncated"
+    line = line.strip()
+    # Markers and quotes can nest ('1. "Write ..."'), so strip until nothing changes.
+    while True:
+        stripped = _MARKER.sub("", line, count=1).strip().strip(_QUOTES).strip()
+        if stripped == line:
+            break
+        line = stripped
+    words = len(line.split())
+    if words == 0:
+        return None, "empty"
+    if words < min_words:
+        return None, "too_short"
+    if words > max_words:
+        return None, "too_long"
+    return line, None
+
+
+def self_instruct(
+    model,
+    tokenizer,
+    render_few_shot: Callable[[list[str]], str],
+    seeds: Sequence[str],
+    *,
+    count: int,
+    shots: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    min_words: int = 3,
+    max_words: int = 100,
+    progress: Progress | None = None,
+) -> tuple[list[str], dict]:
+    """Few-shot self-instruct: the model continues a list of example instructions with a new one.
+
+    Each of `count` prompts shows `shots` seed instructions drawn at random (seeded) and is a
+    completion prompt: it is NOT wrapped in the chat template, and the tokenizer adds its usual
+    BOS. The first line of each continuation is kept after cleaning (`clean_instruction`).
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        render_few_shot: builds the prompt from the chosen examples; it ends where the model
+            should continue.
+        seeds: the example instructions.
+        count: continuations to generate.
+        shots: examples per prompt (all seeds when there are fewer).
+        temperature: sampling temperature (0 = greedy).
+        max_new_tokens: the most tokens per continuation.
+        seed: seeds both the example choice and the sampler.
+        top_p: nucleus sampling mass.
+        batch_size: sequences per generate call.
+        min_words: shorter instructions are dropped as "too_short".
+        max_words: longer instructions are dropped as "too_long".
+        progress: called as progress(prompts_done, tokens_generated) after each batch.
+    Returns:
+        (instructions, stats): the kept instructions in generation order; stats with "requested",
+        "kept" and "dropped" (a count for each of SELF_INSTRUCT_DROPS: the cleaning reasons, plus
+        "seed_duplicate" = same as a seed and "duplicate" = same as an earlier kept one, both
+        compared case- and whitespace-insensitively).
+    """
+    if not seeds:
+        raise ValueError("self_instruct needs at least one seed instruction")
+    rng = random.Random(seed)
+    k = min(shots, len(seeds))
+    texts = [render_few_shot(rng.sample(list(seeds), k)) for _ in range(count)]
+    done = generate(
+        model,
+        tokenizer,
+        texts,
+        n=1,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        add_special_tokens=True,
+        progress=progress,
+    )
+    seen_seeds = {_norm(s) for s in seeds}
+    seen: set[str] = set()
+    kept: list[str] = []
+    dropped = dict.fromkeys(SELF_INSTRUCT_DROPS, 0)
+    for (completion,) in done:
+        text, reason = clean_instruction(completion, min_words=min_words, max_words=max_words)
+        if text is not None:
+            key = _norm(text)
+            reason = "seed_duplicate" if key in seen_seeds else "duplicate" if key in seen else None
+            if reason is None:
+                seen.add(key)
+                kept.append(text)
+                continue
+        dropped[reason] += 1
+    return kept, {"requested": count, "kept": len(kept), "dropped": dropped}

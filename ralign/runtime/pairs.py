@@ -1,0 +1,91 @@
+"""Turn scored responses into (chosen, rejected) preference pairs, counting every pair not made and why."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+CHOOSERS = ("best", "random")
+REJECTERS = ("worst", "random")
+DROP_REASONS = ("too_few", "tie", "same_text", "low_margin")
+
+
+def _pick(how: str, candidates: list[int], scores: Sequence[float], rng: random.Random) -> int:
+    """One index from `candidates` by `how`; ties in best/worst go to the earliest response."""
+    if how == "best":
+        return max(candidates, key=lambda i: (scores[i], -i))
+    if how == "worst":
+        return min(candidates, key=lambda i: (scores[i], i))
+    return rng.choice(candidates)
+
+
+def make_pairs(
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    *,
+    chosen: str = "best",
+    rejected: str = "worst",
+    min_margin: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
+    """At most one pair per prompt from its scored responses.
+
+    The two selectors pick which two responses form the pair: a deterministic one ("best" or
+    "worst") picks first, then the other picks from the remaining responses ("random" is uniform
+    with a generator seeded by `seed`). The pair is then oriented by score, so `chosen` always has
+    the higher score and `margin` = score(chosen) - score(rejected) >= 0.
+
+    Args:
+        prompts: N prompts.
+        responses: N lists of responses.
+        scores: N lists of scores, aligned with `responses` (higher is better).
+        chosen: "best" or "random".
+        rejected: "worst" or "random".
+        min_margin: pairs whose margin is below this are dropped.
+        seed: seeds the "random" selectors.
+    Returns:
+        (pairs, stats): pairs as dicts with prompt, chosen, rejected, margin; stats with
+        "prompts", "pairs" and "dropped" (a count for every reason in DROP_REASONS: "too_few" =
+        under two responses, "tie" = equal scores, "same_text" = identical text after stripping
+        whitespace, "low_margin" = margin below `min_margin`).
+    """
+    if chosen not in CHOOSERS:
+        raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
+    if rejected not in REJECTERS:
+        raise ValueError(f"rejected must be one of {REJECTERS}, got {rejected!r}")
+    if not len(prompts) == len(responses) == len(scores):
+        raise ValueError(
+            f"prompts, responses and scores differ in length: "
+            f"{len(prompts)}, {len(responses)}, {len(scores)}"
+        )
+    rng = random.Random(seed)
+    # Deterministic selectors go first so "random" draws from what is left.
+    first, second = (rejected, chosen) if chosen == "random" else (chosen, rejected)
+
+    pairs: list[dict] = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    for prompt, texts, marks in zip(prompts, responses, scores, strict=True):
+        if len(texts) != len(marks):
+            raise ValueError(
+                f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
+            )
+        if len(texts) < 2:
+            dropped["too_few"] += 1
+            continue
+        everyone = list(range(len(texts)))
+        a = _pick(first, everyone, marks, rng)
+        b = _pick(second, [i for i in everyone if i != a], marks, rng)
+        hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
+        margin = float(marks[hi]) - float(marks[lo])
+        if margin == 0:
+            dropped["tie"] += 1
+        elif texts[hi].strip() == texts[lo].strip():
+            dropped["same_text"] += 1
+        elif margin < min_margin:
+            dropped["low_margin"] += 1
+        else:
+            pairs.append(
+                {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo], "margin": margin}
+            )
+    return pairs, {"prompts": len(prompts), "pairs": len(pairs), "dropped": dropped}

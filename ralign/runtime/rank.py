@@ -1,0 +1,475 @@
+"""In-context self-ranking: a judge model scores responses from its next-token probabilities over answer labels.
+
+Three modes, each one forward pass per judge text (no generation, no sampling of the judge):
+
+- listwise: the K responses are listed under labels "A", "B", ...; the judge's next-token
+  distribution over the K label tokens (softmax restricted to them) is the probability that each
+  response is best.
+- pairwise: every ordered pair (i, j), i != j, is shown as "A" = i, "B" = j; a response's score is
+  its mean win probability over its 2(K-1) comparisons (both positions counted).
+- pointwise: each response alone with a rubric; the next-token distribution over the digit
+  tokens "0".."scale" gives an expected score E[d] / scale.
+
+Scores are then min-max normalised per prompt to [0, 1] (all equal -> 0.5 each).
+
+Position bias and `orders` (listwise): judges prefer some positions regardless of content.
+`orders=1` scores the given order only. `orders=2` also scores the reversed order and averages each
+response's probability over the two, so a response shown at position p scores
+(f(p) + f(K-1-p)) / 2, where f is the judge's position preference. That cancels the part of the
+bias that is antisymmetric about the middle (first vs last, second vs second-to-last): for K = 2
+that is every position-only bias. For K > 2 it cannot cancel the symmetric part, ends vs middle:
+a judge that likes the first *and* the last slot, or the middle one, still favours whichever
+responses landed there; even a bias that is linear in the logits leaves one, because the softmax
+makes f convex. `orders=k > 2` uses k cyclic rotations (response r at position (r - shift) mod K);
+over a full cycle (k = K) every response visits every position exactly once, so any bias that
+depends on position only is cancelled exactly; fewer rotations cancel it only partly. Rotations
+beyond K would repeat, so at most K are used. Neither cancels a bias that interacts with content.
+For orders >= 2 the result also reports how often the orders agree on the top response (a
+position-consistency check).
+Pairwise always scores both orders of every pair; its agreement is the fraction of unordered
+pairs whose winner is the same in both orders. Pointwise has no order and no agreement.
+
+Label tokens: the judge template's rendered text (after chat wrapping) decides how the answer
+label continues it. If the text ends in whitespace the label is appended bare ("A"), else after a
+space (" A"). The token is found by tokenising the text's tail with and without the label: the
+label must add exactly one token and leave the tail's tokens unchanged, else a RalignError says so.
+One exception (token healing): with tokenizers that glue a space to the next word, "Answer: "
+ends in a lone space token that never precedes a letter in training, and "Answer: A" re-merges it;
+then the trailing spaces are dropped and " A" is read after "Answer:" (see `resolve_labels`).
+
+`samples` (pointwise only): a forward pass gives the judge's whole digit distribution, so there is
+nothing to sample. `samples=1` (default) uses the exact expectation E[d] — the value an average of
+infinitely many sampled judgements converges to, and the lowest-variance choice. `samples=n > 1`
+averages n digits drawn from that distribution with a generator seeded by `seed`, which reproduces
+recipes written for a sampled judge (e.g. "average 3 judgements"); it costs no extra forward passes
+but is never more accurate than `samples=1`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ralign.errors import RalignError
+
+LETTERS = tuple(string.ascii_uppercase)
+MAX_SCALE = 9  # digit labels must be single characters
+TAIL_CHARS = 64  # how much of a judge text's end is re-tokenised to find the label tokens
+
+Render = Callable[[str, list[str], list[str]], str]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Scores for every item's responses.
+
+    Args:
+        scores: per item, one score in [0, 1] per response (min-max normalised per item).
+        raw: per item, the scores before normalisation (mean best-probability, mean win
+            probability, or expected rubric score / scale).
+        agreement: fraction of items (listwise) or unordered pairs (pairwise) on which all orders
+            pick the same top response; None when only one order was scored (or pointwise).
+        forward_passes: judge texts scored (one forward pass each, batched together).
+    """
+
+    scores: list[list[float]]
+    raw: list[list[float]]
+    agreement: float | None
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A judge model with everything needed to score label tokens in batches."""
+
+    model: object
+    tokenizer: object
+    batch_size: int = 8
+    chat: bool = True
+    progress: Progress | None = None
+
+    def text(self, rendered: str) -> str:
+        """The text the judge reads: the rendered template as a user turn, or as-is."""
+        if not self.chat:
+            return rendered
+        from ralign.runtime.models import format_prompt
+
+        return format_prompt(self.tokenizer, rendered)
+
+    def label_logprobs(self, texts: list[str], labels: list[Sequence[str]]) -> list[np.ndarray]:
+        """Next-token log-probabilities of each text's labels, renormalised over those labels.
+
+        Args:
+            texts: judge texts (already chat-wrapped if wanted).
+            labels: per text, the label strings to read.
+        Returns:
+            Per text, a float64 array of len(labels[i]) log-probabilities (log-softmax over labels).
+        """
+        # Texts from one template share their ending: resolve each distinct ending once.
+        cache: dict[tuple[str, tuple[str, ...]], tuple[int, list[int]]] = {}
+        encoded, label_ids = [], []
+        for text, labs in zip(texts, labels, strict=True):
+            key = (text[-TAIL_CHARS:], tuple(labs))
+            if key not in cache:
+                fed, ids = resolve_labels(self.tokenizer, text, labs)
+                cache[key] = (len(text) - len(fed), ids)
+            cut, ids = cache[key]
+            label_ids.append(ids)
+            encoded.append(_encode(self.tokenizer, text[: len(text) - cut], chat=self.chat))
+        # Shortest first: batches of similar length waste less compute on padding.
+        order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            logits = next_token_logits(
+                self.model, [encoded[i] for i in idx], _pad_id(self.tokenizer)
+            )
+            for row, i in enumerate(idx):
+                picked = logits[row, label_ids[i]].double()  # [n_labels]
+                out[i] = torch.log_softmax(picked, dim=-1).cpu().numpy()
+            if self.progress is not None:
+                self.progress(len(idx), sum(len(encoded[i]) for i in idx))
+        return out  # type: ignore[return-value]
+
+
+def _encode(tokenizer, text: str, *, chat: bool) -> list[int]:
+    # A chat template writes its own special tokens (BOS included, when it has one).
+    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    if not ids:
+        raise RalignError("a judge text tokenised to nothing")
+    return list(ids)
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _clean_ids(tokenizer, tail: str, labels: Sequence[str], sep: str) -> list[int] | str:
+    """Label ids if each `tail + sep + label` adds one token and keeps the tail's tokens; else why not."""
+    base = tokenizer.encode(tail, add_special_tokens=False)
+    ids = []
+    for label in labels:
+        full = tokenizer.encode(tail + sep + label, add_special_tokens=False)
+        extra = full[len(base) :]
+        if full[: len(base)] != base or len(extra) != 1:
+            shown = extra if full[: len(base)] == base else full[-3:]
+            return f"{sep + label!r} tokenises as {tokenizer.convert_ids_to_tokens(shown)}"
+        ids.append(extra[0])
+    return ids
+
+
+def resolve_labels(tokenizer, text: str, labels: Sequence[str]) -> tuple[str, list[int]]:
+    """The text the judge reads and the token id of each label as its next token.
+
+    Text ending in whitespace: the bare label ("A") when it is a clean next token. With tokenizers
+    that glue a space to the following word (GPT-2 / SentencePiece style) a trailing space is
+    itself a token the model never sees before a letter, so then the trailing spaces are dropped
+    from the text and the label read with its space (" A"), as token healing does. Any other text:
+    the label after a space (" A").
+
+    Args:
+        tokenizer: the judge's tokenizer.
+        text: the full judge text the labels continue.
+        labels: label strings, e.g. ["A", "B"] or ["0", ..., "5"].
+    Returns:
+        (text to feed, one distinct token id per label).
+    Raises:
+        RalignError: when a label is not exactly one token there, or two labels share a token.
+    """
+    if text and text[-1].isspace():
+        tries = [(text, "")]
+        if text[-1] in " \t":
+            tries.append((text.rstrip(" \t"), " "))
+    else:
+        tries = [(text, " ")]
+    why = ""
+    for fed, sep in tries:
+        found = _clean_ids(tokenizer, fed[-TAIL_CHARS:], labels, sep)
+        if isinstance(found, str):
+            why = why or found
+            continue
+        if len(set(found)) != len(found):
+            raise RalignError(f"judge labels {list(labels)} do not map to distinct tokens: {found}")
+        return fed, found
+    raise RalignError(
+        f"judge labels are not single tokens after the judge text's ending {text[-24:]!r}: {why}; "
+        f"end the judge template with a space or newline, or use a judge whose tokenizer has "
+        f"single-token labels"
+    )
+
+
+def label_token_ids(tokenizer, text: str, labels: Sequence[str]) -> list[int]:
+    """The label token ids of `resolve_labels` (for a text that needs no healing, the text as-is)."""
+    return resolve_labels(tokenizer, text, labels)[1]
+
+
+def _forward_params(model) -> set[str]:
+    """Named parameters of the underlying model's forward (through a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """One forward pass over left-padded rows; the logits at each row's last position.
+
+    Args:
+        model: a causal LM returning `.logits` [B, T, V].
+        rows: token id lists of any lengths.
+        pad_id: the id written into padding (masked out, so its value does not matter).
+    Returns:
+        [B, V] logits for each row's next token.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r) :] = 1
+    device = _device(model)
+    kwargs: dict[str, object] = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+    }
+    params = _forward_params(model)
+    if "position_ids" in params:
+        # Left padding: count positions from each row's first real token, as generate() does.
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # only the last position: [B, 1, V] instead of [B, T, V]
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -1, :].float()  # [B, V]
+
+
+def normalise(values: Sequence[float]) -> list[float]:
+    """Min-max to [0, 1]; all equal (or a single value) gives 0.5 each."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-12:
+        return [0.5] * len(values)
+    return [(v - lo) / (hi - lo) for v in values]
+
+
+RANKERS: dict[str, Callable[..., RankResult]] = {}
+
+
+def ranker(mode: str) -> Callable:
+    """Register a ranking function under `mode`."""
+
+    def register(fn: Callable[..., RankResult]) -> Callable[..., RankResult]:
+        RANKERS[mode] = fn
+        return fn
+
+    return register
+
+
+def permutations(k: int, orders: int) -> list[list[int]]:
+    """The response orders listwise scores: position p shows response perm[p].
+
+    Args:
+        k: number of responses.
+        orders: 1 = as given, 2 = as given + reversed, n > 2 = min(n, k) cyclic rotations.
+    Returns:
+        Distinct permutations of range(k).
+    """
+    if orders < 1:
+        raise RalignError(f"orders must be at least 1, got {orders}")
+    identity = list(range(k))
+    if orders == 1 or k < 2:
+        return [identity]
+    if orders == 2:
+        return [identity, identity[::-1]]
+    # Rotation by s shows response (p + s) mod k at position p, so response r sits at (r - s) mod k.
+    return [[(p + s) % k for p in range(k)] for s in range(min(orders, k))]
+
+
+def _finish(raw: list[list[float]], agreement: float | None, passes: int) -> RankResult:
+    return RankResult([normalise(r) for r in raw], raw, agreement, passes)
+
+
+@ranker("listwise")
+def rank_listwise(
+    judge: Judge,
+    items: Sequence[tuple[str, Sequence[str]]],
+    render: Render,
+    *,
+    orders: int = 1,
+    **_,
+) -> RankResult:
+    """Listwise: P(best) per response from one judge text per order, averaged over orders."""
+    texts, labels, owners = [], [], []  # owners: (item, permutation, number of orders) per text
+    for n, (prompt, responses) in enumerate(items):
+        k = len(responses)
+        if k > len(LETTERS):
+            raise RalignError(f"listwise ranking takes at most {len(LETTERS)} responses, got {k}")
+        if k < 2:
+            continue
+        labs = list(LETTERS[:k])
+        perms = permutations(k, orders)
+        for perm in perms:
+            texts.append(judge.text(render(prompt, [responses[r] for r in perm], labs)))
+            labels.append(labs)
+            owners.append((n, perm, len(perms)))
+    logps = judge.label_logprobs(texts, labels)
+
+    raw = [[0.0] * len(r) for _, r in items]
+    tops: list[list[int]] = [[] for _ in items]
+    for (n, perm, n_orders), logp in zip(owners, logps, strict=True):
+        probs = np.exp(logp)  # [K] by position
+        for pos, r in enumerate(perm):
+            raw[n][r] += float(probs[pos]) / n_orders
+        tops[n].append(perm[int(np.argmax(probs))])
+    for n, (_, responses) in enumerate(items):
+        if len(responses) == 1:
+            raw[n] = [1.0]
+    scored = [t for t in tops if t]
+    agreement = None
+    if orders >= 2 and scored:
+        agreement = sum(len(set(t)) == 1 for t in scored) / len(scored)
+    return _finish(raw, agreement, len(texts))
+
+
+@ranker("pairwise")
+def rank_pairwise(
+    judge: Judge, items: Sequence[tuple[str, Sequence[str]]], render: Render, **_
+) -> RankResult:
+    """Pairwise: mean win probability over all ordered pairs, both positions counted."""
+    texts, owners = [], []  # owners: (item, first response, second response)
+    for n, (prompt, responses) in enumerate(items):
+        for i in range(len(responses)):
+            for j in range(len(responses)):
+                if i != j:
+                    texts.append(
+                        judge.text(render(prompt, [responses[i], responses[j]], ["A", "B"]))
+                    )
+                    owners.append((n, i, j))
+    logps = judge.label_logprobs(texts, [("A", "B")] * len(texts))
+
+    wins = [[0.0] * len(r) for _, r in items]
+    p_first: dict[tuple[int, int, int], float] = {}
+    for (n, i, j), logp in zip(owners, logps, strict=True):
+        p_a = float(np.exp(logp[0]))  # P(first shown wins), renormalised over {A, B}
+        wins[n][i] += p_a
+        wins[n][j] += 1.0 - p_a
+        p_first[(n, i, j)] = p_a
+    raw = [
+        [w / (2 * (len(r) - 1)) for w in row] if len(r) > 1 else [1.0] * len(r)
+        for row, (_, r) in zip(wins, items, strict=True)
+    ]
+    # Position consistency: (i, j) and (j, i) name the same winner.
+    same = total = 0
+    for (n, i, j), p in p_first.items():
+        if i < j:
+            total += 1
+            same += (p > 0.5) == (p_first[(n, j, i)] <= 0.5)
+    return _finish(raw, same / total if total else None, len(texts))
+
+
+@ranker("pointwise")
+def rank_pointwise(
+    judge: Judge,
+    items: Sequence[tuple[str, Sequence[str]]],
+    render: Render,
+    *,
+    samples: int = 1,
+    scale: int = 5,
+    seed: int = 0,
+    **_,
+) -> RankResult:
+    """Pointwise: expected rubric digit / scale per response (or the mean of seeded draws)."""
+    if not 1 <= scale <= MAX_SCALE:
+        raise RalignError(
+            f"pointwise scale must be 1..{MAX_SCALE} (single-digit labels), got {scale}"
+        )
+    if samples < 1:
+        raise RalignError(f"samples must be at least 1, got {samples}")
+    digits = [str(d) for d in range(scale + 1)]
+    texts, owners = [], []
+    for n, (prompt, responses) in enumerate(items):
+        for r, response in enumerate(responses):
+            texts.append(judge.text(render(prompt, [response], digits)))
+            owners.append((n, r))
+    if not texts:
+        return _finish([[] for _ in items], None, 0)
+    logps = judge.label_logprobs(texts, [digits] * len(texts))
+
+    values = torch.arange(scale + 1, dtype=torch.float64)  # [D]
+    probs = torch.tensor(np.exp(np.array(logps)), dtype=torch.float64).reshape(
+        len(texts), scale + 1
+    )
+    if samples == 1:
+        expected = probs @ values  # [Q]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        draws = torch.multinomial(probs, samples, replacement=True, generator=gen)  # [Q, samples]
+        expected = values[draws].mean(dim=1)  # [Q]
+    raw = [[0.0] * len(r) for _, r in items]
+    for (n, r), e in zip(owners, expected.tolist(), strict=True):
+        raw[n][r] = e / scale
+    return _finish(raw, None, len(texts))
+
+
+def rank(
+    mode: str,
+    judge_model,
+    tokenizer,
+    items: Sequence[tuple[str, Sequence[str]]],
+    render: Render,
+    *,
+    orders: int = 1,
+    samples: int = 1,
+    scale: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat: bool = True,
+    progress: Progress | None = None,
+) -> RankResult:
+    """Score every item's responses with a judge model.
+
+    Args:
+        mode: a key of RANKERS ("listwise", "pairwise", "pointwise").
+        judge_model: a causal LM (eval mode is the caller's business; no gradients are taken).
+        tokenizer: its tokenizer.
+        items: (prompt, responses) per item.
+        render: `render(prompt, responses, labels) -> str`, the judge template; listwise gets all
+            responses with labels "A", "B", ..., pairwise two with ["A", "B"], pointwise one with ["0".."scale"].
+        orders: listwise only: 1, 2 (with reversed) or n cyclic rotations (see module docs).
+        samples: pointwise only: 1 = exact expectation, n > 1 = mean of n seeded draws.
+        scale: pointwise only: the highest digit of the rubric (1..9).
+        seed: seeds the pointwise draws; the forward passes themselves are deterministic.
+        batch_size: judge texts per forward pass.
+        chat: wrap each rendered judge text as a user turn with the chat template.
+        progress: called as progress(texts_done, tokens_read) after each forward pass.
+    Returns:
+        RankResult with per-response scores in [0, 1].
+    """
+    if mode not in RANKERS:
+        raise RalignError(f"unknown ranking mode {mode!r}; choose one of {sorted(RANKERS)}")
+    if batch_size < 1:
+        raise RalignError(f"batch_size must be at least 1, got {batch_size}")
+    judge = Judge(judge_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress)
+    return RANKERS[mode](
+        judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed
+    )

@@ -1,0 +1,333 @@
+"""One small function per step kind, in a registry: read inputs from the context, write outputs, return metrics.
+
+Artifacts (JSONL, readable by a person) in each step's folder:
+prompts.jsonl {prompt}; responses.jsonl {prompt, context, responses[, original]};
+score.NAME.jsonl {prompt, scores}; pairs.jsonl {prompt, chosen, rejected, margin};
+model/ (a Hugging Face folder) for training steps.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ralign.errors import StepError
+from ralign.runtime.data import write_jsonl
+from ralign.templates import render
+
+if TYPE_CHECKING:
+    from ralign.runtime.executor import StepContext
+
+StepFn = Callable[["StepContext"], dict[str, Any]]
+STEP_FUNCTIONS: dict[str, StepFn] = {}
+
+
+def step(kind: str) -> Callable[[StepFn], StepFn]:
+    """Register the function that runs steps of `kind` (e.g. "rank", "train dpo")."""
+
+    def register(fn: StepFn) -> StepFn:
+        STEP_FUNCTIONS[kind] = fn
+        return fn
+
+    return register
+
+
+def _nonempty(ctx: StepContext, items: list[Any], what: str) -> list[Any]:
+    if not items:
+        raise StepError(f"{ctx.where}: {what} is empty, so there is nothing to work on")
+    return items
+
+
+@step("generate")
+def generate(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.generation import self_instruct
+
+    p = ctx.params
+    seeds = [r["prompt"] for r in _nonempty(ctx, ctx.input("dataset"), f"dataset '{p['from']}'")]
+    model, tok = ctx.model("policy")
+    text = ctx.template("template")
+    prompts, stats = self_instruct(
+        model,
+        tok,
+        lambda examples: render(text, {"examples": examples}),
+        seeds,
+        count=p["count"],
+        shots=p["shots"],
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        max_new_tokens=p["max_new_tokens"],
+        seed=ctx.seed,
+        progress=ctx.progress(p["count"], "prompts"),
+    )
+    if not prompts:
+        raise StepError(f"{ctx.where}: the policy wrote no usable prompt out of {p['count']} ({_drops(stats)})")
+    write_jsonl(ctx.out / "prompts.jsonl", ({"prompt": x} for x in prompts))
+    return {"prompts": len(prompts), **{f"dropped_{k}": v for k, v in stats.get("dropped", {}).items()}}
+
+
+def _drops(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in stats.get("dropped", {}).items() if v) or "all empty"
+
+
+@step("dedupe")
+def dedupe(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.dedupe import dedupe as run
+
+    records = _nonempty(ctx, ctx.input("prompts"), "the prompt set")
+    kept, method = run([r["prompt"] for r in records], max_similarity=ctx.params["max_similarity"], method=ctx.params["method"])
+    ctx.log(f"dedupe by {method}: kept {len(kept)} of {len(records)}")
+    write_jsonl(ctx.out / "prompts.jsonl", (records[i] for i in kept))
+    return {"prompts": len(kept), "dropped": len(records) - len(kept), f"method_{method}": 1}
+
+
+@step("filter")
+def filter_(ctx: StepContext) -> dict[str, Any]:
+    records = _nonempty(ctx, ctx.input("prompts"), "the prompt set")
+    holds = ctx.programs.holds(ctx.step.exprs["keep"], [{"prompt": r["prompt"]} for r in records])
+    kept = [r for r, ok in zip(records, holds, strict=True) if ok]
+    if not kept:
+        raise StepError(f"{ctx.where}: the filter kept none of {len(records)} prompts")
+    write_jsonl(ctx.out / "prompts.jsonl", kept)
+    return {"prompts": len(kept), "dropped": len(records) - len(kept)}
+
+
+@step("sample")
+def sample(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.generation import sample as run
+
+    p = ctx.params
+    slot = "dataset" if "from" in p else "prompts"
+    records = _nonempty(ctx, ctx.input(slot), "the prompt set")
+    prompts = [r["prompt"] for r in records]
+    context_text = ctx.template("context") if "context" in p else None
+    contexts = [render(context_text, {"prompt": x}) if context_text else None for x in prompts]
+    model, tok = ctx.model("policy")
+
+    def run_shard(idx: list[int]) -> list[list[str]]:
+        return run(
+            model,
+            tok,
+            [prompts[i] for i in idx],
+            per_prompt=p["per_prompt"],
+            temperature=p["temperature"],
+            top_p=p["top_p"],
+            max_new_tokens=p["max_new_tokens"],
+            seed=ctx.seed,
+            batch_size=p["batch_size"],
+            context=[contexts[i] for i in idx],
+            progress=ctx.progress(len(idx), "prompts"),
+        )
+
+    responses = ctx.sharded(len(prompts), run_shard)
+    write_jsonl(
+        ctx.out / "responses.jsonl",
+        ({"prompt": x, "context": c, "responses": rs} for x, c, rs in zip(prompts, contexts, responses, strict=True)),
+    )
+    words = [len(r.split()) for rs in responses for r in rs]
+    return {"prompts": len(prompts), "responses": len(words), "mean_words": sum(words) / max(1, len(words))}
+
+
+@step("revise")
+def revise(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.generation import generate as continue_texts
+    from ralign.runtime.models import format_prompt
+    from ralign.templates import parse_template
+
+    p = ctx.params
+    records = _nonempty(ctx, ctx.input("responses"), "the response set")
+    model, tok = ctx.model("policy")
+    text = ctx.template("template")
+    two_stage = "stage" in parse_template(text).names
+    rng = random.Random(ctx.seed)
+    flat = [(i, j) for i, r in enumerate(records) for j in range(len(r["responses"]))]
+    current = [records[i]["responses"][j] for i, j in flat]
+
+    def answer(texts: list[str], seed: int) -> list[str]:
+        done = continue_texts(
+            model,
+            tok,
+            [format_prompt(tok, t) for t in texts],
+            n=1,
+            temperature=p["temperature"],
+            max_new_tokens=p["max_new_tokens"],
+            seed=seed,
+            progress=ctx.progress(len(texts), "answers"),
+        )
+        return [c[0].text.strip() for c in done]
+
+    for time in range(p["times"]):
+        principles = [rng.choice(p["principles"]) for _ in flat]
+        base = [
+            {"prompt": records[i]["prompt"], "response": current[k], "principle": principles[k], "critique": "", "stage": "revision"}
+            for k, (i, _) in enumerate(flat)
+        ]
+        if two_stage:
+            critiques = answer([render(text, {**v, "stage": "critique"}) for v in base], ctx.seed + 2 * time)
+            base = [{**v, "critique": c} for v, c in zip(base, critiques, strict=True)]
+        revised = answer([render(text, v) for v in base], ctx.seed + 2 * time + 1)
+        # An empty revision keeps the answer it was meant to improve.
+        current = [r if r else old for r, old in zip(revised, current, strict=True)]
+    out = []
+    for i, r in enumerate(records):
+        new = [current[k] for k, (ii, _) in enumerate(flat) if ii == i]
+        out.append({**r, "original": r["responses"], "responses": new})
+    write_jsonl(ctx.out / "responses.jsonl", out)
+    changed = sum(a != b for r in out for a, b in zip(r["responses"], r["original"], strict=True))
+    return {"responses": len(flat), "changed": changed}
+
+
+@step("rank")
+def rank(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.rank import rank as run
+
+    p = ctx.params
+    records = _nonempty(ctx, ctx.input("responses"), "the response set")
+    judge, tok = ctx.model("judge")
+    text = ctx.template("template")
+    pointwise = p["mode"] == "pointwise"
+
+    def view(prompt: str, responses: list[str], labels: list[str]) -> str:
+        if pointwise:
+            return render(text, {"prompt": prompt, "response": responses[0], "scale": p["scale"]})
+        return render(text, {"prompt": prompt, "responses": list(responses), "labels": list(labels)})
+
+    results: dict[str, Any] = {}
+
+    def run_shard(idx: list[int]) -> list[list[float]]:
+        res = run(
+            p["mode"],
+            judge,
+            tok,
+            [(records[i]["prompt"], records[i]["responses"]) for i in idx],
+            view,
+            orders=p["orders"],
+            samples=p["samples"],
+            scale=p["scale"],
+            seed=ctx.seed,
+            batch_size=p["batch_size"],
+            progress=ctx.progress(len(idx), "items"),
+        )
+        results.setdefault("agreement", res.agreement)
+        results["passes"] = results.get("passes", 0) + res.forward_passes
+        return [list(s) for s in res.scores]
+
+    scores = ctx.sharded(len(records), run_shard)
+    write_jsonl(ctx.out / f"score.{ctx.step.name}.jsonl", ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, scores, strict=True)))
+    metrics = {"items": len(records), "forward_passes": results.get("passes", 0)}
+    if results.get("agreement") is not None:
+        metrics["order_agreement"] = results["agreement"]
+    return metrics
+
+
+@step("score")
+def score(ctx: StepContext) -> dict[str, Any]:
+    records = _nonempty(ctx, ctx.input("responses"), "the response set")
+    named = {slot.split(":", 1)[1]: ctx.input(slot) for slot in ctx.step.inputs if slot.startswith("score:")}
+    flat = []
+    for i, r in enumerate(records):
+        for j, response in enumerate(r["responses"]):
+            flat.append({"prompt": r["prompt"], "response": response, **{n: float(v[i]["scores"][j]) for n, v in named.items()}})
+    metrics: dict[str, Any] = {}
+    for name, ir in ctx.step.exprs.items():
+        values = ctx.programs.score(ir, flat)
+        it = iter(values)
+        grouped = [[next(it) for _ in r["responses"]] for r in records]
+        write_jsonl(ctx.out / f"score.{name}.jsonl", ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, grouped, strict=True)))
+        metrics[f"mean_{name}"] = sum(values) / max(1, len(values))
+    for k, weights in enumerate(getattr(ctx.programs, "agree_weights", {}).values()):
+        for source, w in enumerate(weights):
+            metrics[f"agree{k or ''}_weight_{source}"] = w
+        ctx.log("agree weights: " + ", ".join(f"{w:.3f}" for w in weights))
+    return metrics
+
+
+@step("pairs")
+def pairs(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.pairs import make_pairs
+
+    p = ctx.params
+    records = _nonempty(ctx, ctx.input("responses"), "the response set")
+    scores = ctx.input(f"score:{p['by']}")
+    made, stats = make_pairs(
+        [r["prompt"] for r in records],
+        [r["responses"] for r in records],
+        [s["scores"] for s in scores],
+        chosen=p["chosen"],
+        rejected=p["rejected"],
+        min_margin=p["min_margin"],
+        seed=ctx.seed,
+    )
+    if not made:
+        raise StepError(f"{ctx.where}: no preference pair survived ({', '.join(f'{k}: {v}' for k, v in stats['dropped'].items() if v)}); lower min_margin or sample more answers")
+    write_jsonl(ctx.out / "pairs.jsonl", made)
+    return {"pairs": len(made), "mean_margin": sum(x["margin"] for x in made) / len(made), **{f"dropped_{k}": v for k, v in stats["dropped"].items()}}
+
+
+@step("train sft")
+def train_sft(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.train import train_sft as run
+
+    p = ctx.params
+    records = _nonempty(ctx, ctx.input("responses"), "the response set")
+    if p["on"] == "best":
+        scores = ctx.input(f"score:{p['by']}")
+        chosen = [(r, [r["responses"][max(range(len(s["scores"])), key=s["scores"].__getitem__)]]) for r, s in zip(records, scores, strict=True)]
+    else:  # "revised" answers are the responses of a revise step; "all" takes every answer
+        chosen = [(r, r["responses"]) for r in records]
+    examples = [
+        {"prompt": r["prompt"] if p["drop_context"] or not r.get("context") else r["context"], "response": x}
+        for r, xs in chosen
+        for x in xs
+        if x.strip()
+    ]
+    model, tok = ctx.trainable()
+    metrics = run(model, tok, _nonempty(ctx, examples, "the training set"), lr=p["lr"], epochs=p["epochs"], batch_size=ctx.per_process(p["batch_size"]), seed=ctx.seed, accelerator=ctx.accelerator, max_length=ctx.max_length, on_step=ctx.on_train_step())
+    ctx.save_policy(model, tok)
+    return metrics
+
+
+@step("train dpo")
+def train_dpo(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.train import train_dpo as run
+
+    p = ctx.params
+    pairs_ = _nonempty(ctx, ctx.input("pairs"), "the pair set")
+    model, tok = ctx.trainable()
+    reference = ctx.reference(model)
+    metrics = run(model, tok, pairs_, beta=p["beta"], lr=p["lr"], epochs=p["epochs"], batch_size=ctx.per_process(p["batch_size"]), seed=ctx.seed, reference_model=reference, accelerator=ctx.accelerator, max_length=ctx.max_length, on_step=ctx.on_train_step())
+    ctx.save_policy(model, tok)
+    return metrics
+
+
+@step("evaluate")
+def evaluate(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.evaluate import run_eval
+
+    p = ctx.params
+    model, tok = ctx.model("policy")
+    data = ctx.eval_data()
+    opts: dict[str, Any] = {"batch_size": p["batch_size"]}
+    if p["task"] == "behavior":
+        opts["max_new_tokens"] = p["max_new_tokens"]
+    result = run_eval(p["task"], model, tok, data, **opts)
+    (ctx.out / "result.json").write_text(__import__("json").dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    return flatten_eval(result)
+
+
+def flatten_eval(result: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluation result: every {value, ...} rate, overall and per subset."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            if "value" in node and isinstance(node["value"], (int, float)):
+                out[prefix] = float(node["value"])
+                return
+            for k, v in node.items():
+                if k in ("examples", "items"):
+                    continue
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", {k: v for k, v in result.items() if k not in ("examples", "items")})
+    return out

@@ -1,0 +1,478 @@
+"""Supervised fine-tuning and DPO loops over lists of dicts, plain or data-parallel with accelerate."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ralign.errors import RalignError, StepError
+from ralign.losses import IGNORE, dpo_loss, sequence_logps, sft_loss
+from ralign.runtime.models import format_prompt, is_peft
+
+OnStep = Callable[[int, dict], None]
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing and batching
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tokenized training sequence: prompt then response, labels IGNORE on the prompt."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One tokenized preference pair sharing a prompt."""
+
+    chosen: Row
+    rejected: Row
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text`; special tokens (BOS) are added only when there is no chat template,
+    because a chat template writes its own."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):  # the shorter one bounds the prefix
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _with_eos(tokenizer: Any, response: str) -> str:
+    eos = tokenizer.eos_token
+    return response if response.endswith(eos) else response + eos
+
+
+def _row(ids: list[int], prompt_len: int, max_length: int) -> Row:
+    labels = [IGNORE] * prompt_len + ids[prompt_len:]
+    return Row(tuple(ids[:max_length]), tuple(labels[:max_length]))
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> Row | None:
+    """Tokenize (prompt, response) for training: the chat-formatted prompt, the response, EOS.
+
+    The prompt and prompt+response are tokenized separately and the response starts where they
+    diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels.
+
+    Args:
+        tokenizer: formats with its chat template when it has one.
+        prompt: the user's message.
+        response: the target answer (EOS is appended unless present).
+        max_length: longer sequences keep their start.
+    Returns:
+        A Row, or None when the prompt alone fills max_length (no response token would remain).
+    """
+    prompt_text = format_prompt(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt_text)
+    full = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, response))
+    n = _common_prefix(prompt_ids, full)
+    if n >= max_length:
+        return None
+    return _row(full, n, max_length)
+
+
+def encode_pair(
+    tokenizer: Any, prompt: str, chosen: str, rejected: str, max_length: int
+) -> PairRow | None:
+    """Tokenize a preference pair like `encode_example`; both responses start at one position.
+
+    Returns:
+        A PairRow, or None when the prompt alone fills max_length.
+    """
+    prompt_text = format_prompt(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt_text)
+    c = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, chosen))
+    r = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, rejected))
+    n = min(_common_prefix(prompt_ids, c), _common_prefix(prompt_ids, r))
+    if n >= max_length:
+        return None
+    return PairRow(_row(c, n, max_length), _row(r, n, max_length))
+
+
+def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[PairRow]:
+    """`encode_pair` over dicts with prompt/chosen/rejected, dropping pairs that cannot fit."""
+    rows = (
+        encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs
+    )
+    return [r for r in rows if r is not None]
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into (B, T) input_ids / attention_mask / labels tensors."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(rows: Sequence[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows in one (2B, T) batch, so one forward pass scores both."""
+    return collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _loader(n: int, batch_size: int, seed: int, collate_fn: Callable) -> DataLoader:
+    # The dataset is the row indices, so a batch can look up per-row data such as reference logps.
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        range(n), batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared loop pieces
+
+
+@dataclass(frozen=True)
+class _OnDevice:
+    """Re-iterable like a DataLoader (each epoch reshuffles), with batches moved to `device`."""
+
+    loader: DataLoader
+    device: torch.device
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+
+def _device(model: Any, accelerator: Any) -> torch.device:
+    return accelerator.device if accelerator is not None else next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    # Dropout draws from the global RNG: seed it for reproducibility, restore the caller's after.
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+
+
+def _check_finite(loss: torch.Tensor, step: int, accelerator: Any) -> None:
+    # Agree across processes first: one rank raising while the others wait in backward would hang.
+    bad = torch.stack([torch.isnan(loss), torch.isinf(loss)]).float()
+    if accelerator is not None:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.any():
+        what = "NaN" if bad[0] else "infinite"
+        raise StepError(f"training loss became {what} at step {step}")
+
+
+def _optimizer(model: Any, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RalignError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _step(model: Any, optimizer: Any, loss: torch.Tensor, accelerator: Any) -> None:
+    if accelerator is not None:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _mean(value: torch.Tensor, accelerator: Any) -> float:
+    value = value.detach().float()
+    return (accelerator.reduce(value, "mean") if accelerator is not None else value).item()
+
+
+def _total(value: torch.Tensor, accelerator: Any) -> int:
+    value = value.detach()
+    return int((accelerator.reduce(value, "sum") if accelerator is not None else value).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict],
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    accelerator: Any = None,
+    max_length: int = 512,
+    on_step: OnStep | None = None,
+) -> dict:
+    """Fine-tune `model` in place on (prompt, response) examples, loss on response tokens only.
+
+    Args:
+        model: a causal LM (plain or peft); its trainable parameters are updated.
+        tokenizer: formats prompts (chat template) and pads.
+        examples: dicts with "prompt" and "response".
+        lr: AdamW learning rate (constant).
+        epochs: passes over the examples.
+        batch_size: examples per step (per process under accelerate).
+        seed: seeds the shuffle and dropout; the same seed gives the same weights on CPU.
+        accelerator: an `accelerate.Accelerator` for data-parallel training, or None.
+        max_length: sequences keep their first max_length tokens.
+        on_step: called as on_step(step, {"loss", "epoch", "tokens"}) after each step.
+    Returns:
+        {"loss": last step's loss, "mean_loss", "steps", "tokens": response tokens trained on,
+         "examples": examples used, "dropped": examples whose prompt filled max_length}.
+    """
+    rows = [encode_example(tokenizer, e["prompt"], e["response"], max_length) for e in examples]
+    kept = [r for r in rows if r is not None]
+    if not kept:
+        raise RalignError(f"no example fits in max_length={max_length} tokens")
+    pad_id = _pad_id(tokenizer)
+    loader = _loader(
+        len(kept), batch_size, seed, lambda idx: collate([kept[i] for i in idx], pad_id)
+    )
+    optimizer = _optimizer(model, lr)
+    device = _device(model, accelerator)
+    if accelerator is not None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:
+        loader = _OnDevice(loader, device)
+
+    was_training = model.training
+    model.train()
+    losses, tokens, step = [], 0, 0
+    with _seeded(seed, device):
+        for epoch in range(epochs):
+            for batch in loader:
+                logits = _forward_logits(model, batch)
+                loss = sft_loss(logits, batch["labels"])
+                step += 1
+                _check_finite(loss, step, accelerator)
+                _step(model, optimizer, loss, accelerator)
+                losses.append(_mean(loss, accelerator))
+                tokens += _total((batch["labels"][:, 1:] != IGNORE).sum(), accelerator)
+                if on_step is not None:
+                    on_step(step, {"loss": losses[-1], "epoch": epoch, "tokens": tokens})
+    model.train(was_training)
+    return {
+        "loss": losses[-1] if losses else math.nan,
+        "mean_loss": sum(losses) / len(losses) if losses else math.nan,
+        "steps": step,
+        "tokens": tokens,
+        "examples": len(kept),
+        "dropped": len(rows) - len(kept),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO
+
+
+def pair_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of a `collate_pairs` batch in ONE forward pass.
+
+    Returns:
+        (chosen (B,), rejected (B,)).
+    """
+    logps = sequence_logps(_forward_logits(model, batch), batch["labels"])
+    return logps.chunk(2)
+
+
+def _reference_context(
+    model: Any, reference_model: Any
+) -> tuple[Any, contextlib.AbstractContextManager]:
+    if reference_model is not None:
+        return reference_model, contextlib.nullcontext()
+    # Same weights with the adapter switched off: the base model, without a second copy in memory.
+    return model, model.disable_adapter()
+
+
+def reference_logps(
+    model: Any,
+    rows: list[PairRow],
+    *,
+    batch_size: int,
+    pad_id: int,
+    reference_model: Any = None,
+    accelerator: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of every pair, in row order; under accelerate each process scores a share.
+
+    Args:
+        model: the policy; used with its adapter disabled when reference_model is None (peft only).
+        rows: encoded pairs.
+        batch_size: pairs per forward pass.
+        pad_id: padding token id.
+        reference_model: a frozen reference, or None for the adapter-disabled policy.
+        accelerator: an `accelerate.Accelerator`, or None.
+    Returns:
+        (chosen (N,), rejected (N,)) float32 on the CPU.
+    """
+    if reference_model is None and not is_peft(model):
+        raise RalignError("DPO needs a reference model unless the policy is a LoRA (peft) model")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, len(rows), world))
+    device = _device(model, accelerator)
+    ref, context = _reference_context(model, reference_model)
+    was_training = ref.training
+    ref.eval()
+    scored = []
+    with torch.no_grad(), context:
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            batch = collate_pairs([rows[i] for i in idx], pad_id)
+            chosen, rejected = pair_logps(ref, {k: v.to(device) for k, v in batch.items()})
+            scored += zip(idx, chosen.tolist(), rejected.tolist(), strict=True)
+    ref.train(was_training)
+    if accelerator is not None:
+        from accelerate.utils import gather_object
+
+        scored = gather_object(scored)
+    out = torch.zeros(2, len(rows))
+    for i, c, r in scored:
+        out[0, i], out[1, i] = c, r
+    return out[0], out[1]
+
+
+def train_dpo(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict],
+    *,
+    beta: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    reference_model: Any = None,
+    accelerator: Any = None,
+    max_length: int = 512,
+    on_step: OnStep | None = None,
+) -> dict:
+    """Train `model` in place with sigmoid DPO on (prompt, chosen, rejected) pairs.
+
+    Reference log-probs are computed once, before the first epoch. Dropout is off throughout (as
+    TRL's default `disable_dropout`), so policy and reference score sequences the same way.
+
+    Args:
+        model: the policy (plain or peft).
+        tokenizer: formats prompts and pads.
+        pairs: dicts with "prompt", "chosen", "rejected".
+        beta: DPO temperature.
+        lr: AdamW learning rate (constant).
+        epochs: passes over the pairs.
+        batch_size: pairs per step (per process under accelerate).
+        seed: seeds the shuffle; the same seed gives the same weights on CPU.
+        reference_model: the frozen reference; None means the policy with its LoRA adapter
+            disabled (required then: a plain model needs an explicit reference).
+        accelerator: an `accelerate.Accelerator` for data-parallel training, or None.
+        max_length: each sequence keeps its first max_length tokens.
+        on_step: called as on_step(step, {"loss", "reward_accuracy", "reward_margin", "epoch"}).
+    Returns:
+        {"loss": last step's loss, "mean_loss", "reward_accuracy" and "reward_margin" (mean over
+         the last epoch), "chosen_reward", "rejected_reward" (last epoch), "steps", "tokens",
+         "pairs", "dropped"}.
+    """
+    if reference_model is None and not is_peft(model):
+        raise RalignError("DPO needs a reference model unless the policy is a LoRA (peft) model")
+    rows = encode_pairs(tokenizer, pairs, max_length)
+    if not rows:
+        raise RalignError(f"no preference pair fits in max_length={max_length} tokens")
+    pad_id = _pad_id(tokenizer)
+    device = _device(model, accelerator)
+    model.to(device)
+    if reference_model is not None:
+        reference_model.to(device)
+    ref_chosen, ref_rejected = reference_logps(
+        model,
+        rows,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        reference_model=reference_model,
+        accelerator=accelerator,
+    )
+    ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+
+    def collate_fn(idx: list[int]) -> dict[str, torch.Tensor]:
+        return {**collate_pairs([rows[i] for i in idx], pad_id), "index": torch.tensor(idx)}
+
+    loader = _loader(len(rows), batch_size, seed, collate_fn)
+    optimizer = _optimizer(model, lr)
+    if accelerator is not None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:
+        loader = _OnDevice(loader, device)
+
+    was_training = model.training
+    model.eval()  # dropout off; gradients still flow
+    losses, tokens, step, epoch_stats = [], 0, 0, []
+    with _seeded(seed, device):
+        for epoch in range(epochs):
+            epoch_stats = []
+            for batch in loader:
+                chosen, rejected = pair_logps(model, batch)
+                idx = batch["index"]
+                loss, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta
+                )
+                step += 1
+                _check_finite(loss, step, accelerator)
+                _step(model, optimizer, loss, accelerator)
+                stats = {
+                    "loss": _mean(loss, accelerator),
+                    "reward_accuracy": _mean(
+                        (chosen_rewards > rejected_rewards).float().mean(), accelerator
+                    ),
+                    "reward_margin": _mean((chosen_rewards - rejected_rewards).mean(), accelerator),
+                    "chosen_reward": _mean(chosen_rewards.mean(), accelerator),
+                    "rejected_reward": _mean(rejected_rewards.mean(), accelerator),
+                }
+                losses.append(stats["loss"])
+                epoch_stats.append(stats)
+                tokens += _total((batch["labels"][:, 1:] != IGNORE).sum(), accelerator)
+                if on_step is not None:
+                    on_step(step, {**stats, "epoch": epoch})
+    model.train(was_training)
+
+    def last_epoch(key: str) -> float:
+        return sum(s[key] for s in epoch_stats) / len(epoch_stats) if epoch_stats else math.nan
+
+    return {
+        "loss": losses[-1] if losses else math.nan,
+        "mean_loss": sum(losses) / len(losses) if losses else math.nan,
+        "reward_accuracy": last_epoch("reward_accuracy"),
+        "reward_margin": last_epoch("reward_margin"),
+        "chosen_reward": last_epoch("chosen_reward"),
+        "rejected_reward": last_epoch("rejected_reward"),
+        "steps": step,
+        "tokens": tokens,
+        "pairs": len(rows),
+        "dropped": len(pairs) - len(rows),
+    }

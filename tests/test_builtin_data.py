@@ -1,0 +1,95 @@
+"""The built-in prompt sets and hhh-mini: sizes, balance, splits, no duplicates, and name resolution."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from ralign.errors import DataError
+from ralign.runtime.behavior import KINDS, load_prompts
+from ralign.runtime.builtin_data import DATASETS, resolve_dataset
+from ralign.runtime.evaluate import load_hhh
+
+
+def _rows(name):
+    return [json.loads(line) for line in resolve_dataset(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _norm(text):
+    return " ".join(text.lower().split())
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_builtin_name_resolves_to_a_file(name):
+    path = resolve_dataset(name)
+    assert path.is_file() and path.suffix == ".jsonl"
+
+
+def test_unknown_name_suggests_the_close_one():
+    with pytest.raises(DataError, match="did you mean 'seeds/hhh'"):
+        resolve_dataset("seeds/hhhh")
+    with pytest.raises(DataError, match="known: evals/hhh-mini, seeds/hhh, seeds/red_team"):
+        resolve_dataset("nothing-like-it")
+
+
+def test_hhh_seeds_have_at_least_50_of_each_kind_and_a_quarter_held_out():
+    rows = _rows("seeds/hhh")
+    assert len(rows) >= 240
+    kinds = Counter(r["kind"] for r in rows)
+    assert set(kinds) == set(KINDS)
+    assert min(kinds.values()) >= 50
+    for kind, n in kinds.items():
+        held = sum(1 for r in rows if r["kind"] == kind and r["split"] == "heldout")
+        assert 0.2 <= held / n <= 0.3, (kind, held, n)
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+    assert all(set(r) == {"prompt", "kind", "split"} and r["prompt"].strip() == r["prompt"] for r in rows)
+
+
+def test_red_team_is_harmful_split_and_distinct_from_hhh_seeds():
+    red = _rows("seeds/red_team")
+    assert len(red) >= 80
+    assert {r["kind"] for r in red} == {"harmful"}
+    held = sum(1 for r in red if r["split"] == "heldout")
+    assert 0.2 <= held / len(red) <= 0.3
+    hhh = {_norm(r["prompt"]) for r in _rows("seeds/hhh")}
+    assert not hhh & {_norm(r["prompt"]) for r in red}
+
+
+def test_no_duplicate_prompts_anywhere():
+    prompts = [_norm(r["prompt"]) for name in ("seeds/hhh", "seeds/red_team") for r in _rows(name)]
+    dupes = [p for p, n in Counter(prompts).items() if n > 1]
+    assert not dupes
+
+
+def test_load_prompts_filters_by_split():
+    path = resolve_dataset("seeds/hhh")
+    held = load_prompts(path, split="heldout")
+    train = load_prompts(path, split="train")
+    assert len(held) + len(train) == len(load_prompts(path))
+    assert Counter(r["kind"] for r in held) == {k: 16 for k in KINDS}
+
+
+def test_hhh_mini_is_balanced_in_subset_position_and_length():
+    items = load_hhh(resolve_dataset("evals/hhh-mini"))
+    assert len(items) >= 72
+    assert Counter(it.subset for it in items) == {"harmless": 24, "helpful": 24, "honest": 24}
+    assert len({(it.input, it.choices) for it in items}) == len(items)
+    for subset in ("harmless", "helpful", "honest"):
+        sub = [it for it in items if it.subset == subset]
+        first = sum(1 for it in sub if it.target == 0)
+        shorter = sum(1 for it in sub if len(it.choices[it.target]) < len(it.choices[1 - it.target]))
+        assert first == len(sub) // 2, subset  # the better answer is first exactly half the time
+        assert shorter == len(sub) // 2, subset  # and the shorter one exactly half the time
+        # Position and length are independent: each combination occurs equally often.
+        combos = Counter(
+            (it.target, len(it.choices[it.target]) < len(it.choices[1 - it.target])) for it in sub
+        )
+        assert set(combos.values()) == {len(sub) // 4}, (subset, combos)
+
+
+def test_hhh_mini_raw_rows_use_the_bigbench_format():
+    for row in _rows("evals/hhh-mini"):
+        assert set(row) == {"input", "choices", "target_scores", "subset"}
+        assert len(row["choices"]) == 2 and sorted(row["target_scores"]) == [0, 1]

@@ -1,0 +1,231 @@
+"""Sampling and self-instruct on tiny random models: shapes, seeding, batching, padding and cleaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ralign.runtime.generation import (
+    SELF_INSTRUCT_DROPS,
+    Completion,
+    clean_instruction,
+    generate,
+    sample,
+    self_instruct,
+)
+from ralign.runtime.models import format_prompt
+from ralign.runtime.tiny import build_tiny_model
+
+PROMPTS = [
+    "What is 2 plus 3?",
+    "Hi",
+    "Please explain your reasoning step by step, and then summarize the text in one sentence.",
+    "The cat reads the book at home.",
+    "Why is the sky blue?",
+]
+SEEDS = ["Write a poem about cats.", "Explain gravity to a child.", "List three red fruits."]
+
+
+def few_shot(examples: list[str]) -> str:
+    return "Instructions:\n" + "".join(f"- {e}\n" for e in examples) + "-"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    models = {}
+
+    def get(arch: str):
+        if arch not in models:
+            path = build_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            models[arch] = (model, AutoTokenizer.from_pretrained(path))
+        return models[arch]
+
+    return get
+
+
+def test_k_samples_per_prompt_and_seeded(tiny):
+    model, tok = tiny("llama")
+    kw = dict(per_prompt=3, temperature=1.0, max_new_tokens=6, seed=7, batch_size=6)
+    first = sample(model, tok, PROMPTS, **kw)
+    torch.rand(100)  # global RNG use in between must not matter
+    again = sample(model, tok, PROMPTS, **kw)
+    other = sample(model, tok, PROMPTS, **{**kw, "seed": 8})
+    assert [len(r) for r in first] == [3] * len(PROMPTS)
+    assert all(isinstance(s, str) and s == s.strip() for r in first for s in r)
+    assert first == again
+    assert first != other
+    assert len({s for r in first for s in r}) > len(PROMPTS)  # sampling: not all copies
+
+
+def test_global_rng_is_left_alone(tiny):
+    model, tok = tiny("llama")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sample(model, tok, PROMPTS[:2], per_prompt=2, temperature=1.0, max_new_tokens=4, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_sorted_batching_matches_one_by_one_greedy(tiny, arch):
+    model, tok = tiny(arch)
+    kw = dict(per_prompt=2, temperature=0.0, max_new_tokens=6, seed=0)
+    batched = sample(model, tok, PROMPTS[:4], batch_size=64, **kw)
+    alone = [sample(model, tok, [p], batch_size=1, **kw)[0] for p in PROMPTS[:4]]
+    assert batched == alone  # order restored, and left padding changes nothing
+    assert all(r[0] == r[1] for r in batched)  # greedy: the K copies are identical
+
+
+def test_left_padding_and_length_sorted_batches(tiny, monkeypatch):
+    model, tok = tiny("llama")
+    calls = []
+    real = model.generate
+
+    def spy(**kwargs):
+        calls.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    sample(
+        model, tok, PROMPTS, per_prompt=2, temperature=1.0, max_new_tokens=3, seed=0, batch_size=4
+    )
+    assert [ids.shape[0] for ids, _ in calls] == [2, 2, 1]  # 4 rows per call = 2 prompts x 2
+    lengths = [
+        len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in PROMPTS
+    ]
+    seen = [int(n) for _, mask in calls for n in mask.sum(1)]
+    assert seen == sorted(lengths)  # shortest prompts share the first batch
+    for ids, mask in calls:
+        assert bool(mask[:, -1].all())  # every row ends on a real token: padding is on the left
+        assert bool((ids[mask == 0] == tok.pad_token_id).all())
+
+
+def test_context_replaces_the_bare_prompt(tiny, monkeypatch):
+    model, tok = tiny("llama")
+    seen = []
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.extend(
+            tok.decode(row[m.bool()])
+            for row, m in zip(kwargs["input_ids"], kwargs["attention_mask"], strict=True)
+        )
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    sample(
+        model,
+        tok,
+        ["p1", "p2"],
+        context=["Earlier turns, then: p1", None],
+        per_prompt=1,
+        temperature=0.0,
+        max_new_tokens=2,
+        seed=0,
+    )
+    assert sorted(seen) == sorted(
+        [format_prompt(tok, "Earlier turns, then: p1"), format_prompt(tok, "p2")]
+    )
+
+
+def test_progress_counts_prompts_and_tokens(tiny):
+    model, tok = tiny("llama")
+    reports = []
+    sample(
+        model,
+        tok,
+        PROMPTS,
+        per_prompt=2,
+        temperature=1.0,
+        max_new_tokens=5,
+        seed=0,
+        batch_size=4,
+        progress=lambda n, t: reports.append((n, t)),
+    )
+    assert sum(n for n, _ in reports) == len(PROMPTS)
+    assert 0 < sum(t for _, t in reports) <= len(PROMPTS) * 2 * 5
+
+
+def test_generate_cuts_at_end_token(tiny):
+    model, tok = tiny("llama")
+    (done,) = generate(model, tok, ["Hi"], n=1, temperature=0.0, max_new_tokens=4, seed=0)
+    assert len(done) == 1 and isinstance(done[0], Completion)
+    assert done[0].finished or done[0].tokens == 4
+
+
+@pytest.mark.parametrize(
+    "text, finished, expected",
+    [
+        ("Write a haiku about rain.\n- next one", False, ("Write a haiku about rain.", None)),
+        ("  Describe the moon in detail.", True, ("Describe the moon in detail.", None)),
+        ("- Name three rivers in Europe.\n", False, ("Name three rivers in Europe.", None)),
+        ('3. "Summarize this short story."\n', False, ("Summarize this short story.", None)),
+        ("(2) 'Give me a recipe'\n", False, ("Give me a recipe", None)),
+        ("Instruction: Plan a week of meals.\n", False, ("Plan a week of meals.", None)),
+        ("\n\nTranslate this sentence please\n", False, ("Translate this sentence please", None)),
+        ("", True, (None, "empty")),
+        ("-  \nSecond line here too", False, (None, "empty")),
+        ('""', True, (None, "empty")),
+        ("Hello there\n", False, (None, "too_short")),
+        ("one two three four five six\n", False, ("one two three four five six", None)),
+        ("word " * 101 + "\n", False, (None, "too_long")),
+        ("An instruction that never ended because", False, (None, "truncated")),
+        (
+            "An instruction that ended at the end token",
+            True,
+            ("An instruction that ended at the end token", None),
+        ),
+    ],
+)
+def test_clean_instruction(text, finished, expected):
+    assert clean_instruction(Completion(text, finished, 1), min_words=3, max_words=100) == expected
+
+
+def test_self_instruct_counts_every_completion(tiny):
+    model, tok = tiny("llama")
+    kw = dict(count=12, shots=2, temperature=1.0, max_new_tokens=12, seed=0)
+    kept, stats = self_instruct(model, tok, few_shot, SEEDS, **kw)
+    again = self_instruct(model, tok, few_shot, SEEDS, **kw)
+    assert (kept, stats) == again
+    assert set(stats["dropped"]) == set(SELF_INSTRUCT_DROPS)
+    assert stats["requested"] == 12
+    assert stats["kept"] == len(kept)
+    assert len(kept) + sum(stats["dropped"].values()) == 12
+
+
+def test_self_instruct_drops_and_counts_empty(tiny, tmp_path):
+    # Zero the final norm: every logit is 0, greedy picks token 0 ("<|endoftext|>", special),
+    # which decodes to nothing, so every continuation is empty.
+    model, tok = tiny("llama")
+    silent = AutoModelForCausalLM.from_pretrained(model.name_or_path).eval()
+    with torch.no_grad():
+        silent.model.norm.weight.zero_()
+    kept, stats = self_instruct(
+        silent, tok, few_shot, SEEDS, count=5, shots=2, temperature=0.0, max_new_tokens=4, seed=0
+    )
+    assert kept == []
+    assert stats["dropped"]["empty"] == 5
+
+
+def test_self_instruct_drops_seed_copies_and_duplicates(tiny, monkeypatch):
+    import ralign.runtime.generation as gen
+
+    model, tok = tiny("llama")
+    scripted = [
+        "write a poem  about cats.\n",  # a seed, up to case and spaces
+        "Design a board game for kids.\n",
+        "Design a board game for kids.\n",  # repeats the kept one
+        "ok\n",
+    ]
+    monkeypatch.setattr(
+        gen, "generate", lambda *a, **k: [[Completion(t, False, 3)] for t in scripted]
+    )
+    kept, stats = self_instruct(
+        model, tok, few_shot, SEEDS, count=4, shots=2, temperature=1.0, max_new_tokens=8, seed=0
+    )
+    assert kept == ["Design a board game for kids."]
+    assert stats["dropped"]["seed_duplicate"] == 1
+    assert stats["dropped"]["duplicate"] == 1
+    assert stats["dropped"]["too_short"] == 1

@@ -1,0 +1,107 @@
+"""Preference pairs from scored responses: selection, orientation, margins and drop counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralign.runtime.pairs import DROP_REASONS, make_pairs
+
+RESPONSES = [["r0", "r1", "r2", "r3"]]
+SCORES = [[0.2, 0.9, 0.0, 0.5]]
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, expected",
+    [
+        ("best", "worst", ("r1", "r2", 0.9)),
+        ("best", "random", None),  # best is chosen; the rejected is one of the others
+        ("random", "worst", None),
+        ("random", "random", None),
+    ],
+)
+def test_selectors(chosen, rejected, expected):
+    pairs, stats = make_pairs(["p"], RESPONSES, SCORES, chosen=chosen, rejected=rejected, seed=1)
+    assert stats["pairs"] == len(pairs) == 1
+    pair = pairs[0]
+    scores = dict(zip(RESPONSES[0], SCORES[0], strict=True))
+    assert pair["prompt"] == "p"
+    assert pair["margin"] == pytest.approx(scores[pair["chosen"]] - scores[pair["rejected"]])
+    assert pair["margin"] > 0  # always oriented: chosen scores higher
+    if expected:
+        assert (pair["chosen"], pair["rejected"], pair["margin"]) == pytest.approx(expected)
+    if chosen == "best":
+        assert pair["chosen"] == "r1"
+    if rejected == "worst":
+        assert pair["rejected"] == "r2"
+
+
+def test_random_is_seeded_and_varies():
+    many = [["p"]] * 1
+    runs = {
+        seed: make_pairs(
+            many[0] * 30, RESPONSES * 30, SCORES * 30, chosen="best", rejected="random", seed=seed
+        )[0]
+        for seed in (0, 1)
+    }
+    again = make_pairs(
+        ["p"] * 30, RESPONSES * 30, SCORES * 30, chosen="best", rejected="random", seed=0
+    )[0]
+    assert runs[0] == again
+    assert runs[0] != runs[1]
+    assert {p["rejected"] for p in runs[0]} == {"r0", "r2", "r3"}
+
+
+@pytest.mark.parametrize(
+    "responses, scores, min_margin, reason",
+    [
+        (["a"], [1.0], 0.0, "too_few"),
+        ([], [], 0.0, "too_few"),
+        (["a", "b", "c"], [0.5, 0.5, 0.5], 0.0, "tie"),
+        (["same", " same "], [0.9, 0.1], 0.0, "same_text"),
+        (["a", "b"], [0.6, 0.5], 0.2, "low_margin"),
+    ],
+)
+def test_drops_are_counted_by_reason(responses, scores, min_margin, reason):
+    pairs, stats = make_pairs(["p"], [responses], [scores], min_margin=min_margin)
+    assert pairs == []
+    assert stats == {
+        "prompts": 1,
+        "pairs": 0,
+        "dropped": {r: int(r == reason) for r in DROP_REASONS},
+    }
+
+
+def test_margin_at_threshold_is_kept_and_stats_add_up():
+    prompts = ["p1", "p2", "p3", "p4"]
+    responses = [["a", "b"], ["c", "d"], ["e", "f"], ["g"]]
+    scores = [[1.0, 0.5], [0.3, 0.3], [0.0, 0.25], [1.0]]
+    pairs, stats = make_pairs(prompts, responses, scores, min_margin=0.25)
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["margin"]) for p in pairs] == [
+        ("p1", "a", "b", 0.5),
+        ("p3", "f", "e", 0.25),
+    ]
+    assert stats["pairs"] + sum(stats["dropped"].values()) == stats["prompts"] == 4
+
+
+def test_ties_for_best_go_to_the_earliest():
+    pairs, _ = make_pairs(["p"], [["x", "y", "z"]], [[0.9, 0.9, 0.1]])
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("x", "z")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(chosen="worst"), "chosen must be"),
+        (dict(rejected="best"), "rejected must be"),
+    ],
+)
+def test_bad_selectors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_pairs(["p"], RESPONSES, SCORES, **kwargs)
+
+
+def test_mismatched_lengths():
+    with pytest.raises(ValueError, match="differ in length"):
+        make_pairs(["p", "q"], RESPONSES, SCORES)
+    with pytest.raises(ValueError, match="2 responses but 1 scores"):
+        make_pairs(["p"], [["a", "b"]], [[1.0]])
