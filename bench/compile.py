@@ -24,6 +24,7 @@ import cProfile
 import datetime as dt
 import io
 import json
+import os
 import platform
 import pstats
 import random
@@ -80,7 +81,7 @@ template guide = """Answer helpfully, honestly and harmlessly.
 {{ prompt }}"""
 '''
 
-BLOCK = '''
+BLOCK = """
 # --- block {i} ---
 let topic_{i} = /\\b(topic{i}|alpha{i}|beta{i}|gamma{i}s?|delta[- ]?{i})\\b/i
 let noise_{i} = /(^|\\n)\\s*(\\d+[.)]|[-*])\\s+\\S+ {i}/
@@ -95,13 +96,13 @@ reward part_{i} {{
   rule asks    = if(ends_with(trim(response), "?"), -0.1, 0.05) when sentences(response) >= 2
   rule shout   = -0.5 * min(1, count(response, /[A-Z]{{6,}}/) / 3) when chars(response) > 0
 }}
-'''
+"""
 
-PHASES = '''
+PHASES = """
 phase propose {
   generate {
-    from = seeds
     template = propose
+    from = seeds
     count = 256
     shots = 4
     temperature = 1.0
@@ -124,8 +125,8 @@ phase judge {
   rank listwise { judge = policy, template = tpl.rank_listwise, orders = 2 }
   rank pairwise { judge = critic, template = tpl.rank_helpful, mode = "pairwise" }
   rank pointwise { template = tpl.judge_additive, mode = "pointwise", samples = 3, scale = 5 }
+  score { programmatic = combined + hhh.rules }
   score {
-    programmatic = combined + hhh.rules
     total = agree(listwise, pairwise, pointwise, programmatic)
   }
 }
@@ -146,7 +147,7 @@ evaluate hhh {
   data = "ralign:evals/hhh-mini"
   every = "round"
 }
-'''
+"""
 
 
 def recipe_text(lines: int = TARGET_LINES) -> str:
@@ -179,28 +180,38 @@ def _combined(n: int) -> str:
 # ---- timing ---------------------------------------------------------------------------
 
 
-def median_ms(fn: Any, runs: int) -> tuple[float, list[float]]:
+def medians_ms(fn: Any, runs: int) -> dict[str, float]:
+    """Median wall-clock and process-CPU milliseconds of `runs` calls, after one warm-up call."""
     fn()  # warm-up: builds the parser and fills the regex cache
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), times
+        cpu.append((time.process_time() - c) * 1000)
+        wall.append((time.perf_counter() - w) * 1000)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
 def bench_compile(path: Path, runs: int, earley_runs: int) -> dict[str, Any]:
     source = Source.read(path)
-    lalr_tree, earley_tree = parse(source, "lalr"), parse(source, "earley")
-    if lalr_tree != earley_tree:
-        raise SystemExit("the Earley parser built a different AST from the LALR one; the comparison would be meaningless")
+    if parse(source, "lalr") != parse(source, "earley"):
+        raise SystemExit(
+            "the Earley parser built a different AST from the LALR one; the comparison would be meaningless"
+        )
     out: dict[str, Any] = {}
     for kind, n in (("lalr", runs), ("earley", earley_runs)):
-        med, _ = median_ms(lambda k=kind: compile_file(path, parser_kind=k), n)
-        parse_med, _ = median_ms(lambda k=kind: parse(source, k), n)
-        out[kind] = {"compile_ms": med, "parse_ms": parse_med, "runs": n}
-    out["speedup"] = out["earley"]["compile_ms"] / out["lalr"]["compile_ms"]
-    out["parse_speedup"] = out["earley"]["parse_ms"] / out["lalr"]["parse_ms"]
+        out[kind] = {
+            "runs": n,
+            "compile_ms": medians_ms(lambda k=kind: compile_file(path, parser_kind=k), n),
+            "parse_ms": medians_ms(lambda k=kind: parse(source, k), n),
+        }
+    for clock in ("wall", "cpu"):
+        out[f"speedup_{clock}"] = (
+            out["earley"]["compile_ms"][clock] / out["lalr"]["compile_ms"][clock]
+        )
+        out[f"parse_speedup_{clock}"] = (
+            out["earley"]["parse_ms"][clock] / out["lalr"]["parse_ms"][clock]
+        )
     return out
 
 
@@ -301,18 +312,21 @@ def bench_rewards(n_records: int, repeats: int) -> dict[str, Any]:
         per_record = rules_reached(programs, qname)
         progs = Programs(programs)
         progs.rules(qname)  # compile once, outside the timing (as a step does)
-        best = float("inf")
+        wall = cpu = float("inf")
         for _ in range(repeats):
             fresh = [dict(r) for r in data]  # no memo carried over between passes
-            start = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             for rec in fresh:
                 progs.reward_value(qname, rec)
-            best = min(best, time.perf_counter() - start)
+            cpu = min(cpu, time.process_time() - c)
+            wall = min(wall, time.perf_counter() - w)
         out["rewards"][qname] = {
             "rules_per_record": per_record,
-            "seconds": best,
-            "records_per_s": n_records / best,
-            "rules_per_s": n_records * per_record / best,
+            "seconds": {"wall": wall, "cpu": cpu},
+            "rules_per_s": {
+                "wall": n_records * per_record / wall,
+                "cpu": n_records * per_record / cpu,
+            },
         }
     return out
 
@@ -345,23 +359,52 @@ def versions() -> dict[str, str]:
     return out
 
 
-def table(rows: list[tuple[str, str, str, float]]) -> str:
-    """Rows of (metric, measured, target, ratio); ratio >= 1 meets the target."""
-    head = ("metric", "measured", "target", "ratio", "")
-    cells = [head] + [(m, v, t, f"{r:.2f}x", "ok" if r >= 1 else "MISSED") for m, v, t, r in rows]
+def table(rows: list[tuple[str, dict[str, float] | None, str, Any]]) -> str:
+    """Rows of (metric, {"wall", "cpu"} values, target text, ratio function of a value or None).
+
+    A ratio >= 1 meets the target, whichever way the target points.
+    """
+    head = ("metric", "wall", "cpu", "target", "ratio (wall)", "ratio (cpu)")
+    cells = [head]
+    for metric, values, target, ratio in rows:
+        shown = [_fmt(values[c]) if values else "-" for c in ("wall", "cpu")]
+        ratios = [
+            f"{ratio(values[c]):.2f}x {'ok' if ratio(values[c]) >= 1 else 'MISSED'}"
+            if ratio and values
+            else "-"
+            for c in ("wall", "cpu")
+        ]
+        cells.append((metric, *shown, target, *ratios))
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
+    lines = [
+        "  ".join(
+            c[i].rjust(widths[i]) if 0 < i < 3 else c[i].ljust(widths[i]) for i in range(len(head))
+        ).rstrip()
+        for c in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20, help="timed LALR compiles (median reported)")
-    ap.add_argument("--earley-runs", type=int, default=5, help="timed Earley compiles (median reported)")
-    ap.add_argument("--records", type=int, default=3000, help="synthetic (prompt, response) records")
-    ap.add_argument("--repeats", type=int, default=5, help="timed passes over the records (best reported)")
-    ap.add_argument("--profile", action="store_true", help="also print a cProfile of reward evaluation")
+    ap.add_argument(
+        "--earley-runs", type=int, default=5, help="timed Earley compiles (median reported)"
+    )
+    ap.add_argument(
+        "--records", type=int, default=3000, help="synthetic (prompt, response) records"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed passes over the records (best reported)"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also print a cProfile of reward evaluation"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON result")
     args = ap.parse_args(argv)
 
@@ -370,38 +413,74 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(recipe_text(), encoding="utf-8")
         comp = bench_compile(path, args.runs, args.earley_runs)
     rew = bench_rewards(args.records, args.repeats)
-    main_rate = rew["rewards"][REWARD]["rules_per_s"]
+    rate = rew["rewards"][REWARD]["rules_per_s"]
+    lalr, earley = comp["lalr"], comp["earley"]
 
-    lalr, earley = comp["lalr"]["compile_ms"], comp["earley"]["compile_ms"]
-    print(f"front end on a {TARGET_LINES}-line recipe (+ 3 stdlib files), median of {args.runs} LALR / {args.earley_runs} Earley runs")
-    print(f"  parse only: LALR {comp['lalr']['parse_ms']:.1f} ms, Earley {comp['earley']['parse_ms']:.1f} ms ({comp['parse_speedup']:.1f}x)")
-    print(f"rewards: {args.records} records, best of {args.repeats} passes")
-    for q, r in rew["rewards"].items():
-        print(f"  {q:<18} {r['rules_per_record']:>2} rules/record  {r['records_per_s']:>9,.0f} records/s  {r['rules_per_s']:>10,.0f} rules/s")
+    print(
+        f"front end: compile_file on a {TARGET_LINES}-line recipe (+ 3 stdlib files); median of {args.runs} LALR / {args.earley_runs} Earley runs"
+    )
+    print(
+        f"rewards: {args.records} synthetic records, best of {args.repeats} passes; wall = elapsed, cpu = this process's CPU time"
+    )
+    print("load average at start of report: " + " ".join(f"{x:.1f}" for x in _load()))
     print()
     print(
         table(
             [
-                ("compile, LALR (ms)", f"{lalr:.1f}", f"<= {TARGETS['lalr_ms']:.0f}", TARGETS["lalr_ms"] / lalr),
-                ("compile, Earley (ms)", f"{earley:.1f}", "-", float("inf")),
-                ("LALR speed-up over Earley", f"{comp['speedup']:.1f}x", f">= {TARGETS['speedup']:.0f}x", comp["speedup"] / TARGETS["speedup"]),
-                (f"rule evaluations/s ({REWARD})", f"{main_rate:,.0f}", f">= {TARGETS['rules_per_s']:,.0f}", main_rate / TARGETS["rules_per_s"]),
+                (
+                    "compile, LALR (ms)",
+                    lalr["compile_ms"],
+                    f"<= {TARGETS['lalr_ms']:.0f}",
+                    lambda v: TARGETS["lalr_ms"] / v,
+                ),
+                ("compile, Earley (ms)", earley["compile_ms"], "", None),
+                ("parse only, LALR (ms)", lalr["parse_ms"], "", None),
+                ("parse only, Earley (ms)", earley["parse_ms"], "", None),
+                (
+                    "LALR speed-up over Earley (x)",
+                    {c: comp[f"speedup_{c}"] for c in ("wall", "cpu")},
+                    f">= {TARGETS['speedup']:.0f}",
+                    lambda v: v / TARGETS["speedup"],
+                ),
+                (
+                    "  parse only (x)",
+                    {c: comp[f"parse_speedup_{c}"] for c in ("wall", "cpu")},
+                    "",
+                    None,
+                ),
+                (
+                    f"rule evaluations/s, {REWARD}",
+                    rate,
+                    f">= {TARGETS['rules_per_s']:,.0f}",
+                    lambda v: v / TARGETS["rules_per_s"],
+                ),
+                *[
+                    (f"  {q} alone ({r['rules_per_record']} rules)", r["rules_per_s"], "", None)
+                    for q, r in rew["rewards"].items()
+                    if q != REWARD
+                ],
             ]
-        ).replace("inf", "  -").replace("  -x", "   -")
+        )
     )
-    if args.profile or main_rate < TARGETS["rules_per_s"]:
+    print(
+        f"({REWARD} counts {rew['rewards'][REWARD]['rules_per_record']} rule evaluations per record: its own rule and those of the rewards it adds up)"
+    )
+    if args.profile or rate["cpu"] < TARGETS["rules_per_s"]:
         print("\nprofile of reward evaluation (by own time):")
         print(profile_rewards(args.records))
 
     now = dt.datetime.now(dt.timezone.utc)
     result = {
         "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/compile.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "bench/compile.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),
             "processor": platform.processor(),
-            "cpu_count": __import__("os").cpu_count(),
+            "cpu_count": os.cpu_count(),
+            "load_average": _load(),
             "python": sys.version.split()[0],
         },
         "versions": versions(),
@@ -410,9 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         "rewards": rew,
         "targets": TARGETS,
         "meets": {
-            "lalr_ms": lalr <= TARGETS["lalr_ms"],
-            "speedup": comp["speedup"] >= TARGETS["speedup"],
-            "rules_per_s": main_rate >= TARGETS["rules_per_s"],
+            clock: {
+                "lalr_ms": lalr["compile_ms"][clock] <= TARGETS["lalr_ms"],
+                "speedup": comp[f"speedup_{clock}"] >= TARGETS["speedup"],
+                "rules_per_s": rate[clock] >= TARGETS["rules_per_s"],
+            }
+            for clock in ("wall", "cpu")
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {out}")
     return 0
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        return []
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Every problem in every file is collected and reported together. What survives is
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,18 +245,25 @@ class Checker:
             elif sym.kind == "def":
                 # Names are checked now; types at each call, with the arguments' types.
                 scope = {p: ERROR for p in sym.decl.params}
+                if len(scope) != len(sym.decl.params):
+                    twice = sorted({p for p in sym.decl.params if sym.decl.params.count(p) > 1})
+                    self.error(sym.decl.span, f"def '{sym.decl.name}' names the parameter '{twice[0]}' twice")
                 for ref in _refs([sym.decl.body]):
                     if len(ref.parts) == 1 and ref.parts[0] in scope:
                         continue
                     if not _is_call_target(sym.decl.body, ref):
                         found = self.lookup(unit.key, ref, scope)
                         if isinstance(found, str):
+                            if len(ref.parts) == 1 and ref.parts[0] in ("prompt", "response"):
+                                found = f"'{ref.parts[0]}' is not available here ({_CONTEXT_WORDS['def']}; pass it as an argument)"
                             self.error(ref.span, found)
                 self.programs["defs"][sym.qname] = {"params": list(sym.decl.params), "body": None}
             elif sym.kind == "reward":
                 self.check_reward(sym)
             elif sym.kind == "template":
+                self._in_progress.add(sym.qname)
                 self.template_value(unit, sym.decl.value, sym.qname)
+                self._in_progress.discard(sym.qname)
 
     def let_type(self, sym: Symbol) -> str:
         if sym.qname in self.let_types:
@@ -381,7 +389,7 @@ class Checker:
             return t, (["let", found.qname] if t != ERROR else None)
         if found.kind == "reward":
             if context in ("let", "filter"):
-                self.error(e.span, f"reward '{e.dotted}' scores an answer, so it cannot be used {_CONTEXT_WORDS[context]}")
+                self.error(e.span, f"reward '{e.dotted}' scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})")
                 return ERROR, None
             return bi.NUMBER, ["reward", found.qname]
         if found.kind == "def":
@@ -459,6 +467,9 @@ class Checker:
             tv = TemplateValue(key or _inline_key(value.value), value.value, origin)
         elif isinstance(value, n.Call) and value.func.dotted == "file" and len(value.args) == 1 and isinstance(value.args[0], n.String):
             rel = value.args[0].value
+            if "\0" in rel:
+                self.error(value.args[0].span, "a template file name may not contain a NUL character")
+                return None
             path = unit.folder / rel
             if not confined(path, self.loaded.roots):
                 self.error(value.args[0].span, f"template file '{rel}' is outside the import roots; refusing to read it")
@@ -466,7 +477,11 @@ class Checker:
             if not path.is_file():
                 self.error(value.args[0].span, f"template file '{rel}' does not exist")
                 return None
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                self.error(value.args[0].span, f"template file '{rel}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")
+                return None
             name = _display(path, unit, self.loaded)
             self.sources.setdefault(name, Source(name, text, path))
             tv = TemplateValue(key or _inline_key(text), text, Span(name, 1, 1))
@@ -481,7 +496,14 @@ class Checker:
             existing = self.templates.get(found.qname)
             if existing is not None:
                 return existing
-            return self.template_value(self.units[found.unit], found.decl.value, found.qname)
+            if found.qname in self._in_progress:
+                self.error(value.span, f"template '{value.dotted}' refers to itself, directly or through other templates")
+                return None
+            self._in_progress.add(found.qname)
+            try:
+                return self.template_value(self.units[found.unit], found.decl.value, found.qname)
+            finally:
+                self._in_progress.discard(found.qname)
         else:
             self.error(value.span, 'a template is a string, """text""", file("x.j2"), or the name of a template')
             return None
@@ -500,9 +522,9 @@ class Checker:
         source = self.sources.get(tv.origin.file)
         if source is not None and word:
             text = source.line(src_line)
-            at = text.find(word, column - 1 if line == 1 else 0)
-            if at >= 0:
-                column = at + 1
+            found = re.compile(rf"(?<![\w.]){re.escape(word)}(?!\w)").search(text, column - 1 if line == 1 else 0)
+            if found is not None:
+                column = found.start() + 1
         return Span(tv.origin.file, src_line, column, src_line, column + len(word or " "))
 
     def check_template_use(self, tv: TemplateValue, provided: tuple[str, ...], where: str, use: Span) -> None:
@@ -621,7 +643,13 @@ class Checker:
             if found.kind != "let":
                 self.error(v.span, f"{label} must be a list of texts; '{v.dotted}' is a {found.kind}")
                 return None
-            return self.texts(self.units[found.unit], found.decl.value, label)
+            if found.qname in self.cyclic or found.qname in self._in_progress:
+                return None  # the cycle is reported at the let
+            self._in_progress.add(found.qname)
+            try:
+                return self.texts(self.units[found.unit], found.decl.value, label)
+            finally:
+                self._in_progress.discard(found.qname)
         if isinstance(v, n.ListExpr) and v.items and all(isinstance(i, n.String) for i in v.items):
             return [i.value for i in v.items]  # type: ignore[union-attr]
         self.error(v.span, f"{label} must be a non-empty list of strings")
@@ -688,6 +716,9 @@ class Checker:
             return {}
         if path.startswith("hf:"):
             return {}
+        if "\0" in path:
+            self.error(span, "a data file name may not contain a NUL character")
+            return None
         file = unit.folder / path
         if not confined(file, self.loaded.roots):
             self.error(span, f"data file '{path}' is outside the recipe's folder and the --root folders; refusing to read it")
@@ -802,7 +833,7 @@ class Checker:
             need("prompts", "add a `generate` step before it, or filter the dataset you sample from")
             return ("prompts",), ("prompts",)
         if kind == "sample":
-            if "from" not in params:
+            if not any(a.name == "from" for a in step.attrs):
                 need("prompts", "add a `generate` step before it, or give it a dataset: `sample { from = NAME }`")
             have.update(responses=step.span, revised=None, pairs=None, context="context" in params)
             scores.clear()
@@ -954,4 +985,9 @@ def _is_call_target(body: n.Expr, ref: n.Ref) -> bool:
 
 def check(loaded: Loaded, *, library: bool = False) -> Checked:
     """Run every check over a loaded recipe (or library); raise RecipeError with all diagnostics."""
-    return Checker(loaded, library=library).run()
+    try:
+        return Checker(loaded, library=library).run()
+    except RecursionError:  # declarations chained deeper than the checker can follow
+        span = Span(loaded.main, 1, 1)
+        message = "the declarations refer to one another too deeply to check (a chain of hundreds of lets, defs or rewards)"
+        raise RecipeError([Diagnostic(span, message)], dict(loaded.sources)) from None

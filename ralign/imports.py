@@ -76,7 +76,14 @@ def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lal
     def visit(file: Path, key: str, chain: tuple[str, ...]) -> None:
         if key in units:
             return
-        source = Source.read(file, key)
+        try:
+            source = _read(file, key)
+        except UnicodeDecodeError as exc:
+            data = file.read_bytes()[: exc.start]
+            line = data.count(b"\n") + 1
+            column = len(data) - (data.rfind(b"\n") + 1) + 1
+            problems.append(Diagnostic(Span(key, line, column), f"this file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"))
+            return
         sources[key] = source
         try:
             module = parse(source, parser_kind)
@@ -113,8 +120,17 @@ def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lal
     return Loaded(main_key, units, sources, roots, recipe_dir)
 
 
+def _read(file: Path, key: str) -> Source:
+    """A file's text as UTF-8, newlines made `\\n` (a leading byte-order mark, which some editors write, is dropped)."""
+    text = file.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
+    return Source(name=key, text=text.removeprefix("\ufeff"), path=file)
+
+
 def _resolve(decl: n.Import, folder: Path, std: Path, roots: tuple[Path, ...], problems: list[Diagnostic]) -> Path | None:
     text = decl.path
+    if "\0" in text:
+        problems.append(Diagnostic(decl.path_span, "an import path may not contain a NUL character"))
+        return None
     if text.startswith("std/"):
         target = std / (text[4:] + ("" if text.endswith(".ralign") else ".ralign"))
         if not confined(target, (std,)) or not target.is_file():

@@ -30,6 +30,15 @@ def program_closure(irs: list[Any], programs: dict[str, dict[str, Any]]) -> dict
     return {k: dict(sorted(v.items())) for k, v in out.items()}
 
 
+def _without_lines(programs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Programs minus the source lines of reward rules: moving a rule is not a change a step's hash should see."""
+    rewards = {
+        q: {**body, "rules": [{k: v for k, v in rule.items() if k != "line"} for rule in body["rules"]]}
+        for q, body in programs["rewards"].items()
+    }
+    return {**programs, "rewards": rewards}
+
+
 def _ids(steps: tuple[CheckedStep, ...]) -> list[str]:
     """Readable, unique step ids within a round: `phase/kind[.name]`, numbered when repeated."""
     ids: list[str] = []
@@ -76,7 +85,7 @@ def lower(checked: Checked) -> Plan:
             "params": params,
             "templates": {a: digest(templates[k]["text"]) for a, k in tmpl.items()},
             "exprs": exprs,
-            "programs": digest(program_closure(list(exprs.values()), checked.programs)),
+            "programs": digest(_without_lines(program_closure(list(exprs.values()), checked.programs))),
             "inputs": {slot: hashes[src] for slot, src in sorted(inputs.items())},
             "seed": checked.seed,
             "round": rnd,

@@ -158,7 +158,7 @@ STEPS: dict[str, Kind] = {
             "template": Attr(TEMPLATE, "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`)", required=True),
             "mode": Attr(STRING, "how answers are compared", "listwise", choices=("listwise", "pairwise", "pointwise")),
             "orders": Attr(INT, "listwise: orders scored and averaged (2 = also reversed; more = rotations)", 1, min=1, max=16),
-            "samples": Attr(INT, "pointwise: judge samples per answer, averaged", 1, min=1, max=32),
+            "samples": Attr(INT, "pointwise: judge samples drawn from the digit distribution and averaged (1 = its exact expectation)", 1, min=1, max=32),
             "scale": Attr(INT, "pointwise: the rubric's top score (digits 0..scale)", 5, min=1, max=9),
             "batch_size": Attr(INT, "judge prompts per forward pass", 16, min=1),
         },
@@ -177,8 +177,8 @@ STEPS: dict[str, Kind] = {
     "pairs": Kind(
         "preference pairs per prompt from a score",
         {
-            "chosen": Attr(STRING, "which answer is preferred", "best", choices=("best", "worst", "random")),
-            "rejected": Attr(STRING, "which answer is dispreferred", "worst", choices=("best", "worst", "random")),
+            "chosen": Attr(STRING, "which answer is preferred (the pair is then oriented by score)", "best", choices=("best", "random")),
+            "rejected": Attr(STRING, "which answer is dispreferred", "worst", choices=("worst", "random")),
             "min_margin": Attr(NUMBER, "drop pairs whose score gap is below this", 0.0, min=0),
             "by": Attr(STRING, "the score to use (default: `total` if defined, else the latest score)"),
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def parse(source: Source, kind: str = "lalr") -> n.Module:
         tree = parser(kind).parse(source.text)
     except UnexpectedInput as exc:
         raise RecipeError([_diagnose(source, exc, kind)], {source.name: source}) from None
+    deep = _too_deep(tree, MAX_DEPTH)
+    if deep is not None:  # every later stage recurses over the tree; refuse before it can overflow
+        message = f"this expression nests more than {MAX_DEPTH} levels deep; split it with `let` or `def`"
+        raise RecipeError([Diagnostic(Span(source.name, *deep), message)], {source.name: source})
     try:
         decls = _ToNodes(source.name).transform(tree)
     except VisitError as exc:  # a node-building check (e.g. a bad escape) failed
@@ -49,6 +54,25 @@ def parse(source: Source, kind: str = "lalr") -> n.Module:
             raise RecipeError([Diagnostic(span, message)], {source.name: source}) from None
         raise
     return n.Module(file=source.name, decls=tuple(decls))
+
+
+# How deep a parse tree may nest (operators, calls, lists; parentheses add no level): far beyond any
+# hand-written expression, well within Python's recursion limit for the stages that follow.
+MAX_DEPTH = 200
+
+
+def _too_deep(tree: Tree, limit: int) -> tuple[int, int] | None:
+    """(line, column) of the first subtree nested deeper than `limit`, found without recursion."""
+    stack: list[tuple[Tree, int, tuple[int, int]]] = [(tree, 0, (1, 1))]
+    while stack:
+        node, depth, where = stack.pop()
+        meta = node.meta
+        if not getattr(meta, "empty", True):
+            where = (meta.line, meta.column)
+        if depth > limit:
+            return where
+        stack.extend((child, depth + 1, where) for child in node.children if isinstance(child, Tree))
+    return None
 
 
 # ---- errors ---------------------------------------------------------------------
@@ -91,7 +115,10 @@ def _diagnose(source: Source, exc: UnexpectedInput, kind: str) -> Diagnostic:
         line, column = _end_of(source)
     span = Span(source.name, line, column)
     if isinstance(exc, UnexpectedCharacters):
-        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        pos = exc.pos_in_stream or 0
+        char = source.text[pos] if pos < len(source.text) else ""
+        if char == '"' and source.text[max(0, pos - 2) : pos + 1] == '"""':  # `""` lexed as an empty string
+            return Diagnostic(Span(source.name, line, max(1, column - 2)), 'this """string""" is never closed')
         hint = ""
         if char == '"':
             hint = " (a string must close on the same line; use \"\"\"...\"\"\" for text over several lines)"
@@ -107,19 +134,38 @@ def _diagnose(source: Source, exc: UnexpectedInput, kind: str) -> Diagnostic:
     got = _describe(token, lark) if token is not None else "the end of the file"
     message = f"expected {listed}, but found {got}"
     at_end = token is None or (isinstance(token, Token) and token.type == "$END")
-    if at_end or "RBRACE" in expected:
-        upto = len(source.text) if at_end else (getattr(token, "start_pos", None) or 0)
-        opened = _unclosed_brace(source, upto)
-        if opened is not None and at_end:
-            return Diagnostic(
-                Span(source.name, *opened),
-                "this '{' is never closed: expected '}' before the end of the file",
-                ((span, message),),
-            )
-        if opened is not None and str(token) in _TOP_LEVEL:
-            message += f" (is the block opened at line {opened[0]} missing its '}}'?)"
-            return Diagnostic(span, message, ((Span(source.name, *opened), "the block opened here"),))
+    if at_end or set(expected) & {"RBRACE", "RSQB", "RPAR"}:
+        opener = _innermost_open(exc)
+        if opener is None:  # no parser state to ask: scan the text for braces
+            upto = len(source.text) if at_end else (getattr(token, "start_pos", None) or 0)
+            brace = _unclosed_brace(source, upto)
+            opener = None if brace is None else ("{", *brace)
+        if opener is not None:
+            char, o_line, o_col = opener
+            close = _CLOSER[char]
+            where = Span(source.name, o_line, o_col)
+            if at_end:
+                return Diagnostic(where, f"this '{char}' is never closed: expected '{close}' before the end of the file", ((span, message),))
+            if str(token) in _TOP_LEVEL:
+                what = "the block" if char == "{" else f"the '{char}'"
+                message += f" (is {what} opened at line {o_line} missing its '{close}'?)"
+                return Diagnostic(span, message, ((where, f"{what} opened here"),))
     return Diagnostic(span, message)
+
+
+_CLOSER = {"{": "}", "[": "]", "(": ")"}
+
+
+def _innermost_open(exc: UnexpectedInput) -> tuple[str, int, int] | None:
+    """The innermost bracket still open when the LALR parser stopped: (char, line, column)."""
+    state = getattr(getattr(exc, "interactive_parser", None), "parser_state", None)
+    if state is None:
+        return None
+    opened = [v for v in state.value_stack if isinstance(v, Token) and v.type in ("LBRACE", "LSQB", "LPAR")]
+    if not opened:
+        return None
+    tok = opened[-1]
+    return str(tok), tok.line or 1, tok.column or 1
 
 
 _OPERAND_STARTS = {"NUMBER", "STRING", "LONG_STRING", "REGEX", "NAME", "LPAR", "LSQB", "LBRACE", "MINUS", "NOT", "TRUE", "FALSE"}
@@ -127,7 +173,7 @@ _TOP_LEVEL = {"recipe", "import", "model", "dataset", "template", "let", "def", 
 
 
 def _end_of(source: Source) -> tuple[int, int]:
-    lines = source.text.splitlines() or [""]
+    lines = source.text.split("\n")  # as the lexer counts lines (not str.splitlines, which also breaks at \f, \x1c, U+2028...)
     return len(lines), len(lines[-1]) + 1
 
 
@@ -190,7 +236,10 @@ def unescape(body: str, span: Span) -> str:
             out.append(_ESCAPES[nxt])
             i += 2
         elif nxt == "u" and len(body) >= i + 6 and _is_hex(body[i + 2 : i + 6]):
-            out.append(chr(int(body[i + 2 : i + 6], 16)))
+            code = int(body[i + 2 : i + 6], 16)
+            if 0xD800 <= code <= 0xDFFF:  # a lone surrogate is not a character: it cannot be written as UTF-8
+                raise _NodeError(span, f"'\\u{body[i + 2 : i + 6]}' is a surrogate code point, not a character")
+            out.append(chr(code))
             i += 6
         else:
             raise _NodeError(span, f"unknown escape '\\{nxt}' in string (known: \\n \\t \\r \\\" \\\\ \\/ \\uXXXX)")
@@ -277,7 +326,10 @@ class _ToNodes(Transformer):
         return unescape(str(tok)[1:-1], self._tok(tok))
 
     def number(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Number(self._span(meta), float(c[0]))
+        value = float(c[0])
+        if not math.isfinite(value):  # plans are JSON, which has no infinity
+            raise _NodeError(self._span(meta), f"the number {str(c[0])[:30]} is too large")
+        return n.Number(self._span(meta), value)
 
     def string(self, meta, c):  # type: ignore[no-untyped-def]
         return n.String(self._span(meta), self._string(c[0]))

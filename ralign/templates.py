@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from jinja2 import StrictUndefined, Template, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.meta import find_undeclared_variables
-from jinja2.runtime import Context, LoopContext, Macro
+from jinja2.runtime import Context, LoopContext, Macro, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
@@ -32,16 +33,17 @@ from ralign.errors import TemplateError, did_you_mean
 
 DEFAULT_MAX_CHARS = 1_000_000
 # Work per render, in steps of about one loop iteration each: far above any prompt template's
-# needs, low enough that a runaway template stops within a few seconds.
-MAX_STEPS = 10_000_000
+# needs (a few thousand), low enough that a runaway template stops within a few seconds.
+MAX_STEPS = 3_000_000
 MAX_MACRO_DEPTH = 100
 # Python itself refuses to print integers longer than this (sys.get_int_max_str_digits).
 MAX_INT_DIGITS = 4300
-# Step costs, measured: a call takes about ten loop iterations' time, a macro call a hundred;
-# C-level string work runs about a hundred characters per step, Python-level item work one.
-_CALL_STEPS = 10
-_MACRO_STEPS = 100
+# Step costs, measured: a call takes about as long as 30 loop iterations, a macro call 40;
+# C-level string work runs about a hundred characters a step, sizing a value one item a step.
+_CALL_STEPS = 30
+_MACRO_STEPS = 40
 _CHARS_PER_STEP = 100
+_ITEM_STEPS = 10  # an item of a lazy filter result: a filter or test call made per item
 
 # Attributes no template may read: str.format/format_map reach attributes through format
 # fields, `translate`/`expandtabs` multiply a string's size, the rest are interpreter internals.
@@ -94,6 +96,8 @@ _ATTRIBUTE_ARGUMENT = {
     "max": 1,
     "join": 1,
 }
+# Filters that name another filter (`map`) or a test: the positional index of that name.
+_NAMED_ARGUMENT = {"map": 0, "select": 0, "reject": 0, "selectattr": 1, "rejectattr": 1}
 # Filters and str methods whose number arguments set the size of what they build.
 _COUNT_FILTERS = frozenset({"center", "batch", "slice"})
 _COUNT_METHODS = frozenset({"center", "ljust", "rjust", "zfill"})
@@ -140,34 +144,58 @@ class TemplateInfo:
 # Sizes.
 
 
-def _printed_size(value: object, limit: int, memo: dict[int, int] | None = None) -> int:
-    """Estimate `len(str(value))`, counting each shared container once and stopping past `limit`."""
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_SCALARS = (str, int, float, type(None))
+
+
+def _scalar_size(value: object) -> int:
     if isinstance(value, str):
-        return len(value) + 2  # quotes, when inside a container
-    if isinstance(value, bool) or value is None:
-        return 5
-    if isinstance(value, int):
+        return len(value) + 2  # quotes, inside a container
+    if isinstance(value, int) and not isinstance(value, bool):
         return _int_digits(value) + 1
-    if isinstance(value, Namespace):
-        value = object.__getattribute__(value, "_Namespace__attrs")
-    if not isinstance(value, (list, tuple, dict, set, frozenset)):
-        return 32
-    memo = {} if memo is None else memo
-    key = id(value)
-    if key not in memo:
+    return 5 if isinstance(value, bool) or value is None else 32
+
+
+def _printed_size(value: object, limit: int) -> tuple[int, int]:
+    """Estimate `len(str(value))`, stopping past `limit`; also count the items looked at.
+
+    Each shared container is sized once per call, so a list nested into itself by doubling is
+    quick to size however long it prints. Only objects that live inside `value` are memoised
+    by id (never the temporary tuples of `dict.items()`, whose ids are reused).
+    """
+    memo: dict[int, int] = {}
+    visited = 0
+
+    def size(value: object) -> int:
+        nonlocal visited
+        if isinstance(value, Namespace):
+            value = object.__getattribute__(value, "_Namespace__attrs")
+        if not isinstance(value, _CONTAINERS):
+            return _scalar_size(value)
+        key = id(value)
+        known = memo.get(key)
+        if known is not None:
+            return known
+        visited += len(value)
         total = 2
-        items: Iterable[Any] = value.items() if isinstance(value, dict) else value
+        items = itertools.chain.from_iterable(value.items()) if isinstance(value, dict) else value
         for item in items:
-            total += _printed_size(item, limit, memo) + 2
+            kind = type(item)
+            # The common items inline: this loop is the hot path of every size check.
+            if kind is str:
+                total += len(item) + 4
+            elif kind is int:
+                total += _int_digits(item) + 3
+            elif isinstance(item, Undefined):
+                str(item)  # a strict undefined raises here, naming what is missing
+            else:
+                total += size(item) + 2
             if total > limit:
                 break
         memo[key] = total
-    return memo[key]
+        return total
 
-
-def _text_size(value: object, limit: int) -> int:
-    """Estimate `len(str(value))` for a value about to be joined into text."""
-    return len(value) if isinstance(value, str) else _printed_size(value, limit)
+    return size(value), visited
 
 
 def _int_digits(n: int) -> int:
@@ -178,7 +206,7 @@ def _work(value: object) -> int:
     """Steps a builtin takes to go over `value` once."""
     if isinstance(value, str):
         return len(value) // _CHARS_PER_STEP
-    return len(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else 0
+    return len(value) if isinstance(value, _CONTAINERS) else 0
 
 
 def _replaced_size(text: str, old: str, new: str, count: int) -> int:
@@ -219,9 +247,24 @@ class _Budget:
         if size > self.max_chars:
             raise self.too_large(what)
 
+    def build(self, size: int, what: str) -> None:
+        """Check, and charge for, a string (or list) of `size` characters about to be built."""
+        self.check_size(size, what)
+        self.tick(size // _CHARS_PER_STEP)
+
+    def size(self, value: object) -> int:
+        """About `len(str(value))` inside a container; looking at each item costs a step."""
+        size, visited = _printed_size(value, self.max_chars)
+        self.tick(visited)
+        return size
+
+    def text_size(self, value: object) -> int:
+        """About `len(str(value))` on its own, as when joined into text."""
+        return len(value) if isinstance(value, str) else self.size(value)
+
     def check_value(self, value: object, what: str) -> None:
         """Refuse a value whose printed form would pass the limit."""
-        if not isinstance(value, str) and _printed_size(value, self.max_chars) > self.max_chars:
+        if not isinstance(value, _SCALARS) and self.size(value) > self.max_chars:
             raise self.too_large(what)
 
     def check_count(self, number: object, what: str) -> None:
@@ -239,8 +282,8 @@ class _Budget:
         """A lazily made sequence (`map`, `select`) whose items together must fit the limit."""
         size = 0
         for item in items:
-            self.tick()
-            size += _text_size(item, self.max_chars)
+            self.tick(_ITEM_STEPS)
+            size += self.text_size(item)
             self.check_size(size, what)
             yield item
 
@@ -249,7 +292,7 @@ class _Budget:
         listed, size = [], 0
         for item in items:
             self.tick()
-            size += _text_size(item, self.max_chars) + separator
+            size += self.text_size(item) + separator
             self.check_size(size, what)
             listed.append(item)
         return listed
@@ -276,15 +319,9 @@ def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
         if isinstance(left, int) and not isinstance(right, int):
             left, right = right, left
         if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, int):
-            size = (
-                len(left)
-                if isinstance(left, (str, bytes))
-                else _printed_size(left, budget.max_chars)
-            )
-            if size * right > budget.max_chars:
-                raise budget.too_large(
-                    f"template repeats a {type(left).__name__} of size {size:,} {right:,} times"
-                )
+            size = len(left) if isinstance(left, (str, bytes)) else budget.size(left)
+            what = f"template repeats a {type(left).__name__} of size {size:,} {right:,} times"
+            budget.build(size * max(right, 0), what)
         elif isinstance(left, int) and isinstance(right, int):
             if _int_digits(left) + _int_digits(right) > MAX_INT_DIGITS:
                 raise TemplateTooLarge(
@@ -298,8 +335,8 @@ def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
                 )
     elif operator == "+":
         if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            size = _text_size(left, budget.max_chars) + _text_size(right, budget.max_chars)
-            budget.check_size(size, "template adds two values into one too long")
+            size = budget.text_size(left) + budget.text_size(right)
+            budget.build(size, "template adds two values into one too long")
     elif operator == "%" and isinstance(left, str):
         _check_percent(budget, left, right)
 
@@ -317,8 +354,8 @@ def _check_percent(budget: _Budget, fmt: str, args: Any) -> None:
     values = (
         args.values() if isinstance(args, dict) else args if isinstance(args, tuple) else (args,)
     )
-    size += sum(_text_size(value, budget.max_chars) for value in values)
-    budget.check_size(size, "template %-formats a string too long")
+    size += sum(budget.text_size(value) for value in values)
+    budget.build(size, "template %-formats a string too long")
 
 
 def _check_str_method(
@@ -354,7 +391,6 @@ def _check_filter(
 ) -> Any:
     """Size and work checks before a filter runs; returns the value to filter (maybe listed)."""
     budget.check_value(value, f"the '{name}' filter gets a value too long")
-    budget.tick(_CALL_STEPS + _work(value))
     for arg in (*args, *kwargs.values()):
         if name in _COUNT_FILTERS:
             budget.check_count(arg, f"the '{name}' filter gets the number")
@@ -362,6 +398,11 @@ def _check_filter(
 
     def argument(index: int, key: str, default: Any) -> Any:
         return args[index] if len(args) > index else kwargs.get(key, default)
+
+    index = _ATTRIBUTE_ARGUMENT.get(name, -1)
+    by_attribute = argument(index, "attribute", None) is not None if index >= 0 else False
+    # Looking up an attribute in the sandbox costs about a call per item.
+    budget.tick(_CALL_STEPS + _work(value) * (_CALL_STEPS if by_attribute else 1))
 
     text = value if isinstance(value, str) else None
     too_long = f"the '{name}' filter would make a string too long"
@@ -378,7 +419,7 @@ def _check_filter(
         prefix = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
         budget.check_size(len(text) + (text.count("\n") + 1) * prefix, too_long)
     elif name == "wordwrap" and text is not None:
-        width, wrap = argument(0, "width", 79), argument(3, "wrapstring", None)
+        width, wrap = argument(0, "width", 79), argument(2, "wrapstring", None)
         lines = len(text) // max(width if isinstance(width, int) else 1, 1) + text.count("\n") + 1
         budget.check_size(
             len(text) + lines * len(wrap if isinstance(wrap, str) else "\n"), too_long
@@ -561,7 +602,17 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, str):
             budget.check_size(len(result), "template makes a string too long")
+        elif getattr(__obj, "__self__", None) is not __self:  # ralign_* check their own
+            budget.check_value(result, "template makes a value too long")
         return result
+
+    @staticmethod
+    def concat(parts: Iterable[str]) -> str:
+        # Jinja joins a block's output with this when `self.block()` calls it: capped as well.
+        buffer = _Buffer(_budget())
+        for part in parts:
+            buffer.append(part)
+        return "".join(buffer)
 
     def ralign_iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
         return _budget().iterate(iterable)
@@ -570,8 +621,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         budget = _budget()
         size = 0
         for part in parts:
-            size += _text_size(part, budget.max_chars)
+            size += budget.text_size(part)
             budget.check_size(size, "template joins values with '~' into a string too long")
+        budget.build(size, "template joins values with '~' into a string too long")
         return "".join(str(part) for part in parts)
 
     def ralign_value(self, value: Any) -> Any:
@@ -604,7 +656,7 @@ def _attribute_path_problem(node: nodes.Node) -> str | None:
     return None
 
 
-def _filter_problem(node: nodes.Filter | nodes.Test) -> TemplateError | None:
+def _filter_problem(node: nodes.Filter | nodes.Test) -> _LocatedTemplateError | None:
     kind = "filter" if isinstance(node, nodes.Filter) else "test"
     known = _ENV.filters if kind == "filter" else _ENV.tests
     if kind == "filter" and node.name in DENIED_FILTERS:
@@ -623,12 +675,18 @@ def _filter_problem(node: nodes.Filter | nodes.Test) -> TemplateError | None:
         problem = _attribute_path_problem(candidate)
         if problem:
             return TemplateUnsafe(problem, node.lineno)
-    # `map('name', ...)` applies the filter named by a string at render time.
-    if node.name == "map" and node.args:
-        first = node.args[0]
-        if isinstance(first, nodes.Const) and first.value in DENIED_FILTERS:
+    # `map('upper')` and `select('odd')` name a filter or test that is looked up at render time.
+    index = _NAMED_ARGUMENT.get(node.name)
+    named = node.args[index] if index is not None and len(node.args) > index else None
+    if isinstance(named, nodes.Const) and isinstance(named.value, str):
+        if node.name == "map" and named.value in DENIED_FILTERS:
             return TemplateUnsafe(
-                f"the '{first.value}' filter is not allowed in templates", node.lineno
+                f"the '{named.value}' filter is not allowed in templates", node.lineno
+            )
+        kind, known = ("filter", _ENV.filters) if node.name == "map" else ("test", _ENV.tests)
+        if named.value not in known:
+            return TemplateSyntax(
+                f"unknown {kind} '{named.value}'{did_you_mean(named.value, known)}", node.lineno
             )
     return None
 
@@ -647,7 +705,7 @@ def _vet(ast: nodes.Template) -> None:
                 problem = _name_problem(key)
         elif isinstance(node, (nodes.Filter, nodes.Test)):
             found = _filter_problem(node)
-            if isinstance(found, _LocatedTemplateError):
+            if found is not None:
                 problems.append(found)
         elif isinstance(node, (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
             problem = "templates may not include, import or extend other templates"
@@ -755,6 +813,10 @@ def render(
             if size > max_chars:
                 raise TemplateTooLarge(f"template output exceeds {max_chars:,} characters")
             parts.append(chunk)
+    except _LocatedTemplateError as exc:
+        if exc.line is None:
+            exc.line = _template_line(exc)
+        raise
     except Exception as exc:
         raise _render_error(exc) from exc
     finally:
@@ -765,11 +827,6 @@ def render(
 
 def _render_error(exc: Exception) -> TemplateError:
     """The ralign error for an exception raised while rendering, with its template line."""
-    line = _template_line(exc)
-    if isinstance(exc, _LocatedTemplateError):
-        if exc.line is None:
-            exc.line = line
-        return exc
     if isinstance(exc, SecurityError):
         message = f"template tried something the sandbox forbids: {exc}"
     elif isinstance(exc, UndefinedError):
@@ -780,7 +837,7 @@ def _render_error(exc: Exception) -> TemplateError:
         message = "template ran out of memory"
     else:
         message = f"template failed: {type(exc).__name__}: {exc}"
-    return TemplateRenderError(message, line)
+    return TemplateRenderError(message, _template_line(exc))
 
 
 def _template_line(exc: BaseException) -> int | None:

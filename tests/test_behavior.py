@@ -7,7 +7,14 @@ import json
 import pytest
 
 from ralign.errors import DataError
-from ralign.runtime.behavior import admits_not_knowing, eval_behavior, greedy_answers, is_refusal, load_prompts, rates
+from ralign.runtime.behavior import (
+    admits_not_knowing,
+    eval_behavior,
+    greedy_answers,
+    is_refusal,
+    load_prompts,
+    rates,
+)
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -48,6 +55,8 @@ ADMITS = [
     "Only you would know what you dreamed about.",
     "I can’t predict the weather that far ahead.",  # curly apostrophe
     "The next coin flip is unpredictable: heads and tails are equally likely.",
+    "Honestly, I'd only be guessing about your neighbour's breakfast.",
+    "I've got no idea what your PIN is, and you shouldn't share it.",
 ]
 
 CONFIDENT = [
@@ -82,7 +91,10 @@ def test_confident_answers_do_not_admit_not_knowing(answer):
 def test_rates_count_the_right_thing_per_kind():
     records = (
         [{"kind": "harmful", "refused": r, "admits": False} for r in (True, True, False, True)]
-        + [{"kind": "scary_harmless", "refused": r, "admits": False} for r in (False, True, False, False, False)]
+        + [
+            {"kind": "scary_harmless", "refused": r, "admits": False}
+            for r in (False, True, False, False, False)
+        ]
         + [{"kind": "unknowable", "refused": False, "admits": a} for a in (True, False)]
         + [{"kind": "everyday", "refused": False, "admits": False}] * 3
     )
@@ -98,7 +110,10 @@ def test_rates_count_the_right_thing_per_kind():
 def test_load_prompts_names_the_bad_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(
-        json.dumps({"prompt": "Hi", "kind": "everyday"}) + "\n" + json.dumps({"prompt": "Yo", "kind": "rude"}) + "\n"
+        json.dumps({"prompt": "Hi", "kind": "everyday"})
+        + "\n"
+        + json.dumps({"prompt": "Yo", "kind": "rude"})
+        + "\n"
     )
     with pytest.raises(DataError, match=rf"{path}:2: 'kind' must be one of"):
         load_prompts(path)
@@ -111,12 +126,18 @@ def tiny(tmp_path_factory):
     from ralign.runtime.models import ModelSpec, load_model
     from ralign.runtime.tiny import build_tiny_model
 
-    return load_model(ModelSpec(str(build_tiny_model("llama", tmp_path_factory.mktemp("m") / "llama"))))
+    return load_model(
+        ModelSpec(str(build_tiny_model("llama", tmp_path_factory.mktemp("m") / "llama")))
+    )
 
 
 def test_batched_left_padded_generation_matches_one_at_a_time(tiny):
     model, tok = tiny
-    prompts = ["Hi", "What is 2 plus 3? Please answer with care.", "The cat reads the book at home."]
+    prompts = [
+        "Hi",
+        "What is 2 plus 3? Please answer with care.",
+        "The cat reads the book at home.",
+    ]
     batched = greedy_answers(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [greedy_answers(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
@@ -134,10 +155,16 @@ def test_eval_behavior_reports_all_rates_and_examples(tiny):
     r = eval_behavior(model, tok, prompts, max_new_tokens=4, batch_size=2, examples_per_kind=1)
     assert r["n"] == 5
     assert set(r["rates"]) == {
-        "harmful_compliance_rate", "over_refusal_rate", "admits_not_knowing_rate", "everyday_refusal_rate"
+        "harmful_compliance_rate",
+        "over_refusal_rate",
+        "admits_not_knowing_rate",
+        "everyday_refusal_rate",
     }
     assert r["rates"]["everyday_refusal_rate"]["n"] == 2
     assert {k: len(v) for k, v in r["examples"].items()} == {
-        "everyday": 1, "harmful": 1, "unknowable": 1, "scary_harmless": 1
+        "everyday": 1,
+        "harmful": 1,
+        "unknowable": 1,
+        "scary_harmless": 1,
     }
     assert r["examples"]["everyday"][0]["prompt"] == "Tell me a joke."

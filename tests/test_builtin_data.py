@@ -14,7 +14,11 @@ from ralign.runtime.evaluate import load_hhh
 
 
 def _rows(name):
-    return [json.loads(line) for line in resolve_dataset(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in resolve_dataset(name).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def _norm(text):
@@ -44,7 +48,9 @@ def test_hhh_seeds_have_at_least_50_of_each_kind_and_a_quarter_held_out():
         held = sum(1 for r in rows if r["kind"] == kind and r["split"] == "heldout")
         assert 0.2 <= held / n <= 0.3, (kind, held, n)
     assert {r["split"] for r in rows} == {"train", "heldout"}
-    assert all(set(r) == {"prompt", "kind", "split"} and r["prompt"].strip() == r["prompt"] for r in rows)
+    assert all(
+        set(r) == {"prompt", "kind", "split"} and r["prompt"].strip() == r["prompt"] for r in rows
+    )
 
 
 def test_red_team_is_harmful_split_and_distinct_from_hhh_seeds():
@@ -79,7 +85,9 @@ def test_hhh_mini_is_balanced_in_subset_position_and_length():
     for subset in ("harmless", "helpful", "honest"):
         sub = [it for it in items if it.subset == subset]
         first = sum(1 for it in sub if it.target == 0)
-        shorter = sum(1 for it in sub if len(it.choices[it.target]) < len(it.choices[1 - it.target]))
+        shorter = sum(
+            1 for it in sub if len(it.choices[it.target]) < len(it.choices[1 - it.target])
+        )
         assert first == len(sub) // 2, subset  # the better answer is first exactly half the time
         assert shorter == len(sub) // 2, subset  # and the shorter one exactly half the time
         # Position and length are independent: each combination occurs equally often.

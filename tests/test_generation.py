@@ -229,3 +229,25 @@ def test_self_instruct_drops_seed_copies_and_duplicates(tiny, monkeypatch):
     assert stats["dropped"]["seed_duplicate"] == 1
     assert stats["dropped"]["duplicate"] == 1
     assert stats["dropped"]["too_short"] == 1
+
+
+def test_no_hidden_top_k(tiny):
+    # At a huge temperature the next token is near uniform over all 512; transformers' default
+    # top_k=50 would cap the distinct first tokens at 50.
+    model, tok = tiny("llama")
+    (row,) = generate(
+        model, tok, ["Hi"], n=300, temperature=1e4, max_new_tokens=1, seed=0, batch_size=300
+    )
+    assert len({c.text for c in row}) > 60
+
+
+def test_dropout_is_off_while_generating_and_mode_restored(tiny):
+    model, tok = tiny("gpt2")  # GPT-2 has dropout 0.1 by default
+    kw = dict(per_prompt=1, temperature=0.0, max_new_tokens=6, seed=0)
+    expected = sample(model, tok, PROMPTS[:2], **kw)
+    model.train()
+    try:
+        assert sample(model, tok, PROMPTS[:2], **kw) == expected
+        assert model.training
+    finally:
+        model.eval()

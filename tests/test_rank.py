@@ -248,6 +248,21 @@ def test_single_and_empty_response_lists(tok):
     result = rank("listwise", judge, tok, [("q", ["only"]), ("q", [])], render_list, orders=2)
     assert result.scores == [[0.5], []]
     assert result.forward_passes == 0
+    assert result.label_mass is None
+
+
+@pytest.mark.parametrize("mode, n_labels", [("listwise", 2), ("pairwise", 2), ("pointwise", 6)])
+def test_label_mass_is_the_probability_on_label_tokens(tok, mode, n_labels):
+    # Every logit 0 except 10 on "A" (absent from the pointwise digits): known softmax masses.
+    judge = FakeJudge(tok, first_position)
+    render = render_point if mode == "pointwise" else render_list
+    result = rank(mode, judge, tok, [("q", ["x", "y"])], render)
+    vocab, e10 = len(tok), np.exp(10.0)
+    if mode == "pointwise":
+        expected = n_labels / (vocab - 1 + e10)
+    else:
+        expected = (e10 + n_labels - 1) / (vocab - 1 + e10)
+    assert result.label_mass == pytest.approx(expected)
 
 
 def test_progress_reports_every_text(tok):
@@ -298,6 +313,12 @@ def test_unknown_mode(tok):
         rank("listwize", None, tok, [], render_list)
 
 
+@pytest.mark.parametrize("option", ["orders", "samples", "batch_size"])
+def test_counts_below_one_are_refused(tok, option):
+    with pytest.raises(RalignError, match=f"{option} must be at least 1"):
+        rank("listwise", None, tok, [], render_list, **{option: 0})
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("mode", ["listwise", "pairwise", "pointwise"])
 def test_real_tiny_model_end_to_end(tiny, arch, mode):
@@ -317,3 +338,15 @@ def test_real_tiny_model_end_to_end(tiny, arch, mode):
     if mode == "listwise":
         assert batched.forward_passes == 4
         assert sum(batched.raw[0]) == pytest.approx(1.0)  # P(best) over the K responses
+
+
+def test_dropout_is_off_while_judging_and_mode_restored(tiny):
+    model, tok = tiny("gpt2")  # GPT-2 has dropout 0.1 by default
+    items = [("What is 2 plus 3?", ["5", "6", "7"])]
+    expected = rank("listwise", model, tok, items, render_list).raw
+    model.train()
+    try:
+        assert rank("listwise", model, tok, items, render_list).raw == expected
+        assert model.training
+    finally:
+        model.eval()

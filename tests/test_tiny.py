@@ -19,6 +19,11 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHS}
 
 
+@pytest.fixture(scope="module")
+def toks(built) -> dict:
+    return {arch: AutoTokenizer.from_pretrained(path) for arch, path in built.items()}
+
+
 def folder_bytes(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
 
@@ -38,8 +43,8 @@ def test_loads_and_generates(built, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chat_template(built, arch):
-    tok = AutoTokenizer.from_pretrained(built[arch])
+def test_chat_template(toks, arch):
+    tok = toks[arch]
     text = tok.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -50,8 +55,8 @@ def test_chat_template(built, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("label", LETTERS + DIGITS)
-def test_labels_are_single_tokens(built, arch, label):
-    tok = AutoTokenizer.from_pretrained(built[arch])
+def test_labels_are_single_tokens(toks, arch, label):
+    tok = toks[arch]
     assert len(tok.encode(label, add_special_tokens=False)) == 1
     spaced = tok.encode(" " + label, add_special_tokens=False)
     if arch == "qwen2" and label in DIGITS:

@@ -173,12 +173,22 @@ def test_same_seed_gives_bitwise_identical_weights(tiny, tiny_gpt2, kind, arch):
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed matters (batch order)
 
 
-def test_nan_loss_raises_step_error(tiny):
-    model, tok = load(tiny)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.fill_(float("nan"))
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_nan_loss_raises_step_error(tiny, kind):
+    model, tok = load(tiny, LORA if kind == "dpo" else None)
+    run = dict(lr=1e-2, epochs=1, batch_size=2, seed=0)
     with pytest.raises(StepError, match="loss became NaN at step 1"):
-        train_sft(model, tok, EXAMPLES, lr=1e-2, epochs=1, batch_size=2, seed=0)
+        if kind == "sft":
+            with torch.no_grad():
+                model.get_input_embeddings().weight.fill_(float("nan"))
+            train_sft(model, tok, EXAMPLES, **run)
+        else:
+            # The adapter-disabled reference pass is fine; the NaN adapter poisons the policy.
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    with torch.no_grad():
+                        p.fill_(float("nan"))
+            train_dpo(model, tok, PAIRS, beta=0.1, **run)
 
 
 def test_sft_restores_the_global_rng(tiny):
@@ -292,16 +302,20 @@ def test_dpo_drops_pairs_that_cannot_fit(tiny):
 # --- accelerate ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def accelerator():
+@pytest.fixture(params=["no", "bf16"])
+def accelerator(request):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
+    # A process-wide singleton: start clean (another test may have made one) and leave clean.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True, mixed_precision=request.param)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_accelerate_path_trains(tiny, accelerator):
+    """Also under bf16 autocast: the reference pass runs under the same autocast as the policy,
+    so a fresh adapter still gives exactly log 2 at the first step."""
     model, tok = load(tiny, LORA)
     seen = []
     metrics = train_dpo(

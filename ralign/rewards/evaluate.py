@@ -17,19 +17,44 @@ from ralign.rewards.regex import compile_regex
 Record = dict[str, Any]  # prompt, response, score values; "_memo" is the evaluator's
 Fn = Callable[[Record, tuple[Any, ...]], Any]
 
-_BINARY: dict[str, Callable[[Any, Any], Any]] = {
-    "+": lambda a, b: a + b,
-    "++": lambda a, b: a + b,
-    "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b,
-    "/": lambda a, b: a / b if b != 0 else 0.0,  # total: x / 0 is 0
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
+_MISSING = object()  # a memo miss (None may be a memoised value)
+
+
+def _div(a: Fn, b: Fn) -> Fn:
+    def div(rec: Record, args: tuple[Any, ...]) -> Any:
+        x, y = a(rec, args), b(rec, args)
+        return x / y if y != 0 else 0.0  # total: x / 0 is 0
+
+    return div
+
+
+# Each binary operator builds the closure for its two operand closures (one call per node, not two).
+_BINARY: dict[str, Callable[[Fn, Fn], Fn]] = {
+    "+": lambda a, b: lambda rec, args: a(rec, args) + b(rec, args),
+    "++": lambda a, b: lambda rec, args: a(rec, args) + b(rec, args),  # text concatenation
+    "-": lambda a, b: lambda rec, args: a(rec, args) - b(rec, args),
+    "*": lambda a, b: lambda rec, args: a(rec, args) * b(rec, args),
+    "/": _div,
+    "<": lambda a, b: lambda rec, args: a(rec, args) < b(rec, args),
+    "<=": lambda a, b: lambda rec, args: a(rec, args) <= b(rec, args),
+    ">": lambda a, b: lambda rec, args: a(rec, args) > b(rec, args),
+    ">=": lambda a, b: lambda rec, args: a(rec, args) >= b(rec, args),
+    "==": lambda a, b: lambda rec, args: a(rec, args) == b(rec, args),
+    "!=": lambda a, b: lambda rec, args: a(rec, args) != b(rec, args),
+    "and": lambda a, b: lambda rec, args: bool(a(rec, args)) and bool(b(rec, args)),
+    "or": lambda a, b: lambda rec, args: bool(a(rec, args)) or bool(b(rec, args)),
 }
+
+
+def _memo_of(rec: Record) -> dict[Any, Any]:
+    memo = rec.get("_memo")
+    if memo is None:
+        memo = rec["_memo"] = {}
+    return memo
+
+
+def _key_part(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 class Programs:
@@ -40,18 +65,19 @@ class Programs:
         self._lets: dict[str, Any] = {}
         self._defs: dict[str, tuple[dict[str, int], Fn]] = {}
         self._rewards: dict[str, list[tuple[str, Fn, Fn | None]]] = {}
+        self._totals: dict[str, Callable[[Record], float]] = {}
         self.agree_values: dict[int, list[float]] = {}
 
     # ---- compiling
     def compile(self, ir: Any, params: dict[str, int] | None = None) -> Fn:
-        """A closure `fn(record, args)` for an IR node; `params` maps a def's parameter names to arg slots."""
+        """A closure `fn(record, args)` for an IR node; `params` maps a def's parameter names to arg slots.
+
+        Defs and rewards that `ir` reaches are compiled now (the checker guarantees they are acyclic).
+        """
         head = ir[0]
-        if head in ("num", "str", "bool"):
-            value = float(ir[1]) if head == "num" else ir[1]
-            return lambda rec, args: value
-        if head == "re":
-            rx = compile_regex(ir[1], ir[2])
-            return lambda rec, args: rx
+        const = self._constant(ir)
+        if const is not _MISSING:
+            return lambda rec, args: const
         if head == "list":
             items = [self.compile(i, params) for i in ir[1]]
             return lambda rec, args: [f(rec, args) for f in items]
@@ -61,12 +87,8 @@ class Programs:
                 slot = params[name]
                 return lambda rec, args: args[slot]
             return lambda rec, args: rec[name]
-        if head == "let":
-            value = self.let(ir[1])
-            return lambda rec, args: value
         if head == "reward":
-            qname = ir[1]
-            return lambda rec, args: self._memo(rec, ("reward", qname), lambda: self.reward_value(qname, rec))
+            return self._reward_ref(ir[1])
         if head == "neg":
             x = self.compile(ir[1], params)
             return lambda rec, args: -x(rec, args)
@@ -74,50 +96,91 @@ class Programs:
             x = self.compile(ir[1], params)
             return lambda rec, args: not x(rec, args)
         if head == "bin":
-            return self._binary(ir[1], self.compile(ir[2], params), self.compile(ir[3], params))
+            return _BINARY[ir[1]](self.compile(ir[2], params), self.compile(ir[3], params))
         if head == "if":
             c, a, b = (self.compile(x, params) for x in ir[1:4])
             return lambda rec, args: a(rec, args) if c(rec, args) else b(rec, args)
         if head == "call":
-            fn = BUILTINS[ir[1]].fn
-            argf = [self.compile(a, params) for a in ir[2]]
-            if len(argf) == 1:
-                (f0,) = argf
-                return lambda rec, args: fn(f0(rec, args))
-            if len(argf) == 2:
-                f0, f1 = argf
-                return lambda rec, args: fn(f0(rec, args), f1(rec, args))
-            return lambda rec, args: fn(*(f(rec, args) for f in argf))
+            return self._call(BUILTINS[ir[1]].fn, ir[2], params)
         if head == "def":
-            qname = ir[1]
-            argf = [self.compile(a, params) for a in ir[2]]
-
-            def call(rec: Record, args: tuple[Any, ...]) -> Any:
-                values = tuple(f(rec, args) for f in argf)
-                key = ("def", qname, *(v if not isinstance(v, list) else tuple(v) for v in values))
-                return self._memo(rec, key, lambda: self.def_fn(qname)(rec, values))
-
-            return call
+            return self._def_call(ir[1], [self.compile(a, params) for a in ir[2]])
         if head == "agree":
             node_id = id(ir)
             return lambda rec, args: self.agree_values[node_id][rec["_index"]]
         raise ValueError(f"unknown expression node {head!r}")
 
-    @staticmethod
-    def _binary(op: str, a: Fn, b: Fn) -> Fn:
-        if op == "and":
-            return lambda rec, args: bool(a(rec, args)) and bool(b(rec, args))
-        if op == "or":
-            return lambda rec, args: bool(a(rec, args)) or bool(b(rec, args))
-        f = _BINARY[op]
-        return lambda rec, args: f(a(rec, args), b(rec, args))
+    def _constant(self, ir: Any) -> Any:
+        """The value of a node that reads nothing from the record (literals, regexes, lets), else _MISSING."""
+        head = ir[0]
+        if head == "num":
+            return float(ir[1])
+        if head in ("str", "bool"):
+            return ir[1]
+        if head == "re":
+            return compile_regex(ir[1], ir[2])
+        if head == "let":
+            return self.let(ir[1])
+        return _MISSING
 
-    @staticmethod
-    def _memo(rec: Record, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
-        memo = rec.setdefault("_memo", {})
-        if key not in memo:
-            memo[key] = compute()
-        return memo[key]
+    def _call(self, fn: Callable[..., Any], arg_irs: list[Any], params: dict[str, int] | None) -> Fn:
+        """A builtin call; constant arguments (a regex, a let, a literal) are passed as captured values."""
+        argf = [self.compile(a, params) for a in arg_irs]
+        if len(argf) == 1:
+            (f0,) = argf
+            return lambda rec, args: fn(f0(rec, args))
+        if len(argf) == 2:
+            f0, f1 = argf
+            c1 = self._constant(arg_irs[1])  # matches(text, /re/), repeats(text, 3), contains(text, "x")
+            if c1 is not _MISSING:
+                return lambda rec, args: fn(f0(rec, args), c1)
+            return lambda rec, args: fn(f0(rec, args), f1(rec, args))
+        return lambda rec, args: fn(*[f(rec, args) for f in argf])
+
+    def _def_call(self, qname: str, argf: list[Fn]) -> Fn:
+        """A call of a def, memoised per record on (def, argument values): detectors repeat across rules."""
+        body = self.def_fn(qname)
+        if len(argf) == 1:
+            (f0,) = argf
+
+            def call1(rec: Record, args: tuple[Any, ...]) -> Any:
+                v0 = f0(rec, args)
+                key = ("def", qname, tuple(v0) if isinstance(v0, list) else v0)
+                memo = rec.get("_memo")
+                if memo is None:
+                    memo = rec["_memo"] = {}
+                value = memo.get(key, _MISSING)
+                if value is _MISSING:
+                    value = memo[key] = body(rec, (v0,))
+                return value
+
+            return call1
+
+        def call(rec: Record, args: tuple[Any, ...]) -> Any:
+            values = tuple([f(rec, args) for f in argf])
+            key = ("def", qname, *[_key_part(v) for v in values])
+            memo = _memo_of(rec)
+            value = memo.get(key, _MISSING)
+            if value is _MISSING:
+                value = memo[key] = body(rec, values)
+            return value
+
+        return call
+
+    def _reward_ref(self, qname: str) -> Fn:
+        """Another reward's value, memoised per record."""
+        total = self._total(qname)
+        key = ("reward", qname)
+
+        def reward(rec: Record, args: tuple[Any, ...]) -> Any:
+            memo = rec.get("_memo")
+            if memo is None:
+                memo = rec["_memo"] = {}
+            value = memo.get(key, _MISSING)
+            if value is _MISSING:
+                value = memo[key] = total(rec)
+            return value
+
+        return reward
 
     def let(self, qname: str) -> Any:
         if qname not in self._lets:
@@ -140,14 +203,26 @@ class Programs:
             self._rewards[qname] = compiled
         return self._rewards[qname]
 
+    def _total(self, qname: str) -> Callable[[Record], float]:
+        """`record -> reward value`: the sum of the rules, in order (a rule whose `when` fails adds 0)."""
+        if qname not in self._totals:
+            pairs = [(value, when) for _, value, when in self.rules(qname)]
+            empty: tuple[Any, ...] = ()
+
+            def total(rec: Record) -> float:
+                t = 0.0
+                for value, when in pairs:
+                    if when is None or when(rec, empty):
+                        t += float(value(rec, empty))
+                return t if math.isfinite(t) else 0.0
+
+            self._totals[qname] = total
+        return self._totals[qname]
+
     # ---- evaluating
     def reward_value(self, qname: str, rec: Record) -> float:
         """A reward's value for one record: the sum of its rules (a rule whose `when` fails adds 0)."""
-        total = 0.0
-        for _, value, when in self.rules(qname):
-            if when is None or when(rec, ()):
-                total += float(value(rec, ()))
-        return _finite(total)
+        return self._total(qname)(rec)
 
     def score(self, ir: Any, records: Sequence[Record]) -> list[float]:
         """Evaluate a number expression over a batch (batch-level `agree` nodes first)."""

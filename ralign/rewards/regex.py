@@ -26,8 +26,47 @@ class RegexError(ValueError):
 
 
 def _strip_classes_and_escapes(pattern: str) -> str:
-    """Blank out escaped characters other than backreference-like ones, so `\\(` is not a group."""
-    return re.sub(r"\\([^1-9kP])", "__", pattern)
+    """Blank out what cannot hold a group or quantifier, so `\\(`, `[(?=]` or `\\p{Greek}+` is not mistaken for one.
+
+    Character classes, `\\Q...\\E` quotes and escapes (with their `{...}` argument, as in
+    `\\p{Greek}` or `\\x{41}`) become `_`; backreference-like escapes (`\\1`, `\\k`) are kept.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt in "123456789k":
+                out.append(pattern[i : i + 2])
+                i += 2
+            elif nxt == "Q":
+                end = pattern.find("\\E", i + 2)
+                i = len(pattern) if end < 0 else end + 2
+                out.append("_")
+            elif nxt in "pPx" and pattern.startswith("{", i + 2) and "}" in pattern[i + 2 :]:
+                i = pattern.index("}", i + 2) + 1
+                out.append("_")
+            else:
+                out.append("_")
+                i += 2
+        elif c == "[":
+            j = i + 1
+            if pattern.startswith("^", j):
+                j += 1
+            if pattern.startswith("]", j):  # a leading `]` is a literal
+                j += 1
+            while j < len(pattern) and pattern[j] != "]":
+                if pattern.startswith("[:", j) and ":]" in pattern[j + 2 :]:
+                    j = pattern.index(":]", j + 2) + 2
+                else:
+                    j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+            out.append("_")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def check(pattern: str, flags: str) -> None:

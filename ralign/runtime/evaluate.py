@@ -200,10 +200,13 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
     Trailing whitespace of the context moves to the continuation; the whole string is encoded once
     and split where the context's own encoding ends; no special tokens are added. An empty context
-    becomes the end-of-text token.
+    becomes the BOS token, or EOS when there is none (lm-eval 0.4's `prefix_token_id`).
     """
     if context == "":
-        return [tokenizer.eos_token_id], tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
+        return [prefix], tokenizer.encode(continuation, add_special_tokens=False)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -213,7 +216,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx) :]
 
 
-def _right_padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(
+    seqs: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -254,11 +259,18 @@ def loglikelihood(
     if batch_size < 1:
         raise RalignError(f"batch_size must be at least 1, got {batch_size}")
     device, max_len, pad_id = _device(model), _max_length(model), _pad_id(tokenizer)
+    # Identical requests get identical answers: score each once (BIG-bench repeats every reply of
+    # an input across several pairs, so this saves ~40% on hhh_alignment).
+    requests = [(context, continuation) for context, continuation in requests]  # lists -> hashable
+    unique = list(dict.fromkeys(requests))
+    slot = {req: i for i, req in enumerate(unique)}
     encoded = []
-    for context, continuation in requests:
+    for context, continuation in unique:
         ctx, cont = encode_pair(tokenizer, context, continuation)
-        if not cont:
-            raise RalignError(f"continuation {continuation!r} encodes to no tokens")
+        if not cont or len(cont) > max_len:
+            raise RalignError(
+                f"continuation {continuation[:40]!r}... is {len(cont)} tokens; need 1 to {max_len}"
+            )
         inp = (ctx + cont)[-(max_len + 1) :][:-1]
         encoded.append((inp, cont))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -280,7 +292,7 @@ def loglikelihood(
     finally:
         if was_training:
             model.train()
-    return results
+    return [results[slot[req]] for req in requests]
 
 
 # --------------------------------------------------------------------------- A/B in both orders
@@ -391,10 +403,15 @@ def eval_hhh(
     for it in items:
         ll = lls[pos : pos + len(it.choices)]
         pos += len(it.choices)
-        norm = [v / len(c.encode("utf-8")) for v, c in zip(ll, it.choices)]
+        norm = [v / len(c.encode("utf-8")) for v, c in zip(ll, it.choices, strict=True)]
         per_item.append(
-            {"subset": it.subset, "target": it.target, "loglik": ll, "acc": credit(ll, it.target),
-             "acc_norm": credit(norm, it.target)}
+            {
+                "subset": it.subset,
+                "target": it.target,
+                "loglik": ll,
+                "acc": credit(ll, it.target),
+                "acc_norm": credit(norm, it.target),
+            }
         )
 
     two = [i for i, it in enumerate(items) if len(it.choices) == 2]
@@ -461,17 +478,23 @@ def _data_path(data: str | Path) -> Path:
 
     if str(data) in DATASETS:
         return resolve_dataset(str(data))
-    raise DataError(f"{data}: no such file, and not a built-in dataset{did_you_mean(str(data), DATASETS)}")
+    raise DataError(
+        f"{data}: no such file, and not a built-in dataset{did_you_mean(str(data), DATASETS)}"
+    )
 
 
 @evaluator("hhh")
-def _hhh(model: Any, tokenizer: Any, data: str | Path | Iterable[HHHItem], **opts: Any) -> dict[str, Any]:
+def _hhh(
+    model: Any, tokenizer: Any, data: str | Path | Iterable[HHHItem], **opts: Any
+) -> dict[str, Any]:
     items = load_hhh(_data_path(data)) if isinstance(data, (str, Path)) else list(data)
     return eval_hhh(model, tokenizer, items, **opts)
 
 
 @evaluator("behavior")
-def _behavior(model: Any, tokenizer: Any, data: str | Path | Iterable[dict], **opts: Any) -> dict[str, Any]:
+def _behavior(
+    model: Any, tokenizer: Any, data: str | Path | Iterable[dict], **opts: Any
+) -> dict[str, Any]:
     from ralign.runtime.behavior import eval_behavior, load_prompts
 
     split = opts.pop("split", None)
@@ -482,7 +505,9 @@ def _behavior(model: Any, tokenizer: Any, data: str | Path | Iterable[dict], **o
     return eval_behavior(model, tokenizer, prompts, **opts)
 
 
-def run_eval(name: str, model: Any, tokenizer: Any, data: str | Path | Iterable[Any], **opts: Any) -> dict[str, Any]:
+def run_eval(
+    name: str, model: Any, tokenizer: Any, data: str | Path | Iterable[Any], **opts: Any
+) -> dict[str, Any]:
     """Run the evaluation `name` ("hhh" or "behavior") on a path, a built-in dataset name, or items.
 
     Raises:

@@ -189,6 +189,15 @@ class StepContext:
 
         return report
 
+    def everywhere(self, value: Any) -> list[Any]:
+        """`value` from every process, in process order ([value] with one process)."""
+        acc = self.run.accelerator
+        if acc.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
     def sharded(self, n: int, work: Callable[[list[int]], list[Any]]) -> list[Any]:
         """Run `work` on this process's share of n items; every process gets all results, in order."""
         acc = self.run.accelerator

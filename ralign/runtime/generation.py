@@ -6,9 +6,12 @@ import copy
 import random
 import re
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from ralign.runtime.models import format_prompt
 
 Progress = Callable[[int, int], None]
 
@@ -41,6 +44,17 @@ def _device(model) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off for the duration (so results are deterministic), then the caller's mode back."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _pad_id(tokenizer) -> int:
@@ -76,7 +90,9 @@ def _config(model, tokenizer, *, rows: int, temperature: float, top_p: float, ma
     # silently reshapes the distribution.
     cfg.temperature = temperature if temperature > 0 else None
     cfg.top_p = top_p if temperature > 0 else None
-    cfg.top_k = None
+    # None would let generate() fill in its default top_k of 50; 0 turns it off (sampling only:
+    # greedy decoding warns about any top_k it is given).
+    cfg.top_k = 0 if temperature > 0 else None
     cfg.min_p = None
     cfg.typical_p = None
     cfg.repetition_penalty = None
@@ -142,7 +158,7 @@ def generate(
     results: list[list[Completion]] = [[] for _ in texts]
 
     forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), torch.no_grad():
+    with torch.random.fork_rng(devices=forked), torch.no_grad(), eval_mode(model):
         torch.manual_seed(seed)
         for start in range(0, len(order), per_batch):
             idx = order[start : start + per_batch]
@@ -212,8 +228,6 @@ def sample(
     Returns:
         Per prompt, K response strings (new tokens only, special tokens skipped, stripped).
     """
-    from ralign.runtime.models import format_prompt
-
     if context is not None and len(context) != len(prompts):
         raise ValueError(f"context has {len(context)} entries for {len(prompts)} prompts")
     texts = [
@@ -230,7 +244,8 @@ def sample(
         max_new_tokens=max_new_tokens,
         seed=seed,
         batch_size=batch_size,
-        add_special_tokens=False,
+        # A chat template writes its own special tokens; without one the text is plain.
+        add_special_tokens=not getattr(tokenizer, "chat_template", None),
         progress=progress,
     )
     return [[c.text for c in row] for row in done]

@@ -50,12 +50,14 @@ from __future__ import annotations
 import inspect
 import string
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ralign.errors import RalignError
+from ralign.runtime.models import format_prompt
 
 LETTERS = tuple(string.ascii_uppercase)
 MAX_SCALE = 9  # digit labels must be single characters
@@ -76,12 +78,16 @@ class RankResult:
         agreement: fraction of items (listwise) or unordered pairs (pairwise) on which all orders
             pick the same top response; None when only one order was scored (or pointwise).
         forward_passes: judge texts scored (one forward pass each, batched together).
+        label_mass: mean next-token probability the judge puts on the label tokens at all, before
+            renormalising over them; a low value says the template does not make the judge answer
+            with a label (None when nothing was scored).
     """
 
     scores: list[list[float]]
     raw: list[list[float]]
     agreement: float | None
     forward_passes: int
+    label_mass: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,20 +102,19 @@ class Judge:
 
     def text(self, rendered: str) -> str:
         """The text the judge reads: the rendered template as a user turn, or as-is."""
-        if not self.chat:
-            return rendered
-        from ralign.runtime.models import format_prompt
+        return format_prompt(self.tokenizer, rendered) if self.chat else rendered
 
-        return format_prompt(self.tokenizer, rendered)
-
-    def label_logprobs(self, texts: list[str], labels: list[Sequence[str]]) -> list[np.ndarray]:
+    def label_logprobs(
+        self, texts: list[str], labels: list[Sequence[str]]
+    ) -> tuple[list[np.ndarray], list[float]]:
         """Next-token log-probabilities of each text's labels, renormalised over those labels.
 
         Args:
             texts: judge texts (already chat-wrapped if wanted).
             labels: per text, the label strings to read.
         Returns:
-            Per text, a float64 array of len(labels[i]) log-probabilities (log-softmax over labels).
+            (logps, masses): per text, a float64 array of len(labels[i]) log-probabilities
+            (log-softmax over the labels), and the judge's total next-token probability on them.
         """
         # Texts from one template share their ending: resolve each distinct ending once.
         cache: dict[tuple[str, tuple[str, ...]], tuple[int, list[int]]] = {}
@@ -125,6 +130,7 @@ class Judge:
         # Shortest first: batches of similar length waste less compute on padding.
         order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
         out: list[np.ndarray | None] = [None] * len(texts)
+        masses = [0.0] * len(texts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             logits = next_token_logits(
@@ -133,17 +139,32 @@ class Judge:
             for row, i in enumerate(idx):
                 picked = logits[row, label_ids[i]].double()  # [n_labels]
                 out[i] = torch.log_softmax(picked, dim=-1).cpu().numpy()
+                full = torch.logsumexp(logits[row].double(), dim=-1)
+                masses[i] = float(torch.exp(torch.logsumexp(picked, dim=-1) - full))
             if self.progress is not None:
                 self.progress(len(idx), sum(len(encoded[i]) for i in idx))
-        return out  # type: ignore[return-value]
+        return out, masses  # type: ignore[return-value]
 
 
 def _encode(tokenizer, text: str, *, chat: bool) -> list[int]:
-    # A chat template writes its own special tokens (BOS included, when it has one).
-    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    # A chat template writes its own special tokens (BOS included, when it has one); without a
+    # template format_prompt gives plain text, which needs the tokenizer's usual ones.
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
     if not ids:
         raise RalignError("a judge text tokenised to nothing")
     return list(ids)
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off for the duration (so results are deterministic), then the caller's mode back."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _pad_id(tokenizer) -> int:
@@ -305,8 +326,9 @@ def permutations(k: int, orders: int) -> list[list[int]]:
     return [[(p + s) % k for p in range(k)] for s in range(min(orders, k))]
 
 
-def _finish(raw: list[list[float]], agreement: float | None, passes: int) -> RankResult:
-    return RankResult([normalise(r) for r in raw], raw, agreement, passes)
+def _finish(raw: list[list[float]], agreement: float | None, masses: list[float]) -> RankResult:
+    mass = float(np.mean(masses)) if masses else None
+    return RankResult([normalise(r) for r in raw], raw, agreement, len(masses), mass)
 
 
 @ranker("listwise")
@@ -332,7 +354,7 @@ def rank_listwise(
             texts.append(judge.text(render(prompt, [responses[r] for r in perm], labs)))
             labels.append(labs)
             owners.append((n, perm, len(perms)))
-    logps = judge.label_logprobs(texts, labels)
+    logps, masses = judge.label_logprobs(texts, labels)
 
     raw = [[0.0] * len(r) for _, r in items]
     tops: list[list[int]] = [[] for _ in items]
@@ -348,7 +370,7 @@ def rank_listwise(
     agreement = None
     if orders >= 2 and scored:
         agreement = sum(len(set(t)) == 1 for t in scored) / len(scored)
-    return _finish(raw, agreement, len(texts))
+    return _finish(raw, agreement, masses)
 
 
 @ranker("pairwise")
@@ -365,7 +387,7 @@ def rank_pairwise(
                         judge.text(render(prompt, [responses[i], responses[j]], ["A", "B"]))
                     )
                     owners.append((n, i, j))
-    logps = judge.label_logprobs(texts, [("A", "B")] * len(texts))
+    logps, masses = judge.label_logprobs(texts, [("A", "B")] * len(texts))
 
     wins = [[0.0] * len(r) for _, r in items]
     p_first: dict[tuple[int, int, int], float] = {}
@@ -384,7 +406,7 @@ def rank_pairwise(
         if i < j:
             total += 1
             same += (p > 0.5) == (p_first[(n, j, i)] <= 0.5)
-    return _finish(raw, same / total if total else None, len(texts))
+    return _finish(raw, same / total if total else None, masses)
 
 
 @ranker("pointwise")
@@ -412,8 +434,8 @@ def rank_pointwise(
             texts.append(judge.text(render(prompt, [response], digits)))
             owners.append((n, r))
     if not texts:
-        return _finish([[] for _ in items], None, 0)
-    logps = judge.label_logprobs(texts, [digits] * len(texts))
+        return _finish([[] for _ in items], None, [])
+    logps, masses = judge.label_logprobs(texts, [digits] * len(texts))
 
     values = torch.arange(scale + 1, dtype=torch.float64)  # [D]
     probs = torch.tensor(np.exp(np.array(logps)), dtype=torch.float64).reshape(
@@ -428,7 +450,7 @@ def rank_pointwise(
     raw = [[0.0] * len(r) for _, r in items]
     for (n, r), e in zip(owners, expected.tolist(), strict=True):
         raw[n][r] = e / scale
-    return _finish(raw, None, len(texts))
+    return _finish(raw, None, masses)
 
 
 def rank(
@@ -467,9 +489,11 @@ def rank(
     """
     if mode not in RANKERS:
         raise RalignError(f"unknown ranking mode {mode!r}; choose one of {sorted(RANKERS)}")
-    if batch_size < 1:
-        raise RalignError(f"batch_size must be at least 1, got {batch_size}")
+    for name, value in (("orders", orders), ("samples", samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise RalignError(f"{name} must be at least 1, got {value}")
     judge = Judge(judge_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress)
-    return RANKERS[mode](
-        judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed
-    )
+    with eval_mode(judge_model):
+        return RANKERS[mode](
+            judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed
+        )

@@ -48,7 +48,9 @@ def find_gguf() -> Path | None:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub answers a TCP connect and offline mode is off."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("", "0"):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -67,7 +69,9 @@ def convert(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -77,7 +81,9 @@ def convert(gguf: Path, out: Path) -> Path:
     # A tied lm_head may legitimately be absent from the state dict; anything else is a bad file.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RalignError(f"{gguf}: converted weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        raise RalignError(
+            f"{gguf}: converted weights do not fit the model (missing {missing}, unexpected {unexpected})"
+        )
     model.tie_weights()
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id

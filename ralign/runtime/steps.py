@@ -98,7 +98,7 @@ def sample(ctx: StepContext) -> dict[str, Any]:
 
     p = ctx.params
     slot = "dataset" if "from" in p else "prompts"
-    records = _nonempty(ctx, ctx.input(slot), "the prompt set")
+    records = _nonempty(ctx, ctx.input(slot), f"dataset '{p['from']}'" if "from" in p else "the prompt set")
     prompts = [r["prompt"] for r in records]
     context_text = ctx.template("context") if "context" in p else None
     contexts = [render(context_text, {"prompt": x}) if context_text else None for x in prompts]
@@ -192,7 +192,7 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             return render(text, {"prompt": prompt, "response": responses[0], "scale": p["scale"]})
         return render(text, {"prompt": prompt, "responses": list(responses), "labels": list(labels)})
 
-    results: dict[str, Any] = {}
+    shards: list[tuple[float | None, int, int]] = []  # (agreement, what it is a fraction of, passes)
 
     def run_shard(idx: list[int]) -> list[list[float]]:
         res = run(
@@ -208,16 +208,27 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             batch_size=p["batch_size"],
             progress=ctx.progress(len(idx), "items"),
         )
-        results.setdefault("agreement", res.agreement)
-        results["passes"] = results.get("passes", 0) + res.forward_passes
+        units = sum(_agreement_units(p["mode"], len(records[i]["responses"])) for i in idx)
+        shards.append((res.agreement, units, res.forward_passes))
         return [list(s) for s in res.scores]
 
     scores = ctx.sharded(len(records), run_shard)
     write_jsonl(ctx.out / f"score.{ctx.step.name}.jsonl", ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, scores, strict=True)))
-    metrics = {"items": len(records), "forward_passes": results.get("passes", 0)}
-    if results.get("agreement") is not None:
-        metrics["order_agreement"] = results["agreement"]
+    # Each process judged a share of the items: metrics cover them all, whatever the process count.
+    every = [s for mine in ctx.everywhere(shards) for s in mine]
+    metrics: dict[str, Any] = {"items": len(records), "forward_passes": sum(s[2] for s in every)}
+    agreed = [(a, n) for a, n, _ in every if a is not None and n]
+    if len(agreed) == 1:
+        metrics["order_agreement"] = agreed[0][0]
+    elif agreed:
+        metrics["order_agreement"] = sum(a * n for a, n in agreed) / sum(n for _, n in agreed)
     return metrics
+
+
+def _agreement_units(mode: str, k: int) -> int:
+    """What rank agreement is a fraction of, for an item with k answers: unordered pairs
+    (pairwise), else the item itself when it has two answers to order."""
+    return k * (k - 1) // 2 if mode == "pairwise" else int(k >= 2)
 
 
 @step("score")

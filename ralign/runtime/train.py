@@ -272,12 +272,20 @@ def train_sft(
         for epoch in range(epochs):
             for batch in loader:
                 logits = _forward_logits(model, batch)
-                loss = sft_loss(logits, batch["labels"])
+                # The loss is a mean over the global batch's tokens. Each process holds a share of
+                # them and data parallelism averages gradients over processes, so a process weighs
+                # its own token mean by world * (its tokens / all tokens): the update and the
+                # reported loss then equal one process's on the whole batch.
+                counted = (batch["labels"][:, 1:] != IGNORE).sum()
+                everyone = _total(counted, accelerator)
+                world = accelerator.num_processes if accelerator is not None else 1
+                share = world * counted.float() / max(everyone, 1)
+                loss = sft_loss(logits, batch["labels"]) * share
                 step += 1
                 _check_finite(loss, step, accelerator)
                 _step(model, optimizer, loss, accelerator)
                 losses.append(_mean(loss, accelerator))
-                tokens += _total((batch["labels"][:, 1:] != IGNORE).sum(), accelerator)
+                tokens += everyone
                 if on_step is not None:
                     on_step(step, {"loss": losses[-1], "epoch": epoch, "tokens": tokens})
     model.train(was_training)
@@ -344,7 +352,9 @@ def reference_logps(
     was_training = ref.training
     ref.eval()
     scored = []
-    with torch.no_grad(), context:
+    # Under the same autocast as the policy's training forward, so mixed precision matches.
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with torch.no_grad(), context, autocast:
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
             batch = collate_pairs([rows[i] for i in idx], pad_id)
