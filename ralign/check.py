@@ -98,6 +98,7 @@ class Checker:
         self.def_types: dict[tuple[str, tuple[str, ...]], str] = {}
         self.cyclic: set[str] = set()
         self._in_progress: set[str] = set()
+        self.policy = ""
 
     # ---- reporting
     def error(self, span: Span, message: str, notes: tuple[tuple[Span, str], ...] = ()) -> None:
@@ -116,6 +117,7 @@ class Checker:
         recipe = self.recipe_block(main)
         models = self.models(main)
         policy = self.pick_policy(main, models)
+        self.policy = policy
         datasets = self.datasets(main)
         steps = self.steps(main, models, datasets)
         evaluations = self.evaluations(main, datasets)
@@ -205,6 +207,8 @@ class Checker:
                 for ref in _refs(_bodies(sym.decl)):
                     if len(ref.parts) == 1 and (ref.parts[0] in locals_ or ref.parts[0] in ("prompt", "response")):
                         continue
+                    if len(ref.parts) == 1 and ref.parts[0] not in table:
+                        continue  # a builtin or an unknown name: no edge (unknown names are reported later)
                     found = self.lookup(unit, ref)
                     if isinstance(found, Symbol) and found.kind in ("let", "def", "reward"):
                         refs.append(found.qname)
@@ -445,7 +449,27 @@ class Checker:
             return ERROR, None
         if ERROR in types or found.qname in self.cyclic:
             return ERROR, None
-        return self.def_type(found, tuple(types)), ["def", found.qname, irs]
+        result = self.def_type(found, tuple(types))
+        if context in ("let", "filter") and result != ERROR and self.reads_reward(found.qname):
+            self.error(e.span, f"{fname}() reads a reward, which scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})")
+            return ERROR, None
+        return result, ["def", found.qname, irs]
+
+    def reads_reward(self, qname: str) -> bool:
+        """Whether a def's body reaches a reward, directly or through other defs."""
+        seen: set[str] = set()
+        stack = [self.programs["defs"].get(qname, {}).get("body")]
+        while stack:
+            node = stack.pop()
+            if not isinstance(node, list) or not node:
+                continue
+            if node[0] == "reward":
+                return True
+            if node[0] == "def" and isinstance(node[1], str) and node[1] not in seen:
+                seen.add(node[1])
+                stack.append(self.programs["defs"].get(node[1], {}).get("body"))
+            stack.extend(x for x in node if isinstance(x, list))
+        return False
 
     def def_type(self, sym: Symbol, types: tuple[str, ...]) -> str:
         key = (sym.qname, types)
@@ -510,7 +534,7 @@ class Checker:
         try:
             tp.parse_template(tv.text)
         except TemplateError as exc:
-            self.error(self.template_span(tv, getattr(exc, "line", 1), None), f"template: {exc}")
+            self.error(self.template_span(tv, getattr(exc, "line", 1), None), _template_message(exc))
             return None
         self.templates[tv.key] = tv
         return tv
@@ -793,6 +817,8 @@ class Checker:
             return None
         what = f"the {kind_name} step"
         params = self.attrs(main, step.attrs, kind, what, step.span, {"scores": tuple(scores)})
+        if step.kind == "rank" and not any(a.name == "judge" for a in step.attrs) and self.policy:
+            params["judge"] = self.policy  # the default judge is the policy, whatever its name
         if kind.open_attrs and not step.attrs:
             self.error(step.span, f"{what} defines no score; write e.g. `score {{ total = ... }}`")
         templates = {a: params[a] for a in kind.template_vars if isinstance(params.get(a), str)}
@@ -890,6 +916,11 @@ _CONTEXT_WORDS = {
     "reward": "rules see `prompt` and `response`",
     "score": "score sees `prompt`, `response`, the round's scores and rewards",
 }
+
+
+def _template_message(exc: Exception) -> str:
+    text = str(exc)
+    return text if text.startswith("template") else f"template: {text}"
 
 
 def score_vars(ir: Any) -> set[str]:

@@ -63,9 +63,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ralign.compile import check_file
 
     failed = 0
-    for name in args.files:
+    paths = [_existing(name) for name in args.files]  # a missing file is a usage error (exit 2)
+    for name, path in zip(args.files, paths, strict=True):
         try:
-            checked = check_file(_existing(name), _roots(args))
+            checked = check_file(path, _roots(args))
         except RalignError as exc:
             print(exc, file=sys.stderr)
             failed += 1

@@ -154,7 +154,7 @@ STEPS: dict[str, Kind] = {
     "rank": Kind(
         "in-context self-ranking: the judge model ranks each prompt's answers; the result is a score named by the step",
         {
-            "judge": Attr(MODEL, "the judging model (usually the policy itself)", "policy"),
+            "judge": Attr(MODEL, "the judging model (default: the policy itself, as it is in this round)"),
             "template": Attr(TEMPLATE, "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`)", required=True),
             "mode": Attr(STRING, "how answers are compared", "listwise", choices=("listwise", "pairwise", "pointwise")),
             "orders": Attr(INT, "listwise: orders scored and averaged (2 = also reversed; more = rotations)", 1, min=1, max=16),

@@ -20,7 +20,7 @@ class Source:
         return cls(name=name or path.name, text=text, path=path)
 
     def line(self, n: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.text.split("\n")  # as the parser counts lines (not at form feeds or U+2028)
         return lines[n - 1] if 1 <= n <= len(lines) else ""
 
 

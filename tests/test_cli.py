@@ -15,10 +15,6 @@ from ralign.cli import main
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 COMMANDS = ("compile", "check", "graph", "rules", "execute", "eval")
-# `ralign check` catches every RalignError per file, UsageError included, so a missing file exits 1.
-CHECK_MISSING_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG in ralign/cli.py cmd_check: a missing file exits 1, not 2"
-)
 BROKEN = 'recipe "broken" { rounds = 0 }\nmodel policy { path = "ralign:smollm2-135m" }\n'
 
 
@@ -153,9 +149,7 @@ def test_non_utf8_file_exits_1(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("compile", "no/such/recipe.ralign"), "no such file: no/such/recipe.ralign"),
-        pytest.param(
-            ("check", "missing.ralign"), "no such file: missing.ralign", marks=CHECK_MISSING_BUG
-        ),
+        (("check", "missing.ralign"), "no such file: missing.ralign"),
         (("graph", "."), "no such file: ."),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
         (("compile",), "the following arguments are required: file"),

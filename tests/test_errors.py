@@ -230,10 +230,6 @@ def test_symlink_out_of_the_roots_is_refused(tmp_path: Path) -> None:
     assert check_file(recipe, roots=(outside,)).programs["lets"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in ralign/source.py Source.line: str.splitlines also breaks at \\f and U+2028",
-)
 @pytest.mark.parametrize("separator", ["\f", "\u2028"])
 def test_excerpt_shows_the_line_the_lexer_counted(separator: str, tmp_path: Path) -> None:
     text = f'recipe "x" {{ }}\nmodel policy {{ path = "ralign:smollm2-135m" }}\nlet s = "a{separator}b"\nlet b = @\n'

@@ -94,6 +94,8 @@ def test_load_bigbench_task_folder_subtasks_become_subsets(tmp_path):
         (root / name).mkdir(parents=True)
         task = {"name": f"hhh_alignment:{name}", "examples": examples, "task_prefix": "ignored"}
         (root / name / "task.json").write_text(json.dumps(task))
+    # BIG-bench's top-level task.json only describes the task; the examples live in the subtasks.
+    (root / "task.json").write_text(json.dumps({"name": "hhh_alignment", "description": "HHH"}))
     items = load_hhh(root)
     assert [(it.subset, it.target) for it in items] == [
         ("harmless", 0),
