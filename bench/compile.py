@@ -39,7 +39,7 @@ from typing import Any
 from ralign.compile import compile_file
 from ralign.rewards.evaluate import Programs
 from ralign.source import Source
-from ralign.syntax import parse
+from ralign.syntax import _parse_cached, parse
 
 HERE = Path(__file__).resolve().parent
 TARGET_LINES = 500
@@ -199,12 +199,32 @@ def bench_compile(path: Path, runs: int, earley_runs: int) -> dict[str, Any]:
             "the Earley parser built a different AST from the LALR one; the comparison would be meaningless"
         )
     out: dict[str, Any] = {}
+    # `parse` caches by (file, text); a cold compile (what one `ralign compile` does) clears the
+    # cache first, so the recipe and the three stdlib files are all parsed every time.
+    def cold(fn: Any) -> Any:
+        def run() -> Any:
+            _parse_cached.cache_clear()
+            return fn()
+
+        return run
+
     for kind, n in (("lalr", runs), ("earley", earley_runs)):
         out[kind] = {
             "runs": n,
-            "compile_ms": medians_ms(lambda k=kind: compile_file(path, parser_kind=k), n),
-            "parse_ms": medians_ms(lambda k=kind: parse(source, k), n),
+            "compile_ms": medians_ms(cold(lambda k=kind: compile_file(path, parser_kind=k)), n),
+            "parse_ms": medians_ms(cold(lambda k=kind: parse(source, k)), n),
         }
+    # In a long-lived process (a test suite, a notebook, the executor) the stdlib stays parsed:
+    # only the recipe itself is parsed afresh (a new comment each run defeats its cache entry).
+    counter = iter(range(1_000_000))
+    text = path.read_text(encoding="utf-8")
+
+    def warm_stdlib() -> Any:
+        path.write_text(text + f"# run {next(counter)}\n", encoding="utf-8")
+        return compile_file(path)
+
+    out["lalr"]["compile_warm_stdlib_ms"] = medians_ms(warm_stdlib, runs)
+    path.write_text(text, encoding="utf-8")
     for clock in ("wall", "cpu"):
         out[f"speedup_{clock}"] = (
             out["earley"]["compile_ms"][clock] / out["lalr"]["compile_ms"][clock]
@@ -430,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     "compile, LALR (ms)",
                     lalr["compile_ms"],
+                    f"<= {TARGETS['lalr_ms']:.0f}",
+                    lambda v: TARGETS["lalr_ms"] / v,
+                ),
+                (
+                    "  stdlib already parsed (ms)",
+                    lalr["compile_warm_stdlib_ms"],
                     f"<= {TARGETS['lalr_ms']:.0f}",
                     lambda v: TARGETS["lalr_ms"] / v,
                 ),

@@ -159,7 +159,7 @@ class Checker:
         for decl in unit.module.decls:
             for cls, word in KIND_WORD.items():
                 if isinstance(decl, cls):
-                    name = decl.name
+                    name = decl.name  # type: ignore[union-attr]
                     if name in table:
                         self.error(decl.span, f"'{name}' is already declared in this file", ((table[name].decl.span, "first declared here"),))
                     elif name in aliases:
@@ -675,7 +675,7 @@ class Checker:
             finally:
                 self._in_progress.discard(found.qname)
         if isinstance(v, n.ListExpr) and v.items and all(isinstance(i, n.String) for i in v.items):
-            return [i.value for i in v.items]  # type: ignore[union-attr]
+            return [str(i.value) for i in v.items]  # type: ignore[union-attr]
         self.error(v.span, f"{label} must be a non-empty list of strings")
         return None
 
@@ -871,15 +871,15 @@ class Checker:
             return ("responses",), ("responses",)
         if kind in ("rank", "score"):
             need("responses", "add a `sample` step before it")
-            names = [step.name] if kind == "rank" else list(exprs)
+            names = [str(step.name)] if kind == "rank" else list(exprs)
             used = sorted({v for ir in exprs.values() for v in score_vars(ir)} & set(scores))
             for name in names:
                 if name in scores:
                     self.error(step.name_span or step.span, f"the score '{name}' is already made earlier in the round", ((scores[name], "made here"),))
                 scores[name] = step.span
                 latest.append(name)
-            ins = ("responses",) + tuple(f"score:{s}" for s in used)
-            return ins, tuple(f"score:{n_}" for n_ in names)
+            made = ("responses",) + tuple(f"score:{s}" for s in used)
+            return made, tuple(f"score:{n_}" for n_ in names)
         if kind == "pairs":
             need("responses", "add a `sample` step before it")
             by = pick_score("build pairs by")

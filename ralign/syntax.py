@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
@@ -37,7 +37,17 @@ def parser(kind: str = "lalr") -> Lark:
 
 
 def parse(source: Source, kind: str = "lalr") -> n.Module:
-    """Parse one file into a Module, or raise RecipeError with a positioned diagnostic."""
+    """Parse one file into a Module, or raise RecipeError with a positioned diagnostic.
+
+    Results are cached by (name, text): nodes are immutable, so the stdlib and shared
+    libraries are parsed once per process however many recipes import them.
+    """
+    return _parse_cached(source.name, source.text, kind)
+
+
+@lru_cache(maxsize=256)
+def _parse_cached(name: str, text: str, kind: str) -> n.Module:
+    source = Source(name, text)
     try:
         tree = parser(kind).parse(source.text)
     except UnexpectedInput as exc:

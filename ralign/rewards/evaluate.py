@@ -285,13 +285,14 @@ def explain(checked: Any, reward: str, *, prompt: str, response: str) -> dict[st
     qname = found[0]
     progs = Programs(checked.programs)
     rec: Record = {"prompt": prompt, "response": response}
-    rows = []
-    for rule in progs.rules(qname):
-        name, value, when = rule
+    rows: list[dict[str, Any]] = []
+    total = 0.0
+    for name, value, when in progs.rules(qname):
         held = None if when is None else bool(when(rec, ()))
-        v = float(value(rec, ())) if held in (None, True) else 0.0
-        rows.append({"rule": name, "value": _finite(v), "when": held})
-    return {"reward": reward, "rules": rows, "total": _finite(sum(r["value"] for r in rows))}
+        v = _finite(float(value(rec, ()))) if held in (None, True) else 0.0
+        total += v
+        rows.append({"rule": name, "value": v, "when": held})
+    return {"reward": reward, "rules": rows, "total": _finite(total)}
 
 
 def _display(qname: str) -> str:
