@@ -7,7 +7,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, VisitError
 
 from ralign import nodes as n
 from ralign.errors import Diagnostic, RecipeError

@@ -190,6 +190,7 @@ def eval_behavior(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     examples_per_kind: int = 2,
+    details: bool = False,
 ) -> dict[str, Any]:
     """Answer each prompt greedily and rate the answers per kind.
 
@@ -198,7 +199,7 @@ def eval_behavior(
     Returns:
         {"rates": {harmful_compliance_rate, over_refusal_rate, admits_not_knowing_rate,
         everyday_refusal_rate: {value, ci95, k, n}}, "n", "examples": {kind: [{prompt, answer, refused,
-        admits}]}, "seconds"}.
+        admits}]}, "seconds", "records"? (every answer, with details=True)}.
     """
     if not prompts:
         raise DataError("no prompts to evaluate")
@@ -229,9 +230,12 @@ def eval_behavior(
     for r in records:
         if len(examples.setdefault(r["kind"], [])) < examples_per_kind:
             examples[r["kind"]].append(r)
-    return {
+    result = {
         "rates": rates(records),
         "n": len(records),
         "examples": examples,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if details:
+        result["records"] = records
+    return result

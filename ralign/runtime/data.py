@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,6 +79,9 @@ def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]
     else:
         if not file.is_file():
             raise DataError(f"{spec['path']}: the dataset file does not exist (looked at {file})")
+        want = spec.get("sha256")
+        if want and hashlib.sha256(file.read_bytes()).hexdigest() != want:
+            raise DataError(f"{file}: the file changed after the plan was compiled; compile the recipe again (or run the recipe itself)")
         reader = READERS.get(file.suffix)
         if reader is None:
             raise DataError(f"{file}: unsupported file type (use .jsonl, .json, .csv or .parquet)")

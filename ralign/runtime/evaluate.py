@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ralign.errors import DataError, RalignError, did_you_mean
+from ralign.runtime.torchutil import device_of, padding_id
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -180,13 +181,6 @@ def _rate(k: float, n: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- log-likelihood
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _max_length(model: Any) -> int:
     config = getattr(model, "config", None)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -228,13 +222,6 @@ def _right_padded(
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 @torch.no_grad()
 def loglikelihood(
     model: Any,
@@ -258,7 +245,7 @@ def loglikelihood(
     """
     if batch_size < 1:
         raise RalignError(f"batch_size must be at least 1, got {batch_size}")
-    device, max_len, pad_id = _device(model), _max_length(model), _pad_id(tokenizer)
+    device, max_len, pad_id = device_of(model), _max_length(model), padding_id(tokenizer)
     # Identical requests get identical answers: score each once (BIG-bench repeats every reply of
     # an input across several pairs, so this saves ~40% on hhh_alignment).
     requests = [(context, continuation) for context, continuation in requests]  # lists -> hashable
@@ -325,7 +312,7 @@ def ab_margins(
     batch_size: int = 8,
 ) -> list[float]:
     """log P("A") - log P("B") at the answer's first token, for each (input, reply A, reply B)."""
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = device_of(model), padding_id(tokenizer)
     a_ids, b_ids = letter_ids(tokenizer, "A"), letter_ids(tokenizer, "B")
     seqs = []
     for text, a, b in questions:

@@ -6,12 +6,12 @@ import copy
 import random
 import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ralign.runtime.models import format_prompt
+from ralign.runtime.torchutil import device_of, eval_mode, padding_id
 
 Progress = Callable[[int, int], None]
 
@@ -39,32 +39,6 @@ class Completion:
     tokens: int
 
 
-def _device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
-@contextmanager
-def eval_mode(model):
-    """Dropout off for the duration (so results are deterministic), then the caller's mode back."""
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     """The model's stop tokens (its generation config's, else the tokenizer's eos)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -82,7 +56,7 @@ def _config(model, tokenizer, *, rows: int, temperature: float, top_p: float, ma
     cfg.max_length = None
     cfg.min_new_tokens = None
     cfg.num_return_sequences = rows
-    cfg.pad_token_id = _pad_id(tokenizer)
+    cfg.pad_token_id = padding_id(tokenizer)
     cfg.eos_token_id = _eos_ids(model, tokenizer) or None
     cfg.use_cache = True
     cfg.do_sample = temperature > 0
@@ -153,8 +127,8 @@ def generate(
         max_new_tokens=max_new_tokens,
     )
     eos = set(_eos_ids(model, tokenizer))
-    pad = _pad_id(tokenizer)
-    device = _device(model)
+    pad = padding_id(tokenizer)
+    device = device_of(model)
     results: list[list[Completion]] = [[] for _ in texts]
 
     forked = [device.index or 0] if device.type == "cuda" else []

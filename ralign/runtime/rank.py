@@ -50,7 +50,6 @@ from __future__ import annotations
 import inspect
 import string
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +57,7 @@ import torch
 
 from ralign.errors import RalignError
 from ralign.runtime.models import format_prompt
+from ralign.runtime.torchutil import device_of, eval_mode, padding_id
 
 LETTERS = tuple(string.ascii_uppercase)
 MAX_SCALE = 9  # digit labels must be single characters
@@ -134,7 +134,7 @@ class Judge:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             logits = next_token_logits(
-                self.model, [encoded[i] for i in idx], _pad_id(self.tokenizer)
+                self.model, [encoded[i] for i in idx], padding_id(self.tokenizer)
             )
             for row, i in enumerate(idx):
                 picked = logits[row, label_ids[i]].double()  # [n_labels]
@@ -154,25 +154,6 @@ def _encode(tokenizer, text: str, *, chat: bool) -> list[int]:
     if not ids:
         raise RalignError("a judge text tokenised to nothing")
     return list(ids)
-
-
-@contextmanager
-def eval_mode(model):
-    """Dropout off for the duration (so results are deterministic), then the caller's mode back."""
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _clean_ids(tokenizer, tail: str, labels: Sequence[str], sep: str) -> list[int] | str:
@@ -240,14 +221,6 @@ def _forward_params(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return first.device if first is not None else torch.device("cpu")
-
-
 def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
     """One forward pass over left-padded rows; the logits at each row's last position.
 
@@ -264,7 +237,7 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
     for b, r in enumerate(rows):
         input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[b, width - len(r) :] = 1
-    device = _device(model)
+    device = device_of(model)
     kwargs: dict[str, object] = {
         "input_ids": input_ids.to(device),
         "attention_mask": mask.to(device),

@@ -206,7 +206,7 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             scale=p["scale"],
             seed=ctx.seed,
             batch_size=p["batch_size"],
-            progress=ctx.progress(len(idx), "items"),
+            progress=ctx.progress(sum(_judge_texts(p, len(records[i]["responses"])) for i in idx), "judge texts"),
         )
         units = sum(_agreement_units(p["mode"], len(records[i]["responses"])) for i in idx)
         shards.append((res.agreement, units, res.forward_passes))
@@ -229,6 +229,15 @@ def _agreement_units(mode: str, k: int) -> int:
     """What rank agreement is a fraction of, for an item with k answers: unordered pairs
     (pairwise), else the item itself when it has two answers to order."""
     return k * (k - 1) // 2 if mode == "pairwise" else int(k >= 2)
+
+
+def _judge_texts(p: dict[str, Any], k: int) -> int:
+    """Judge texts (forward-pass rows) one item costs: what the rank progress bar counts."""
+    if p["mode"] == "pairwise":
+        return k * (k - 1)
+    if p["mode"] == "pointwise":
+        return k
+    return min(p["orders"], k) if k > 1 else 1
 
 
 @step("score")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from ralign.errors import RalignError, StepError
 from ralign.losses import IGNORE, dpo_loss, sequence_logps, sft_loss
 from ralign.runtime.models import format_prompt, is_peft
+from ralign.runtime.torchutil import padding_id
 
 OnStep = Callable[[int, dict], None]
 
@@ -129,10 +130,6 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_pairs(rows: Sequence[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one (2B, T) batch, so one forward pass scores both."""
     return collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _loader(n: int, batch_size: int, seed: int, collate_fn: Callable) -> DataLoader:
@@ -254,7 +251,7 @@ def train_sft(
     kept = [r for r in rows if r is not None]
     if not kept:
         raise RalignError(f"no example fits in max_length={max_length} tokens")
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     loader = _loader(
         len(kept), batch_size, seed, lambda idx: collate([kept[i] for i in idx], pad_id)
     )
@@ -415,7 +412,7 @@ def train_dpo(
     rows = encode_pairs(tokenizer, pairs, max_length)
     if not rows:
         raise RalignError(f"no preference pair fits in max_length={max_length} tokens")
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     device = _device(model, accelerator)
     model.to(device)
     if reference_model is not None:
