@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
+import gc
 import io
 import json
 import os
@@ -185,6 +186,7 @@ def medians_ms(fn: Any, runs: int) -> dict[str, float]:
     fn()  # warm-up: builds the parser and fills the regex cache
     wall, cpu = [], []
     for _ in range(runs):
+        gc.collect()  # start each run from the same heap: a collection mid-run is not compile time
         w, c = time.perf_counter(), time.process_time()
         fn()
         cpu.append((time.process_time() - c) * 1000)
@@ -199,6 +201,7 @@ def bench_compile(path: Path, runs: int, earley_runs: int) -> dict[str, Any]:
             "the Earley parser built a different AST from the LALR one; the comparison would be meaningless"
         )
     out: dict[str, Any] = {}
+
     # `parse` caches by (file, text); a cold compile (what one `ralign compile` does) clears the
     # cache first, so the recipe and the three stdlib files are all parsed every time.
     def cold(fn: Any) -> Any:

@@ -24,7 +24,14 @@ from ralign.source import Source, Span
 
 ERROR = "error"  # the type of an expression that already produced a diagnostic
 RECIPE_ONLY = (n.Recipe, n.Model, n.Dataset, n.Phase, n.Evaluate)
-KIND_WORD = {n.Let: "let", n.Def: "def", n.Reward: "reward", n.Template: "template", n.Model: "model", n.Dataset: "dataset"}
+KIND_WORD = {
+    n.Let: "let",
+    n.Def: "def",
+    n.Reward: "reward",
+    n.Template: "template",
+    n.Model: "model",
+    n.Dataset: "dataset",
+}
 
 # ---- the checked program -------------------------------------------------------------
 
@@ -147,7 +154,10 @@ class Checker:
             for decl in unit.module.decls:
                 if isinstance(decl, RECIPE_ONLY):
                     what = type(decl).__name__.lower()
-                    self.error(decl.span, f"a library may not declare a {what}: libraries hold only import, let, def, reward and template")
+                    self.error(
+                        decl.span,
+                        f"a library may not declare a {what}: libraries hold only import, let, def, reward and template",
+                    )
         elif not recipes:
             self.error(
                 Span(unit.key, 1, 1),
@@ -155,15 +165,25 @@ class Checker:
                 "(a library holds only import, let, def, reward and template)",
             )
         for extra in recipes[1:]:
-            self.error(extra.span, "a recipe file has exactly one recipe block; this is a second one", ((recipes[0].span, "the first one"),))
+            self.error(
+                extra.span,
+                "a recipe file has exactly one recipe block; this is a second one",
+                ((recipes[0].span, "the first one"),),
+            )
         for decl in unit.module.decls:
             for cls, word in KIND_WORD.items():
                 if isinstance(decl, cls):
                     name = decl.name  # type: ignore[union-attr]
                     if name in table:
-                        self.error(decl.span, f"'{name}' is already declared in this file", ((table[name].decl.span, "first declared here"),))
+                        self.error(
+                            decl.span,
+                            f"'{name}' is already declared in this file",
+                            ((table[name].decl.span, "first declared here"),),
+                        )
                     elif name in aliases:
-                        self.error(decl.span, f"'{name}' is already the name of an imported namespace")
+                        self.error(
+                            decl.span, f"'{name}' is already the name of an imported namespace"
+                        )
                     else:
                         table[name] = Symbol(word, qualify(unit.key, name), decl, unit.key)
         self.symbols[unit.key] = table
@@ -205,7 +225,9 @@ class Checker:
                 locals_ = set(sym.decl.params) if sym.kind == "def" else set()
                 refs: list[str] = []
                 for ref in _refs(_bodies(sym.decl)):
-                    if len(ref.parts) == 1 and (ref.parts[0] in locals_ or ref.parts[0] in ("prompt", "response")):
+                    if len(ref.parts) == 1 and (
+                        ref.parts[0] in locals_ or ref.parts[0] in ("prompt", "response")
+                    ):
                         continue
                     if len(ref.parts) == 1 and ref.parts[0] not in table:
                         continue  # a builtin or an unknown name: no edge (unknown names are reported later)
@@ -251,7 +273,10 @@ class Checker:
                 scope = {p: ERROR for p in sym.decl.params}
                 if len(scope) != len(sym.decl.params):
                     twice = sorted({p for p in sym.decl.params if sym.decl.params.count(p) > 1})
-                    self.error(sym.decl.span, f"def '{sym.decl.name}' names the parameter '{twice[0]}' twice")
+                    self.error(
+                        sym.decl.span,
+                        f"def '{sym.decl.name}' names the parameter '{twice[0]}' twice",
+                    )
                 for ref in _refs([sym.decl.body]):
                     if len(ref.parts) == 1 and ref.parts[0] in scope:
                         continue
@@ -286,12 +311,19 @@ class Checker:
         seen: dict[str, Span] = {}
         for rule in sym.decl.rules:
             if rule.name in seen:
-                self.error(rule.span, f"rule '{rule.name}' is already defined in reward '{sym.decl.name}'", ((seen[rule.name], "first defined here"),))
+                self.error(
+                    rule.span,
+                    f"rule '{rule.name}' is already defined in reward '{sym.decl.name}'",
+                    ((seen[rule.name], "first defined here"),),
+                )
             seen[rule.name] = rule.span
             scope = {"prompt": bi.TEXT, "response": bi.TEXT}
             vt, vir = self.expr(sym.unit, rule.value, scope, "reward")
             if vt not in (bi.NUMBER, ERROR):
-                self.error(rule.value.span, f"the value of rule '{rule.name}' must be a number, but this is a {vt}")
+                self.error(
+                    rule.value.span,
+                    f"the value of rule '{rule.name}' must be a number, but this is a {vt}",
+                )
             wir = None
             if rule.when is not None:
                 wt, wir = self.expr(sym.unit, rule.when, scope, "reward")
@@ -324,7 +356,10 @@ class Checker:
                 typed = [self.expr(unit, i, scope, context) for i in items]
                 kinds = {t for t, _ in typed if t != ERROR}
                 if len(kinds) > 1:
-                    self.error(e.span, f"a list holds one type of item, but this one mixes {', '.join(sorted(kinds))}")
+                    self.error(
+                        e.span,
+                        f"a list holds one type of item, but this one mixes {', '.join(sorted(kinds))}",
+                    )
                     return ERROR, None
                 return bi.LIST, ["list", [ir for _, ir in typed]]
             case n.MapExpr():
@@ -351,7 +386,16 @@ class Checker:
         self.error(e.span, "this is not an expression")  # pragma: no cover
         return ERROR, None
 
-    def binary(self, unit: str, e: n.Binary, op: str, a: n.Expr, b: n.Expr, scope: dict[str, str], context: str) -> tuple[str, Any]:
+    def binary(
+        self,
+        unit: str,
+        e: n.Binary,
+        op: str,
+        a: n.Expr,
+        b: n.Expr,
+        scope: dict[str, str],
+        context: str,
+    ) -> tuple[str, Any]:
         ta, ia = self.expr(unit, a, scope, context)
         tb, ib = self.expr(unit, b, scope, context)
         if ERROR in (ta, tb):
@@ -362,7 +406,10 @@ class Checker:
             want, result = {bi.NUMBER}, bi.BOOL
         elif op in ("==", "!="):
             if ta != tb or ta not in (bi.NUMBER, bi.TEXT, bi.BOOL):
-                self.error(e.span, f"`{op}` compares two numbers, texts or bools of the same type, not a {ta} and a {tb}")
+                self.error(
+                    e.span,
+                    f"`{op}` compares two numbers, texts or bools of the same type, not a {ta} and a {tb}",
+                )
                 return ERROR, None
             return bi.BOOL, ["bin", op, ia, ib]
         elif op == "+" and ta == tb == bi.TEXT:
@@ -393,11 +440,17 @@ class Checker:
             return t, (["let", found.qname] if t != ERROR else None)
         if found.kind == "reward":
             if context in ("let", "filter"):
-                self.error(e.span, f"reward '{e.dotted}' scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})")
+                self.error(
+                    e.span,
+                    f"reward '{e.dotted}' scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})",
+                )
                 return ERROR, None
             return bi.NUMBER, ["reward", found.qname]
         if found.kind == "def":
-            self.error(e.span, f"'{e.dotted}' is a def; call it with its arguments: {e.dotted}({', '.join(found.decl.params)})")
+            self.error(
+                e.span,
+                f"'{e.dotted}' is a def; call it with its arguments: {e.dotted}({', '.join(found.decl.params)})",
+            )
             return ERROR, None
         self.error(e.span, f"'{e.dotted}' is a {found.kind}, not a value an expression can use")
         return ERROR, None
@@ -409,10 +462,15 @@ class Checker:
         fname = e.func.dotted
         if fname == "agree":
             if context != "score":
-                self.error(e.func.span, "agree(...) combines scores, so it belongs in a `score` step")
+                self.error(
+                    e.func.span, "agree(...) combines scores, so it belongs in a `score` step"
+                )
                 return ERROR, None
             if len(types) < 2:
-                self.error(e.span, f"agree() needs at least two sources to weigh against each other, got {len(types)}")
+                self.error(
+                    e.span,
+                    f"agree() needs at least two sources to weigh against each other, got {len(types)}",
+                )
                 return ERROR, None
             for t, a in zip(types, e.args, strict=True):
                 if t not in (bi.NUMBER, ERROR):
@@ -445,13 +503,19 @@ class Checker:
             return ERROR, None
         params = found.decl.params
         if len(params) != len(types):
-            self.error(e.span, f"{fname}() takes {len(params)} argument{'s' if len(params) != 1 else ''} ({', '.join(params)}), got {len(types)}")
+            self.error(
+                e.span,
+                f"{fname}() takes {len(params)} argument{'s' if len(params) != 1 else ''} ({', '.join(params)}), got {len(types)}",
+            )
             return ERROR, None
         if ERROR in types or found.qname in self.cyclic:
             return ERROR, None
         result = self.def_type(found, tuple(types))
         if context in ("let", "filter") and result != ERROR and self.reads_reward(found.qname):
-            self.error(e.span, f"{fname}() reads a reward, which scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})")
+            self.error(
+                e.span,
+                f"{fname}() reads a reward, which scores an answer, so it cannot be used here ({_CONTEXT_WORDS[context]})",
+            )
             return ERROR, None
         return result, ["def", found.qname, irs]
 
@@ -483,20 +547,32 @@ class Checker:
         return self.def_types[key]
 
     # ---- templates
-    def template_value(self, unit: Unit, value: n.Expr, key: str | None = None) -> TemplateValue | None:
+    def template_value(
+        self, unit: Unit, value: n.Expr, key: str | None = None
+    ) -> TemplateValue | None:
         """Resolve a template declaration's or attribute's value to its text and origin."""
         if isinstance(value, n.String):
             col = value.span.column + (3 if value.long else 1)
             origin = Span(value.span.file, value.span.line, col)
             tv = TemplateValue(key or _inline_key(value.value), value.value, origin)
-        elif isinstance(value, n.Call) and value.func.dotted == "file" and len(value.args) == 1 and isinstance(value.args[0], n.String):
+        elif (
+            isinstance(value, n.Call)
+            and value.func.dotted == "file"
+            and len(value.args) == 1
+            and isinstance(value.args[0], n.String)
+        ):
             rel = value.args[0].value
             if "\0" in rel:
-                self.error(value.args[0].span, "a template file name may not contain a NUL character")
+                self.error(
+                    value.args[0].span, "a template file name may not contain a NUL character"
+                )
                 return None
             path = unit.folder / rel
             if not confined(path, self.loaded.roots):
-                self.error(value.args[0].span, f"template file '{rel}' is outside the import roots; refusing to read it")
+                self.error(
+                    value.args[0].span,
+                    f"template file '{rel}' is outside the import roots; refusing to read it",
+                )
                 return None
             if not path.is_file():
                 self.error(value.args[0].span, f"template file '{rel}' does not exist")
@@ -504,7 +580,10 @@ class Checker:
             try:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
-                self.error(value.args[0].span, f"template file '{rel}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")
+                self.error(
+                    value.args[0].span,
+                    f"template file '{rel}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+                )
                 return None
             name = _display(path, unit, self.loaded)
             self.sources.setdefault(name, Source(name, text, path))
@@ -521,7 +600,10 @@ class Checker:
             if existing is not None:
                 return existing
             if found.qname in self._in_progress:
-                self.error(value.span, f"template '{value.dotted}' refers to itself, directly or through other templates")
+                self.error(
+                    value.span,
+                    f"template '{value.dotted}' refers to itself, directly or through other templates",
+                )
                 return None
             self._in_progress.add(found.qname)
             try:
@@ -529,12 +611,17 @@ class Checker:
             finally:
                 self._in_progress.discard(found.qname)
         else:
-            self.error(value.span, 'a template is a string, """text""", file("x.j2"), or the name of a template')
+            self.error(
+                value.span,
+                'a template is a string, """text""", file("x.j2"), or the name of a template',
+            )
             return None
         try:
             tp.parse_template(tv.text)
         except TemplateError as exc:
-            self.error(self.template_span(tv, getattr(exc, "line", 1), None), _template_message(exc))
+            self.error(
+                self.template_span(tv, getattr(exc, "line", 1), None), _template_message(exc)
+            )
             return None
         self.templates[tv.key] = tv
         return tv
@@ -546,24 +633,42 @@ class Checker:
         source = self.sources.get(tv.origin.file)
         if source is not None and word:
             text = source.line(src_line)
-            found = re.compile(rf"(?<![\w.]){re.escape(word)}(?!\w)").search(text, column - 1 if line == 1 else 0)
+            found = re.compile(rf"(?<![\w.]){re.escape(word)}(?!\w)").search(
+                text, column - 1 if line == 1 else 0
+            )
             if found is not None:
                 column = found.start() + 1
         return Span(tv.origin.file, src_line, column, src_line, column + len(word or " "))
 
-    def check_template_use(self, tv: TemplateValue, provided: tuple[str, ...], where: str, use: Span) -> None:
+    def check_template_use(
+        self, tv: TemplateValue, provided: tuple[str, ...], where: str, use: Span
+    ) -> None:
         info = tp.parse_template(tv.text)
         for name, line, message in tp.check_variables(info, provided, where=where):
-            self.error(self.template_span(tv, line, name), message, ((use, f"used by {where} here"),))
+            self.error(
+                self.template_span(tv, line, name), message, ((use, f"used by {where} here"),)
+            )
 
     # ---- the recipe's declarations
-    def attrs(self, unit: Unit, attrs: tuple[n.Attr, ...], kind: sc.Kind, what: str, where: Span, ctx: dict[str, Any]) -> dict[str, Any]:
+    def attrs(
+        self,
+        unit: Unit,
+        attrs: tuple[n.Attr, ...],
+        kind: sc.Kind,
+        what: str,
+        where: Span,
+        ctx: dict[str, Any],
+    ) -> dict[str, Any]:
         """Check attributes against `kind`'s schema; returns name -> checked value (defaults filled)."""
         out: dict[str, Any] = {}
         seen: dict[str, Span] = {}
         for attr in attrs:
             if attr.name in seen:
-                self.error(attr.span, f"'{attr.name}' is set twice in this {what}", ((seen[attr.name], "first set here"),))
+                self.error(
+                    attr.span,
+                    f"'{attr.name}' is set twice in this {what}",
+                    ((seen[attr.name], "first set here"),),
+                )
                 continue
             seen[attr.name] = attr.span
             spec = kind.attrs.get(attr.name)
@@ -571,7 +676,10 @@ class Checker:
                 spec = sc.Attr(kind.open_attrs, "")
             if spec is None:
                 known = ", ".join(kind.attrs) or "none"
-                self.error(attr.span, f"unknown attribute '{attr.name}' for {what}{did_you_mean(attr.name, kind.attrs)} (it takes: {known})")
+                self.error(
+                    attr.span,
+                    f"unknown attribute '{attr.name}' for {what}{did_you_mean(attr.name, kind.attrs)} (it takes: {known})",
+                )
                 continue
             value = self.attr_value(unit, attr, spec, what, ctx)
             if value is not _BAD:
@@ -585,15 +693,22 @@ class Checker:
                 out[name] = spec.default
         return out
 
-    def attr_value(self, unit: Unit, attr: n.Attr, spec: sc.Attr, what: str, ctx: dict[str, Any]) -> Any:
+    def attr_value(
+        self, unit: Unit, attr: n.Attr, spec: sc.Attr, what: str, ctx: dict[str, Any]
+    ) -> Any:
         v = attr.value
         label = f"`{attr.name}` of {what}"
         if spec.kind in (sc.INT, sc.NUMBER):
             num = _number(v)
             if num is None or (spec.kind == sc.INT and not float(num).is_integer()):
-                self.error(v.span, f"{label} must be {'a whole number' if spec.kind == sc.INT else 'a number'}")
+                self.error(
+                    v.span,
+                    f"{label} must be {'a whole number' if spec.kind == sc.INT else 'a number'}",
+                )
                 return _BAD
-            low_bad = spec.min is not None and (num <= spec.min if spec.min_open else num < spec.min)
+            low_bad = spec.min is not None and (
+                num <= spec.min if spec.min_open else num < spec.min
+            )
             high_bad = spec.max is not None and num > spec.max
             if low_bad or high_bad:
                 bound = []
@@ -606,10 +721,17 @@ class Checker:
             return int(num) if spec.kind == sc.INT else float(num)
         if spec.kind == sc.STRING:
             if not isinstance(v, n.String):
-                self.error(v.span, f"{label} must be a string" + (f" (one of: {', '.join(spec.choices)})" if spec.choices else ""))
+                self.error(
+                    v.span,
+                    f"{label} must be a string"
+                    + (f" (one of: {', '.join(spec.choices)})" if spec.choices else ""),
+                )
                 return _BAD
             if spec.choices and v.value not in spec.choices:
-                self.error(v.span, f"{label} must be one of {', '.join(repr(c) for c in spec.choices)}, got {v.value!r}{did_you_mean(v.value, spec.choices)}")
+                self.error(
+                    v.span,
+                    f"{label} must be one of {', '.join(repr(c) for c in spec.choices)}, got {v.value!r}{did_you_mean(v.value, spec.choices)}",
+                )
                 return _BAD
             return v.value
         if spec.kind == sc.BOOL:
@@ -634,10 +756,20 @@ class Checker:
             if not isinstance(v, n.MapExpr):
                 self.error(v.span, f"{label} must be a map like {{ rank = 16, alpha = 32 }}")
                 return _BAD
-            return self.attrs(unit, v.entries, sc.Kind("LoRA settings", sc.LORA_ATTRS), "lora", v.span, ctx)
+            return self.attrs(
+                unit, v.entries, sc.Kind("LoRA settings", sc.LORA_ATTRS), "lora", v.span, ctx
+            )
         if spec.kind in (sc.EXPR_BOOL, sc.EXPR_NUMBER):
             context = "filter" if spec.kind == sc.EXPR_BOOL else "score"
-            scope = {"prompt": bi.TEXT} if context == "filter" else {"prompt": bi.TEXT, "response": bi.TEXT, **{s: bi.NUMBER for s in ctx.get("scores", ())}}
+            scope = (
+                {"prompt": bi.TEXT}
+                if context == "filter"
+                else {
+                    "prompt": bi.TEXT,
+                    "response": bi.TEXT,
+                    **{s: bi.NUMBER for s in ctx.get("scores", ())},
+                }
+            )
             t, ir = self.expr(unit.key, v, scope, context)
             want = bi.BOOL if context == "filter" else bi.NUMBER
             if t not in (want, ERROR):
@@ -653,7 +785,11 @@ class Checker:
         found = self.symbols[unit.key].get(v.parts[0])
         if found is None or found.kind != kind:
             known = [s for s, sym in self.symbols[unit.key].items() if sym.kind == kind]
-            what = f"'{v.parts[0]}' is a {found.kind}, not a {kind}" if found else f"unknown {kind} '{v.parts[0]}'"
+            what = (
+                f"'{v.parts[0]}' is a {found.kind}, not a {kind}"
+                if found
+                else f"unknown {kind} '{v.parts[0]}'"
+            )
             self.error(v.span, f"{what}{did_you_mean(v.parts[0], known)}")
             return _BAD
         return v.parts[0]
@@ -665,7 +801,9 @@ class Checker:
                 self.error(v.span, found)
                 return None
             if found.kind != "let":
-                self.error(v.span, f"{label} must be a list of texts; '{v.dotted}' is a {found.kind}")
+                self.error(
+                    v.span, f"{label} must be a list of texts; '{v.dotted}' is a {found.kind}"
+                )
                 return None
             if found.qname in self.cyclic or found.qname in self._in_progress:
                 return None  # the cycle is reported at the let
@@ -682,7 +820,9 @@ class Checker:
     def recipe_block(self, main: Unit) -> dict[str, Any]:
         for decl in main.module.decls:
             if isinstance(decl, n.Recipe):
-                out = self.attrs(main, decl.attrs, sc.DECLS["recipe"], "the recipe block", decl.span, {})
+                out = self.attrs(
+                    main, decl.attrs, sc.DECLS["recipe"], "the recipe block", decl.span, {}
+                )
                 out["name"] = decl.name
                 if not decl.name.strip():
                     self.error(decl.span, "the recipe needs a non-empty name")
@@ -693,13 +833,18 @@ class Checker:
         out = {}
         for decl in main.module.decls:
             if isinstance(decl, n.Model):
-                attrs = self.attrs(main, decl.attrs, sc.DECLS["model"], f"model '{decl.name}'", decl.span, {})
+                attrs = self.attrs(
+                    main, decl.attrs, sc.DECLS["model"], f"model '{decl.name}'", decl.span, {}
+                )
                 path = attrs.get("path", "")
                 if isinstance(path, str) and path.startswith("ralign:"):
                     name = path[len("ralign:") :]
                     if name not in sc.BUILTIN_MODELS:
                         span = next(a.value.span for a in decl.attrs if a.name == "path")
-                        self.error(span, f"unknown built-in model '{path}' (built in: {', '.join('ralign:' + m for m in sc.BUILTIN_MODELS)}){did_you_mean(name, sc.BUILTIN_MODELS)}")
+                        self.error(
+                            span,
+                            f"unknown built-in model '{path}' (built in: {', '.join('ralign:' + m for m in sc.BUILTIN_MODELS)}){did_you_mean(name, sc.BUILTIN_MODELS)}",
+                        )
                 out[decl.name] = attrs
         return out
 
@@ -712,16 +857,24 @@ class Checker:
             return next(iter(models))
         recipe = next(d for d in main.module.decls if isinstance(d, n.Recipe))
         if not models:
-            self.error(recipe.span, "the recipe declares no model; add one, e.g. `model policy { path = \"ralign:smollm2-135m\" }`")
+            self.error(
+                recipe.span,
+                'the recipe declares no model; add one, e.g. `model policy { path = "ralign:smollm2-135m" }`',
+            )
         else:
-            self.error(recipe.span, f"the recipe declares several models ({', '.join(models)}); name the one to train `policy`")
+            self.error(
+                recipe.span,
+                f"the recipe declares several models ({', '.join(models)}); name the one to train `policy`",
+            )
         return ""
 
     def datasets(self, main: Unit) -> dict[str, dict[str, Any]]:
         out = {}
         for decl in main.module.decls:
             if isinstance(decl, n.Dataset):
-                attrs = self.attrs(main, decl.attrs, sc.DECLS["dataset"], f"dataset '{decl.name}'", decl.span, {})
+                attrs = self.attrs(
+                    main, decl.attrs, sc.DECLS["dataset"], f"dataset '{decl.name}'", decl.span, {}
+                )
                 path_attr = next((a for a in decl.attrs if a.name == "path"), None)
                 if path_attr is not None and "path" in attrs:
                     resolved = self.data_path(main, attrs["path"], path_attr.value.span)
@@ -735,7 +888,10 @@ class Checker:
         if path.startswith("ralign:"):
             name = path[len("ralign:") :]
             if name not in sc.BUILTIN_DATASETS:
-                self.error(span, f"unknown built-in dataset '{path}' (built in: {', '.join('ralign:' + d for d in sc.BUILTIN_DATASETS)}){did_you_mean(name, sc.BUILTIN_DATASETS)}")
+                self.error(
+                    span,
+                    f"unknown built-in dataset '{path}' (built in: {', '.join('ralign:' + d for d in sc.BUILTIN_DATASETS)}){did_you_mean(name, sc.BUILTIN_DATASETS)}",
+                )
                 return None
             return {}
         if path.startswith("hf:"):
@@ -745,10 +901,15 @@ class Checker:
             return None
         file = unit.folder / path
         if not confined(file, self.loaded.roots):
-            self.error(span, f"data file '{path}' is outside the recipe's folder and the --root folders; refusing to read it")
+            self.error(
+                span,
+                f"data file '{path}' is outside the recipe's folder and the --root folders; refusing to read it",
+            )
             return None
         if not file.is_file():
-            self.error(span, f"data file '{path}' does not exist (paths are relative to the recipe)")
+            self.error(
+                span, f"data file '{path}' does not exist (paths are relative to the recipe)"
+            )
             return None
         if file.suffix not in (".jsonl", ".json", ".csv", ".parquet"):
             self.error(span, f"data file '{path}' must be .jsonl, .json, .csv or .parquet")
@@ -761,13 +922,18 @@ class Checker:
         for decl in main.module.decls:
             if not isinstance(decl, n.Evaluate):
                 continue
-            attrs = self.attrs(main, decl.attrs, sc.DECLS["evaluate"], f"evaluate '{decl.name}'", decl.span, {})
+            attrs = self.attrs(
+                main, decl.attrs, sc.DECLS["evaluate"], f"evaluate '{decl.name}'", decl.span, {}
+            )
             choices = sc.DECLS["evaluate"].attrs["task"].choices
             if "task" not in attrs:
                 if decl.name in choices:
                     attrs["task"] = decl.name
                 else:
-                    self.error(decl.span, f"evaluate '{decl.name}' needs `task` (one of: {', '.join(choices)}){did_you_mean(decl.name, choices)}")
+                    self.error(
+                        decl.span,
+                        f"evaluate '{decl.name}' needs `task` (one of: {', '.join(choices)}){did_you_mean(decl.name, choices)}",
+                    )
             data = attrs.get("data")
             if isinstance(data, dict) and "path" in data:
                 span = next(a.value.span for a in decl.attrs if a.name == "data")
@@ -776,16 +942,27 @@ class Checker:
                 if resolved is not None:
                     attrs["data"] = {"path": path, **resolved}
             elif isinstance(data, dict) and "dataset" in data:
-                attrs["data"] = {"dataset": data["dataset"], **{k: v for k, v in datasets.get(data["dataset"], {}).items()}}
+                attrs["data"] = {
+                    "dataset": data["dataset"],
+                    **{k: v for k, v in datasets.get(data["dataset"], {}).items()},
+                }
             attrs["name"] = decl.name
             attrs["line"] = decl.span.line
             out.append(attrs)
         return out
 
     # ---- steps and data flow
-    def steps(self, main: Unit, models: dict[str, Any], datasets: dict[str, Any]) -> list[CheckedStep]:
+    def steps(
+        self, main: Unit, models: dict[str, Any], datasets: dict[str, Any]
+    ) -> list[CheckedStep]:
         out: list[CheckedStep] = []
-        have: dict[str, Any] = {"prompts": None, "responses": None, "revised": None, "pairs": None, "context": None}
+        have: dict[str, Any] = {
+            "prompts": None,
+            "responses": None,
+            "revised": None,
+            "pairs": None,
+            "context": None,
+        }
         scores: dict[str, Span] = {}
         latest: list[str] = []
         for phase in (d for d in main.module.decls if isinstance(d, n.Phase)):
@@ -795,25 +972,48 @@ class Checker:
                     out.append(checked)
         return out
 
-    def step(self, main: Unit, phase: n.Phase, step: n.Step, have: dict[str, Any], scores: dict[str, Span], latest: list[str]) -> CheckedStep | None:
+    def step(
+        self,
+        main: Unit,
+        phase: n.Phase,
+        step: n.Step,
+        have: dict[str, Any],
+        scores: dict[str, Span],
+        latest: list[str],
+    ) -> CheckedStep | None:
         kind_name = step.kind
         if step.kind == "train":
             if step.name is None:
-                self.error(step.span, f"`train` needs a method: {' or '.join('train ' + m for m in sc.TRAIN_METHODS)}")
+                self.error(
+                    step.span,
+                    f"`train` needs a method: {' or '.join('train ' + m for m in sc.TRAIN_METHODS)}",
+                )
                 return None
             if step.name not in sc.TRAIN_METHODS:
-                self.error(step.name_span or step.span, f"unknown training method '{step.name}'{did_you_mean(step.name, sc.TRAIN_METHODS)} (known: {', '.join(sc.TRAIN_METHODS)})")
+                self.error(
+                    step.name_span or step.span,
+                    f"unknown training method '{step.name}'{did_you_mean(step.name, sc.TRAIN_METHODS)} (known: {', '.join(sc.TRAIN_METHODS)})",
+                )
                 return None
             kind_name = f"train {step.name}"
         elif step.kind not in sc.STEPS:
-            self.error(step.span, f"unknown step kind '{step.kind}'{did_you_mean(step.kind, sc.STEP_KINDS)} (known: {', '.join(sc.STEP_KINDS)})")
+            self.error(
+                step.span,
+                f"unknown step kind '{step.kind}'{did_you_mean(step.kind, sc.STEP_KINDS)} (known: {', '.join(sc.STEP_KINDS)})",
+            )
             return None
         kind = sc.STEPS[kind_name]
         if kind.named == "required" and step.name is None:
-            self.error(step.span, f"a {step.kind} step needs a name for the score it makes: `{step.kind} NAME {{ ... }}`")
+            self.error(
+                step.span,
+                f"a {step.kind} step needs a name for the score it makes: `{step.kind} NAME {{ ... }}`",
+            )
             return None
         if kind.named == "no" and step.kind != "train" and step.name is not None:
-            self.error(step.name_span or step.span, f"a {step.kind} step takes no name (write `{step.kind} {{ ... }}`)")
+            self.error(
+                step.name_span or step.span,
+                f"a {step.kind} step takes no name (write `{step.kind} {{ ... }}`)",
+            )
             return None
         what = f"the {kind_name} step"
         params = self.attrs(main, step.attrs, kind, what, step.span, {"scores": tuple(scores)})
@@ -822,7 +1022,11 @@ class Checker:
         if kind.open_attrs and not step.attrs:
             self.error(step.span, f"{what} defines no score; write e.g. `score {{ total = ... }}`")
         templates = {a: params[a] for a in kind.template_vars if isinstance(params.get(a), str)}
-        exprs = {a: params.pop(a)["expr"] for a in list(params) if isinstance(params[a], dict) and "expr" in params[a]}
+        exprs = {
+            a: params.pop(a)["expr"]
+            for a in list(params)
+            if isinstance(params[a], dict) and "expr" in params[a]
+        }
         for attr, key in templates.items():
             provided = kind.template_vars[attr]
             if step.kind == "rank" and params.get("mode") == "pointwise":
@@ -831,24 +1035,44 @@ class Checker:
             self.check_template_use(self.templates[key], provided, f"the {kind_name} step", use)
 
         inputs, outputs = self.flow(step, kind_name, params, exprs, have, scores, latest)
-        return CheckedStep(phase.name, kind_name, step.name, step.span, params, templates, exprs, inputs, outputs)
+        return CheckedStep(
+            phase.name, kind_name, step.name, step.span, params, templates, exprs, inputs, outputs
+        )
 
-    def flow(self, step: n.Step, kind: str, params: dict[str, Any], exprs: dict[str, Any], have: dict[str, Any], scores: dict[str, Span], latest: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def flow(
+        self,
+        step: n.Step,
+        kind: str,
+        params: dict[str, Any],
+        exprs: dict[str, Any],
+        have: dict[str, Any],
+        scores: dict[str, Span],
+        latest: list[str],
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Check what `step` needs against what earlier steps in the round made; update the state."""
 
         def need(what: str, hint: str) -> None:
             if have.get(what) is None:
-                self.error(step.span, f"`{kind}` needs {what}, but no step before it in the round produces {what}; {hint}")
+                self.error(
+                    step.span,
+                    f"`{kind}` needs {what}, but no step before it in the round produces {what}; {hint}",
+                )
 
         def pick_score(label: str) -> str | None:
             by = params.get("by")
             if by is not None:
                 if by not in scores:
-                    self.error(step.span, f"`{kind}` uses the score '{by}', which no earlier step makes{did_you_mean(by, scores)}")
+                    self.error(
+                        step.span,
+                        f"`{kind}` uses the score '{by}', which no earlier step makes{did_you_mean(by, scores)}",
+                    )
                     return None
                 return str(by)
             if not latest:
-                self.error(step.span, f"`{kind}` needs a score to {label}, but no step before it in the round makes one; add a `rank NAME {{ ... }}` or `score {{ total = ... }}` step before it")
+                self.error(
+                    step.span,
+                    f"`{kind}` needs a score to {label}, but no step before it in the round makes one; add a `rank NAME {{ ... }}` or `score {{ total = ... }}` step before it",
+                )
                 return None
             return "total" if "total" in scores else latest[-1]
 
@@ -856,11 +1080,16 @@ class Checker:
             have.update(prompts=step.span)
             return ("dataset",), ("prompts",)
         if kind in ("dedupe", "filter"):
-            need("prompts", "add a `generate` step before it, or filter the dataset you sample from")
+            need(
+                "prompts", "add a `generate` step before it, or filter the dataset you sample from"
+            )
             return ("prompts",), ("prompts",)
         if kind == "sample":
             if not any(a.name == "from" for a in step.attrs):
-                need("prompts", "add a `generate` step before it, or give it a dataset: `sample { from = NAME }`")
+                need(
+                    "prompts",
+                    "add a `generate` step before it, or give it a dataset: `sample { from = NAME }`",
+                )
             have.update(responses=step.span, revised=None, pairs=None, context="context" in params)
             scores.clear()
             latest.clear()
@@ -875,7 +1104,11 @@ class Checker:
             used = sorted({v for ir in exprs.values() for v in score_vars(ir)} & set(scores))
             for name in names:
                 if name in scores:
-                    self.error(step.name_span or step.span, f"the score '{name}' is already made earlier in the round", ((scores[name], "made here"),))
+                    self.error(
+                        step.name_span or step.span,
+                        f"the score '{name}' is already made earlier in the round",
+                        ((scores[name], "made here"),),
+                    )
                 scores[name] = step.span
                 latest.append(name)
             made = ("responses",) + tuple(f"score:{s}" for s in used)
@@ -891,7 +1124,10 @@ class Checker:
             need("responses", "add a `sample` step before it")
             on = params.get("on")
             if on == "revised" and have.get("revised") is None:
-                self.error(step.span, "`train sft` with on = \"revised\" needs revised answers, but no `revise` step comes before it in the round")
+                self.error(
+                    step.span,
+                    '`train sft` with on = "revised" needs revised answers, but no `revise` step comes before it in the round',
+                )
             ins: tuple[str, ...] = ("responses", "policy")
             if on == "best":
                 by = pick_score("pick the best answer by")
@@ -899,7 +1135,10 @@ class Checker:
                     params["by"] = by
                     ins += (f"score:{by}",)
             if params.get("drop_context") and not have.get("context"):
-                self.error(step.span, "`drop_context = true` needs a `sample` step with a `context` template before it")
+                self.error(
+                    step.span,
+                    "`drop_context = true` needs a `sample` step with a `context` template before it",
+                )
             return ins, ("policy",)
         if kind == "train dpo":
             need("pairs", 'add a `pairs { chosen = "best", rejected = "worst" }` step before it')

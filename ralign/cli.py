@@ -50,8 +50,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out.write_text(plan.dumps(), encoding="utf-8")
     rounds = {s.round for s in plan.steps}
     print(f"compiled {src} -> {out}")
-    print(f"  recipe '{plan.recipe}': {plan.rounds} round(s), seed {plan.seed}, policy '{plan.policy}'")
-    print(f"  {len(plan.steps)} steps over {len(rounds)} stage(s) (evaluations included); plan hash {plan.hash[:16]}")
+    print(
+        f"  recipe '{plan.recipe}': {plan.rounds} round(s), seed {plan.seed}, policy '{plan.policy}'"
+    )
+    print(
+        f"  {len(plan.steps)} steps over {len(rounds)} stage(s) (evaluations included); plan hash {plan.hash[:16]}"
+    )
     for s in plan.steps:
         if s.round <= 1:
             label = s.kind + (f" {s.name}" if s.name and not s.kind.startswith("train") else "")
@@ -104,13 +108,25 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_execute(args: argparse.Namespace) -> int:
     from ralign.runtime.executor import execute
 
-    return execute(Path(args.plan), run_dir=Path(args.run_dir) if args.run_dir else None, device=args.device, roots=_roots(args))
+    return execute(
+        Path(args.plan),
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        device=args.device,
+        roots=_roots(args),
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ralign.runtime.executor import evaluate_command
 
-    return evaluate_command(model=args.model, data=args.data, task=args.task, limit=args.limit, device=args.device, output=args.output)
+    return evaluate_command(
+        model=args.model,
+        data=args.data,
+        task=args.task,
+        limit=args.limit,
+        device=args.device,
+        output=args.output,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,12 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--root", action="append", metavar="DIR", help="another folder imports and data files may come from (repeatable)")
+        sp.add_argument(
+            "--root",
+            action="append",
+            metavar="DIR",
+            help="another folder imports and data files may come from (repeatable)",
+        )
         return sp
 
     c = add("compile", "compile a recipe into a JSON plan")
     c.add_argument("file", help="the .ralign recipe")
-    c.add_argument("-o", "--output", metavar="PLAN", help="where to write the plan (default: build/<recipe>.plan.json)")
+    c.add_argument(
+        "-o",
+        "--output",
+        metavar="PLAN",
+        help="where to write the plan (default: build/<recipe>.plan.json)",
+    )
     c.set_defaults(func=cmd_compile)
 
     k = add("check", "check recipes and libraries; print diagnostics only")
@@ -143,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = add("rules", "score one (prompt, response) with a reward: each rule's value and the total")
     r.add_argument("file", help="a recipe or reward library")
-    r.add_argument("--reward", required=True, help="the reward's name (`alias.name` for an imported one)")
+    r.add_argument(
+        "--reward", required=True, help="the reward's name (`alias.name` for an imported one)"
+    )
     r.add_argument("--prompt", required=True)
     r.add_argument("--response", required=True)
     r.add_argument("--json", action="store_true", help="print JSON")
@@ -151,13 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add("execute", "run a plan (or a recipe, compiled on the fly)")
     e.add_argument("plan", metavar="PLAN_OR_RECIPE")
-    e.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<recipe>); re-running resumes")
+    e.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="where outputs go (default: runs/<recipe>); re-running resumes",
+    )
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.set_defaults(func=cmd_execute)
 
-    v = sub.add_parser("eval", help="evaluate a model on an HHH-format or behavior set", description="evaluate a model")
+    v = sub.add_parser(
+        "eval",
+        help="evaluate a model on an HHH-format or behavior set",
+        description="evaluate a model",
+    )
     v.add_argument("--model", required=True, help="hub id, local folder, or ralign:smollm2-135m")
-    v.add_argument("--data", required=True, help="a file, hf:..., or ralign:evals/hhh-mini / ralign:seeds/hhh")
+    v.add_argument(
+        "--data", required=True, help="a file, hf:..., or ralign:evals/hhh-mini / ralign:seeds/hhh"
+    )
     v.add_argument("--task", choices=("hhh", "behavior"), default="hhh")
     v.add_argument("--limit", type=int)
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

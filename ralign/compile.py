@@ -16,11 +16,18 @@ def check_file(path: Path, roots: tuple[Path, ...] = ()) -> Checked:
     """Parse and check a recipe or library file (and its imports); raises RecipeError."""
     loaded = load(path, roots)
     main = loaded.units[loaded.main].module
-    is_library = not any(isinstance(d, (n.Recipe, n.Model, n.Dataset, n.Phase, n.Evaluate)) for d in main.decls)
+    is_library = not any(
+        isinstance(d, (n.Recipe, n.Model, n.Dataset, n.Phase, n.Evaluate)) for d in main.decls
+    )
     return check(loaded, library=is_library)
 
 
-def compile_file(path: Path, roots: tuple[Path, ...] = (), plan_path: Path | None = None, parser_kind: str = "lalr") -> Plan:
+def compile_file(
+    path: Path,
+    roots: tuple[Path, ...] = (),
+    plan_path: Path | None = None,
+    parser_kind: str = "lalr",
+) -> Plan:
     """Compile a recipe into a plan.
 
     Args:

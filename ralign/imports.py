@@ -82,7 +82,12 @@ def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lal
             data = file.read_bytes()[: exc.start]
             line = data.count(b"\n") + 1
             column = len(data) - (data.rfind(b"\n") + 1) + 1
-            problems.append(Diagnostic(Span(key, line, column), f"this file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"))
+            problems.append(
+                Diagnostic(
+                    Span(key, line, column),
+                    f"this file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+                )
+            )
             return
         sources[key] = source
         try:
@@ -101,7 +106,12 @@ def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lal
             tkey = key_for(target)
             alias = decl.alias or target.stem
             if alias in seen_alias:
-                problems.append(Diagnostic(decl.span, f"the namespace '{alias}' is already imported; use `as` to name this one differently"))
+                problems.append(
+                    Diagnostic(
+                        decl.span,
+                        f"the namespace '{alias}' is already imported; use `as` to name this one differently",
+                    )
+                )
                 continue
             seen_alias[alias] = decl.span
             trail = (*chain, key)
@@ -122,26 +132,41 @@ def load(path: Path, extra_roots: tuple[Path, ...] = (), parser_kind: str = "lal
 
 def _read(file: Path, key: str) -> Source:
     """A file's text as UTF-8, newlines made `\\n` (a leading byte-order mark, which some editors write, is dropped)."""
-    text = file.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
+    text = (
+        file.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    )  # universal newlines
     return Source(name=key, text=text.removeprefix("\ufeff"), path=file)
 
 
-def _resolve(decl: n.Import, folder: Path, std: Path, roots: tuple[Path, ...], problems: list[Diagnostic]) -> Path | None:
+def _resolve(
+    decl: n.Import, folder: Path, std: Path, roots: tuple[Path, ...], problems: list[Diagnostic]
+) -> Path | None:
     text = decl.path
     if "\0" in text:
-        problems.append(Diagnostic(decl.path_span, "an import path may not contain a NUL character"))
+        problems.append(
+            Diagnostic(decl.path_span, "an import path may not contain a NUL character")
+        )
         return None
     if text.startswith("std/"):
         target = std / (text[4:] + ("" if text.endswith(".ralign") else ".ralign"))
         if not confined(target, (std,)) or not target.is_file():
             known = sorted("std/" + p.stem for p in std.glob("*.ralign"))
-            problems.append(Diagnostic(decl.path_span, f"no stdlib module '{text}' (it has: {', '.join(known)}){did_you_mean(text, known)}"))
+            problems.append(
+                Diagnostic(
+                    decl.path_span,
+                    f"no stdlib module '{text}' (it has: {', '.join(known)}){did_you_mean(text, known)}",
+                )
+            )
             return None
         return target
     if not (text.startswith("./") or text.startswith("../")):
-        problems.append(Diagnostic(decl.path_span, f"import paths start with 'std/', './' or '../', not '{text}'"))
+        problems.append(
+            Diagnostic(
+                decl.path_span, f"import paths start with 'std/', './' or '../', not '{text}'"
+            )
+        )
         return None
-    target = (folder / text)
+    target = folder / text
     if not confined(target, roots):
         problems.append(
             Diagnostic(

@@ -8,7 +8,9 @@ from ralign.check import Checked, CheckedStep
 from ralign.plan import Plan, Step, digest
 
 
-def program_closure(irs: list[Any], programs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def program_closure(
+    irs: list[Any], programs: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """The lets, defs and rewards that expressions `irs` reach, transitively (what a plan must carry)."""
     out: dict[str, dict[str, Any]] = {"lets": {}, "defs": {}, "rewards": {}}
     table = {"let": "lets", "def": "defs", "reward": "rewards"}
@@ -23,7 +25,13 @@ def program_closure(irs: list[Any], programs: dict[str, dict[str, Any]]) -> dict
             if qname not in out[group]:
                 body = programs[group][qname]
                 out[group][qname] = body
-                stack.append(body if group == "lets" else body.get("body") if group == "defs" else [r[k] for r in body["rules"] for k in ("value", "when")])
+                stack.append(
+                    body
+                    if group == "lets"
+                    else body.get("body")
+                    if group == "defs"
+                    else [r[k] for r in body["rules"] for k in ("value", "when")]
+                )
             stack.extend(node[2:])
         else:
             stack.extend(node)
@@ -33,7 +41,10 @@ def program_closure(irs: list[Any], programs: dict[str, dict[str, Any]]) -> dict
 def _without_lines(programs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Programs minus the source lines of reward rules: moving a rule is not a change a step's hash should see."""
     rewards = {
-        q: {**body, "rules": [{k: v for k, v in rule.items() if k != "line"} for rule in body["rules"]]}
+        q: {
+            **body,
+            "rules": [{k: v for k, v in rule.items() if k != "line"} for rule in body["rules"]],
+        }
         for q, body in programs["rewards"].items()
     }
     return {**programs, "rewards": rewards}
@@ -43,7 +54,11 @@ def _ids(steps: tuple[CheckedStep, ...]) -> list[str]:
     """Readable, unique step ids within a round: `phase/kind[.name]`, numbered when repeated."""
     ids: list[str] = []
     for s in steps:
-        label = s.kind.replace(" ", ".") if s.kind.startswith("train") else s.kind + (f".{s.name}" if s.name else "")
+        label = (
+            s.kind.replace(" ", ".")
+            if s.kind.startswith("train")
+            else s.kind + (f".{s.name}" if s.name else "")
+        )
         base = f"{s.phase}/{label}"
         ident, k = base, 2
         while ident in ids:
@@ -70,7 +85,8 @@ def lower(checked: Checked) -> Plan:
     programs = program_closure(all_irs, checked.programs)
     used_templates = sorted({k for s in checked.steps for k in s.templates.values()})
     templates = {
-        k: {"text": checked.templates[k].text, "origin": checked.templates[k].origin.to_json()} for k in used_templates
+        k: {"text": checked.templates[k].text, "origin": checked.templates[k].origin.to_json()}
+        for k in used_templates
     }
 
     steps: list[Step] = []
@@ -78,14 +94,28 @@ def lower(checked: Checked) -> Plan:
     policy = f"model:{checked.policy}" if checked.policy else ""
     ids = _ids(checked.steps)
 
-    def add(step_id: str, rnd: int, phase: str, kind: str, name: str | None, params: dict[str, Any], inputs: dict[str, str], outputs: tuple[str, ...], span: dict[str, Any], tmpl: dict[str, str], exprs: dict[str, Any]) -> None:
+    def add(
+        step_id: str,
+        rnd: int,
+        phase: str,
+        kind: str,
+        name: str | None,
+        params: dict[str, Any],
+        inputs: dict[str, str],
+        outputs: tuple[str, ...],
+        span: dict[str, Any],
+        tmpl: dict[str, str],
+        exprs: dict[str, Any],
+    ) -> None:
         content = {
             "kind": kind,
             "name": name,
             "params": params,
             "templates": {a: digest(templates[k]["text"]) for a, k in tmpl.items()},
             "exprs": exprs,
-            "programs": digest(_without_lines(program_closure(list(exprs.values()), checked.programs))),
+            "programs": digest(
+                _without_lines(program_closure(list(exprs.values()), checked.programs))
+            ),
             "inputs": {slot: hashes[src] for slot, src in sorted(inputs.items())},
             "seed": checked.seed,
             "round": rnd,
@@ -93,7 +123,9 @@ def lower(checked: Checked) -> Plan:
         }
         h = digest(content)
         hashes[step_id] = h
-        steps.append(Step(step_id, rnd, phase, kind, name, params, inputs, outputs, span, h, tmpl, exprs))
+        steps.append(
+            Step(step_id, rnd, phase, kind, name, params, inputs, outputs, span, h, tmpl, exprs)
+        )
 
     def evaluations(rnd: int, final: bool) -> None:
         for ev in checked.evaluations:
@@ -101,7 +133,19 @@ def lower(checked: Checked) -> Plan:
                 continue
             params = {k: v for k, v in ev.items() if k not in ("name", "line")}
             span = {"file": next(iter(checked.sources)), "line": ev["line"], "column": 1}
-            add(f"r{rnd}/evaluate/{ev['name']}", rnd, "evaluate", "evaluate", ev["name"], params, {"policy": policy}, ("metrics",), span, {}, {})
+            add(
+                f"r{rnd}/evaluate/{ev['name']}",
+                rnd,
+                "evaluate",
+                "evaluate",
+                ev["name"],
+                params,
+                {"policy": policy},
+                ("metrics",),
+                span,
+                {},
+                {},
+            )
 
     evaluations(0, final=False)
     for rnd in range(1, checked.rounds + 1):
@@ -123,11 +167,29 @@ def lower(checked: Checked) -> Plan:
                 judge = s.params.get("judge", checked.policy)
                 inputs["judge"] = policy if judge == checked.policy else f"model:{judge}"
             if s.kind == "train dpo":
-                inputs["reference"] = round_start if s.params.get("reference") == "round_start" else f"model:{checked.policy}"
-            add(sid, rnd, s.phase, s.kind, s.name, dict(s.params), inputs, s.outputs, s.span.to_json(), dict(s.templates), dict(s.exprs))
+                inputs["reference"] = (
+                    round_start
+                    if s.params.get("reference") == "round_start"
+                    else f"model:{checked.policy}"
+                )
+            add(
+                sid,
+                rnd,
+                s.phase,
+                s.kind,
+                s.name,
+                dict(s.params),
+                inputs,
+                s.outputs,
+                s.span.to_json(),
+                dict(s.templates),
+                dict(s.exprs),
+            )
             for out in s.outputs:
                 made[out] = sid
-            if "responses" in s.outputs and s.kind == "sample":  # new answers: earlier scores and pairs no longer apply
+            if (
+                "responses" in s.outputs and s.kind == "sample"
+            ):  # new answers: earlier scores and pairs no longer apply
                 for k in [k for k in made if k.startswith("score:") or k == "pairs"]:
                     del made[k]
             if "policy" in s.outputs:

@@ -13,7 +13,9 @@ FORMAT = "ralign-plan/1"
 
 def canonical(value: Any) -> str:
     """The one JSON text of a value that hashes use: sorted keys, no spaces, exact floats."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def digest(value: Any) -> str:
@@ -87,7 +89,9 @@ class Plan:
     evaluations: list[dict[str, Any]]
     steps: tuple[Step, ...]
     hash: str = ""
-    recipe_dir: str = "."  # where relative data paths resolve, relative to the plan file (not hashed)
+    recipe_dir: str = (
+        "."  # where relative data paths resolve, relative to the plan file (not hashed)
+    )
 
     def content(self) -> dict[str, Any]:
         return {
@@ -144,7 +148,9 @@ class Plan:
     def load(cls, path: Path) -> Plan:
         plan = cls.from_json(json.loads(path.read_text(encoding="utf-8")))
         if plan.hash != plan.compute_hash():
-            raise ValueError(f"{path}: the plan's hash does not match its content (was it edited by hand?)")
+            raise ValueError(
+                f"{path}: the plan's hash does not match its content (was it edited by hand?)"
+            )
         return plan
 
 
@@ -164,7 +170,9 @@ def mermaid(plan: Plan) -> str:
         lines.append(f'  subgraph r{rnd}["{title}"]')
         for s in steps:
             label = s.kind + (f" {s.name}" if s.name and not s.kind.startswith("train") else "")
-            lines.append(f'    {ids[s.id]}["{label}<br/><small>{s.phase} · line {s.span.get("line")}</small>"]')
+            lines.append(
+                f'    {ids[s.id]}["{label}<br/><small>{s.phase} · line {s.span.get("line")}</small>"]'
+            )
         lines.append("  end")
     for s in plan.steps:
         for slot, src in sorted(s.inputs.items()):

@@ -38,7 +38,9 @@ class Kind:
     consumes: tuple[str, ...] = ()
     produces: tuple[str, ...] = ()
     named: str = "no"  # "no", "optional", "required" (a step's NAME after its kind)
-    template_vars: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attr -> variables provided
+    template_vars: dict[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # attr -> variables provided
     open_attrs: str | None = None  # kind of any further attribute (score: each is an expression)
 
 
@@ -48,32 +50,58 @@ def _positive(doc: str, default: Any, kind: str = NUMBER) -> Attr:
 
 LORA_ATTRS: dict[str, Attr] = {
     "rank": Attr(INT, "adapter rank r", 8, min=1, max=1024),
-    "alpha": Attr(NUMBER, "scaling alpha (the update is scaled by alpha / rank)", 16, min=0, min_open=True),
+    "alpha": Attr(
+        NUMBER, "scaling alpha (the update is scaled by alpha / rank)", 16, min=0, min_open=True
+    ),
     "dropout": Attr(NUMBER, "dropout on the adapter input", 0.05, min=0, max=0.99),
-    "targets": Attr(TEXTS, "module names to adapt (default: the architecture's attention and MLP projections)"),
+    "targets": Attr(
+        TEXTS, "module names to adapt (default: the architecture's attention and MLP projections)"
+    ),
 }
 
 DECLS: dict[str, Kind] = {
     "recipe": Kind(
         "the recipe: how many rounds of the phases to run, and the seed",
         {
-            "rounds": Attr(INT, "how many times the phases run; round r+1 starts from round r's policy", 1, min=1, max=1000),
-            "seed": Attr(INT, "seed for every random choice; each step derives its own from (seed, round, step)", 0, min=0),
+            "rounds": Attr(
+                INT,
+                "how many times the phases run; round r+1 starts from round r's policy",
+                1,
+                min=1,
+                max=1000,
+            ),
+            "seed": Attr(
+                INT,
+                "seed for every random choice; each step derives its own from (seed, round, step)",
+                0,
+                min=0,
+            ),
         },
     ),
     "model": Kind(
         "a causal language model: Hugging Face id, local folder, or built-in `ralign:NAME`",
         {
             "path": Attr(STRING, "hub id, local folder, or `ralign:smollm2-135m`", required=True),
-            "dtype": Attr(STRING, "weights' dtype", "auto", choices=("auto", "float32", "bfloat16", "float16")),
-            "lora": Attr(LORA, "train a LoRA adapter instead of all weights: `{ rank, alpha, dropout, targets }`"),
-            "max_length": Attr(INT, "longest prompt+response, in tokens, for training and judging", 1024, min=16),
+            "dtype": Attr(
+                STRING, "weights' dtype", "auto", choices=("auto", "float32", "bfloat16", "float16")
+            ),
+            "lora": Attr(
+                LORA,
+                "train a LoRA adapter instead of all weights: `{ rank, alpha, dropout, targets }`",
+            ),
+            "max_length": Attr(
+                INT, "longest prompt+response, in tokens, for training and judging", 1024, min=16
+            ),
         },
     ),
     "dataset": Kind(
         "prompts: a `.jsonl`/`.json`/`.csv`/`.parquet` file, `hf:org/name[:split]`, or built-in `ralign:NAME`",
         {
-            "path": Attr(STRING, "file (relative to the recipe), `hf:...` or `ralign:seeds/hhh`", required=True),
+            "path": Attr(
+                STRING,
+                "file (relative to the recipe), `hf:...` or `ralign:seeds/hhh`",
+                required=True,
+            ),
             "field": Attr(STRING, "the record field that holds the prompt text", "prompt"),
             "limit": Attr(INT, "use at most this many records (the first ones)", min=1),
         },
@@ -81,12 +109,20 @@ DECLS: dict[str, Kind] = {
     "evaluate": Kind(
         "an evaluation of the policy, before round 1 and after each round (or only at the end)",
         {
-            "data": Attr(DATA, "a dataset name, a file, `hf:...` or `ralign:evals/hhh-mini`", required=True),
-            "task": Attr(STRING, "the evaluator (default: the block's name when it names one)", choices=("hhh", "behavior")),
+            "data": Attr(
+                DATA, "a dataset name, a file, `hf:...` or `ralign:evals/hhh-mini`", required=True
+            ),
+            "task": Attr(
+                STRING,
+                "the evaluator (default: the block's name when it names one)",
+                choices=("hhh", "behavior"),
+            ),
             "every": Attr(STRING, "when to run", "round", choices=("round", "end")),
             "limit": Attr(INT, "evaluate at most this many items", min=1),
             "batch_size": Attr(INT, "items per forward pass", 16, min=1),
-            "max_new_tokens": Attr(INT, "answer length for generating evaluations (behavior)", 64, min=1),
+            "max_new_tokens": Attr(
+                INT, "answer length for generating evaluations (behavior)", 64, min=1
+            ),
         },
     ),
 }
@@ -98,7 +134,11 @@ STEPS: dict[str, Kind] = {
         "self-instruct: the policy writes new prompts, few-shot from a dataset",
         {
             "from": Attr(DATASET, "the seed prompts shown as examples", required=True),
-            "template": Attr(TEMPLATE, "the few-shot prompt; the model continues it (variable `examples`)", required=True),
+            "template": Attr(
+                TEMPLATE,
+                "the few-shot prompt; the model continues it (variable `examples`)",
+                required=True,
+            ),
             "count": Attr(INT, "how many prompts to write (before dropping bad ones)", 64, min=1),
             "shots": Attr(INT, "examples per few-shot prompt", 4, min=0, max=64),
             "temperature": _T,
@@ -111,8 +151,12 @@ STEPS: dict[str, Kind] = {
     "dedupe": Kind(
         "drop near-duplicate prompts (MiniLM embedding cosine when installed, else word n-gram Jaccard)",
         {
-            "max_similarity": Attr(NUMBER, "drop a prompt this similar to an earlier kept one", 0.9, min=0, max=1),
-            "method": Attr(STRING, "similarity measure", "auto", choices=("auto", "embedding", "jaccard")),
+            "max_similarity": Attr(
+                NUMBER, "drop a prompt this similar to an earlier kept one", 0.9, min=0, max=1
+            ),
+            "method": Attr(
+                STRING, "similarity measure", "auto", choices=("auto", "embedding", "jaccard")
+            ),
         },
         consumes=("prompts",),
         produces=("prompts",),
@@ -131,7 +175,10 @@ STEPS: dict[str, Kind] = {
             "temperature": Attr(NUMBER, "sampling temperature (0 = greedy)", 0.8, min=0, max=10),
             "top_p": Attr(NUMBER, "nucleus sampling mass", 1.0, min=0, max=1, min_open=True),
             "max_new_tokens": Attr(INT, "longest answer, in tokens", 128, min=1),
-            "context": Attr(TEMPLATE, "a template prepended while sampling (variable `prompt`); `train sft { drop_context = true }` distils it away"),
+            "context": Attr(
+                TEMPLATE,
+                "a template prepended while sampling (variable `prompt`); `train sft { drop_context = true }` distils it away",
+            ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
         consumes=("prompts",),
@@ -141,10 +188,18 @@ STEPS: dict[str, Kind] = {
     "revise": Kind(
         "critique and revise each answer against principles, `times` passes",
         {
-            "template": Attr(TEMPLATE, "the revision prompt (variables `prompt`, `response`, `principle`, `critique`, `stage`)", required=True),
-            "principles": Attr(TEXTS, "principles to revise against, one drawn per pass", required=True),
+            "template": Attr(
+                TEMPLATE,
+                "the revision prompt (variables `prompt`, `response`, `principle`, `critique`, `stage`)",
+                required=True,
+            ),
+            "principles": Attr(
+                TEXTS, "principles to revise against, one drawn per pass", required=True
+            ),
             "times": Attr(INT, "revision passes", 1, min=1, max=16),
-            "temperature": Attr(NUMBER, "sampling temperature for critiques and revisions", 0.7, min=0, max=10),
+            "temperature": Attr(
+                NUMBER, "sampling temperature for critiques and revisions", 0.7, min=0, max=10
+            ),
             "max_new_tokens": Attr(INT, "longest critique or revision, in tokens", 128, min=1),
         },
         consumes=("responses",),
@@ -154,12 +209,37 @@ STEPS: dict[str, Kind] = {
     "rank": Kind(
         "in-context self-ranking: the judge model ranks each prompt's answers; the result is a score named by the step",
         {
-            "judge": Attr(MODEL, "the judging model (default: the policy itself, as it is in this round)"),
-            "template": Attr(TEMPLATE, "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`)", required=True),
-            "mode": Attr(STRING, "how answers are compared", "listwise", choices=("listwise", "pairwise", "pointwise")),
-            "orders": Attr(INT, "listwise: orders scored and averaged (2 = also reversed; more = rotations)", 1, min=1, max=16),
-            "samples": Attr(INT, "pointwise: judge samples drawn from the digit distribution and averaged (1 = its exact expectation)", 1, min=1, max=32),
-            "scale": Attr(INT, "pointwise: the rubric's top score (digits 0..scale)", 5, min=1, max=9),
+            "judge": Attr(
+                MODEL, "the judging model (default: the policy itself, as it is in this round)"
+            ),
+            "template": Attr(
+                TEMPLATE,
+                "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`)",
+                required=True,
+            ),
+            "mode": Attr(
+                STRING,
+                "how answers are compared",
+                "listwise",
+                choices=("listwise", "pairwise", "pointwise"),
+            ),
+            "orders": Attr(
+                INT,
+                "listwise: orders scored and averaged (2 = also reversed; more = rotations)",
+                1,
+                min=1,
+                max=16,
+            ),
+            "samples": Attr(
+                INT,
+                "pointwise: judge samples drawn from the digit distribution and averaged (1 = its exact expectation)",
+                1,
+                min=1,
+                max=32,
+            ),
+            "scale": Attr(
+                INT, "pointwise: the rubric's top score (digits 0..scale)", 5, min=1, max=9
+            ),
             "batch_size": Attr(INT, "judge prompts per forward pass", 16, min=1),
         },
         consumes=("responses",),
@@ -177,10 +257,19 @@ STEPS: dict[str, Kind] = {
     "pairs": Kind(
         "preference pairs per prompt from a score",
         {
-            "chosen": Attr(STRING, "which answer is preferred (the pair is then oriented by score)", "best", choices=("best", "random")),
-            "rejected": Attr(STRING, "which answer is dispreferred", "worst", choices=("worst", "random")),
+            "chosen": Attr(
+                STRING,
+                "which answer is preferred (the pair is then oriented by score)",
+                "best",
+                choices=("best", "random"),
+            ),
+            "rejected": Attr(
+                STRING, "which answer is dispreferred", "worst", choices=("worst", "random")
+            ),
             "min_margin": Attr(NUMBER, "drop pairs whose score gap is below this", 0.0, min=0),
-            "by": Attr(STRING, "the score to use (default: `total` if defined, else the latest score)"),
+            "by": Attr(
+                STRING, "the score to use (default: `total` if defined, else the latest score)"
+            ),
         },
         consumes=("score",),
         produces=("pairs",),
@@ -189,8 +278,15 @@ STEPS: dict[str, Kind] = {
         "supervised self-distillation on the best (or revised) answers; loss on answer tokens only",
         {
             "on": Attr(STRING, "what to train on", "best", choices=("best", "revised", "all")),
-            "by": Attr(STRING, "the score that picks the best answer (default: `total` if defined, else the latest)"),
-            "drop_context": Attr(BOOL, "train on the bare prompt, without the sampling context (context distillation)", False),
+            "by": Attr(
+                STRING,
+                "the score that picks the best answer (default: `total` if defined, else the latest)",
+            ),
+            "drop_context": Attr(
+                BOOL,
+                "train on the bare prompt, without the sampling context (context distillation)",
+                False,
+            ),
             "lr": _positive("learning rate (AdamW)", 1e-5),
             "epochs": Attr(INT, "passes over the examples", 1, min=1, max=100),
             "batch_size": Attr(INT, "examples per optimizer step", 8, min=1),
@@ -205,7 +301,12 @@ STEPS: dict[str, Kind] = {
             "lr": _positive("learning rate (AdamW)", 5e-6),
             "epochs": Attr(INT, "passes over the pairs", 1, min=1, max=100),
             "batch_size": Attr(INT, "pairs per optimizer step", 8, min=1),
-            "reference": Attr(STRING, "the frozen reference policy", "round_start", choices=("round_start", "base")),
+            "reference": Attr(
+                STRING,
+                "the frozen reference policy",
+                "round_start",
+                choices=("round_start", "base"),
+            ),
         },
         consumes=("pairs",),
         produces=("policy",),
@@ -221,4 +322,9 @@ POINTWISE_VARS = ("prompt", "response", "scale")
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.
 BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini")
-BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-gpt2", "tiny-qwen2")  # tiny-*: random-init test models
+BUILTIN_MODELS = (
+    "smollm2-135m",
+    "tiny-llama",
+    "tiny-gpt2",
+    "tiny-qwen2",
+)  # tiny-*: random-init test models

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from functools import cache, lru_cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Transformer, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, VisitError
 
 from ralign import nodes as n
@@ -26,11 +27,11 @@ def grammar_path() -> Path:
 @cache
 def parser(kind: str = "lalr") -> Lark:
     """The shared parser (`kind="earley"` exists only for the benchmark)."""
-    options = {"strict": True} if kind == "lalr" else {}
+    # LALR builds nodes while it parses (no intermediate tree); Earley cannot, so it transforms after.
+    options = {"strict": True, "transformer": _INLINE} if kind == "lalr" else {}
     return Lark(
         grammar_path().read_text(encoding="utf-8"),
         parser=kind,
-        propagate_positions=True,
         maybe_placeholders=False,
         **options,  # type: ignore[arg-type]
     )
@@ -48,22 +49,76 @@ def parse(source: Source, kind: str = "lalr") -> n.Module:
 @lru_cache(maxsize=256)
 def _parse_cached(name: str, text: str, kind: str) -> n.Module:
     source = Source(name, text)
+    deep: tuple[int, int] | None = None
+    decls: list[n.Decl]
     try:
-        tree = parser(kind).parse(source.text)
+        if kind == "lalr":
+            _INLINE.file = name
+            decls = parser(kind).parse(text)  # type: ignore[assignment]  # the transformer's nodes
+            deep = _nodes_too_deep(decls, MAX_DEPTH)
+        else:
+            tree = parser(kind).parse(text)
+            deep = _too_deep(tree, MAX_DEPTH)  # checked first: Lark's transformer recurses
+            decls = [] if deep else _ToNodes(name).transform(tree)  # type: ignore[assignment]
     except UnexpectedInput as exc:
         raise RecipeError([_diagnose(source, exc, kind)], {source.name: source}) from None
-    deep = _too_deep(tree, MAX_DEPTH)
-    if deep is not None:  # every later stage recurses over the tree; refuse before it can overflow
-        message = f"this expression nests more than {MAX_DEPTH} levels deep; split it with `let` or `def`"
+    except (_NodeError, VisitError) as exc:  # a node-building check (e.g. a bad escape) failed
+        error = exc.orig_exc if isinstance(exc, VisitError) else exc
+        if not isinstance(error, _NodeError):
+            raise
+        span, message = error.args
+        raise RecipeError([Diagnostic(span, message)], {source.name: source}) from None
+    if (
+        deep is not None
+    ):  # every later stage recurses over expressions; refuse before it can overflow
+        message = (
+            f"this expression nests more than {MAX_DEPTH} levels deep; split it with `let` or `def`"
+        )
         raise RecipeError([Diagnostic(Span(source.name, *deep), message)], {source.name: source})
-    try:
-        decls = _ToNodes(source.name).transform(tree)
-    except VisitError as exc:  # a node-building check (e.g. a bad escape) failed
-        if isinstance(exc.orig_exc, _NodeError):
-            span, message = exc.orig_exc.args
-            raise RecipeError([Diagnostic(span, message)], {source.name: source}) from None
-        raise
     return n.Module(file=source.name, decls=tuple(decls))
+
+
+def _nodes_too_deep(decls: list[n.Decl], limit: int) -> tuple[int, int] | None:
+    """(line, column) of the first node nested deeper than `limit`, found without recursion."""
+    stack: list[tuple[object, int]] = [(d, 0) for d in decls]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            span = node.span  # type: ignore[attr-defined]
+            return (span.line, span.column)
+        for name in _child_fields(type(node)):  # type: ignore[arg-type]
+            value = getattr(node, name)
+            if isinstance(value, tuple):
+                stack.extend((v, depth + 1) for v in value if not isinstance(v, str))
+            elif value is not None:
+                stack.append((value, depth + 1))
+    return None
+
+
+@cache
+def _child_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a node class that can hold other nodes (not spans, names or numbers)."""
+    plain = {
+        "span",
+        "name_span",
+        "path_span",
+        "name",
+        "kind",
+        "value",
+        "path",
+        "alias",
+        "params",
+        "pattern",
+        "flags",
+        "long",
+        "op",
+        "parts",
+        "file",
+    }
+    out = tuple(f.name for f in fields(cls) if f.name not in plain)
+    if cls in (n.Let, n.Template, n.Attr, n.Rule):
+        out += ("value",)
+    return out
 
 
 # How deep a parse tree may nest (operators, calls, lists; parentheses add no level): far beyond any
@@ -76,12 +131,14 @@ def _too_deep(tree: Tree, limit: int) -> tuple[int, int] | None:
     stack: list[tuple[Tree, int, tuple[int, int]]] = [(tree, 0, (1, 1))]
     while stack:
         node, depth, where = stack.pop()
-        meta = node.meta
-        if not getattr(meta, "empty", True):
-            where = (meta.line, meta.column)
+        first = next((t for t in node.children if isinstance(t, Token)), None)
+        if first is not None and first.line is not None:
+            where = (first.line, first.column or 1)
         if depth > limit:
             return where
-        stack.extend((child, depth + 1, where) for child in node.children if isinstance(child, Tree))
+        stack.extend(
+            (child, depth + 1, where) for child in node.children if isinstance(child, Tree)
+        )
     return None
 
 
@@ -127,11 +184,17 @@ def _diagnose(source: Source, exc: UnexpectedInput, kind: str) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
         pos = exc.pos_in_stream or 0
         char = source.text[pos] if pos < len(source.text) else ""
-        if char == '"' and source.text[max(0, pos - 2) : pos + 1] == '"""':  # `""` lexed as an empty string
-            return Diagnostic(Span(source.name, line, max(1, column - 2)), 'this """string""" is never closed')
+        if (
+            char == '"' and source.text[max(0, pos - 2) : pos + 1] == '"""'
+        ):  # `""` lexed as an empty string
+            return Diagnostic(
+                Span(source.name, line, max(1, column - 2)), 'this """string""" is never closed'
+            )
         hint = ""
         if char == '"':
-            hint = " (a string must close on the same line; use \"\"\"...\"\"\" for text over several lines)"
+            hint = (
+                ' (a string must close on the same line; use """...""" for text over several lines)'
+            )
         elif char == "/":
             hint = " (a /regex/ must close on the same line)"
         return Diagnostic(span, f"unexpected character {char!r}{hint}")
@@ -155,7 +218,11 @@ def _diagnose(source: Source, exc: UnexpectedInput, kind: str) -> Diagnostic:
             close = _CLOSER[char]
             where = Span(source.name, o_line, o_col)
             if at_end:
-                return Diagnostic(where, f"this '{char}' is never closed: expected '{close}' before the end of the file", ((span, message),))
+                return Diagnostic(
+                    where,
+                    f"this '{char}' is never closed: expected '{close}' before the end of the file",
+                    ((span, message),),
+                )
             if str(token) in _TOP_LEVEL:
                 what = "the block" if char == "{" else f"the '{char}'"
                 message += f" (is {what} opened at line {o_line} missing its '{close}'?)"
@@ -171,19 +238,49 @@ def _innermost_open(exc: UnexpectedInput) -> tuple[str, int, int] | None:
     state = getattr(getattr(exc, "interactive_parser", None), "parser_state", None)
     if state is None:
         return None
-    opened = [v for v in state.value_stack if isinstance(v, Token) and v.type in ("LBRACE", "LSQB", "LPAR")]
+    opened = [
+        v
+        for v in state.value_stack
+        if isinstance(v, Token) and v.type in ("LBRACE", "LSQB", "LPAR")
+    ]
     if not opened:
         return None
     tok = opened[-1]
     return str(tok), tok.line or 1, tok.column or 1
 
 
-_OPERAND_STARTS = {"NUMBER", "STRING", "LONG_STRING", "REGEX", "NAME", "LPAR", "LSQB", "LBRACE", "MINUS", "NOT", "TRUE", "FALSE"}
-_TOP_LEVEL = {"recipe", "import", "model", "dataset", "template", "let", "def", "reward", "phase", "evaluate"}
+_OPERAND_STARTS = {
+    "NUMBER",
+    "STRING",
+    "LONG_STRING",
+    "REGEX",
+    "NAME",
+    "LPAR",
+    "LSQB",
+    "LBRACE",
+    "MINUS",
+    "NOT",
+    "TRUE",
+    "FALSE",
+}
+_TOP_LEVEL = {
+    "recipe",
+    "import",
+    "model",
+    "dataset",
+    "template",
+    "let",
+    "def",
+    "reward",
+    "phase",
+    "evaluate",
+}
 
 
 def _end_of(source: Source) -> tuple[int, int]:
-    lines = source.text.split("\n")  # as the lexer counts lines (not str.splitlines, which also breaks at \f, \x1c, U+2028...)
+    lines = source.text.split(
+        "\n"
+    )  # as the lexer counts lines (not str.splitlines, which also breaks at \f, \x1c, U+2028...)
     return len(lines), len(lines[-1]) + 1
 
 
@@ -247,12 +344,19 @@ def unescape(body: str, span: Span) -> str:
             i += 2
         elif nxt == "u" and len(body) >= i + 6 and _is_hex(body[i + 2 : i + 6]):
             code = int(body[i + 2 : i + 6], 16)
-            if 0xD800 <= code <= 0xDFFF:  # a lone surrogate is not a character: it cannot be written as UTF-8
-                raise _NodeError(span, f"'\\u{body[i + 2 : i + 6]}' is a surrogate code point, not a character")
+            if (
+                0xD800 <= code <= 0xDFFF
+            ):  # a lone surrogate is not a character: it cannot be written as UTF-8
+                raise _NodeError(
+                    span, f"'\\u{body[i + 2 : i + 6]}' is a surrogate code point, not a character"
+                )
             out.append(chr(code))
             i += 6
         else:
-            raise _NodeError(span, f"unknown escape '\\{nxt}' in string (known: \\n \\t \\r \\\" \\\\ \\/ \\uXXXX)")
+            raise _NodeError(
+                span,
+                f"unknown escape '\\{nxt}' in string (known: \\n \\t \\r \\\" \\\\ \\/ \\uXXXX)",
+            )
     return "".join(out)
 
 
@@ -260,58 +364,66 @@ def _is_hex(s: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in s)
 
 
-@v_args(meta=True)
 class _ToNodes(Transformer):
+    """Tree -> nodes. Spans come from tokens and child nodes (no Lark position propagation,
+    which doubled the parse time): a node spans its first token to its last."""
+
     def __init__(self, file: str) -> None:
         super().__init__()
         self.file = file
 
-    def _span(self, meta) -> Span:  # type: ignore[no-untyped-def]
-        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
-
     def _tok(self, tok: Token) -> Span:
-        return Span(self.file, tok.line or 1, tok.column or 1, tok.end_line or 0, tok.end_column or 0)
+        return Span(
+            self.file, tok.line or 1, tok.column or 1, tok.end_line or 0, tok.end_column or 0
+        )
+
+    def _at(self, item: object) -> Span:
+        return self._tok(item) if isinstance(item, Token) else item.span  # type: ignore[attr-defined]
+
+    def _join(self, first: object, last: object) -> Span:
+        a, b = self._at(first), self._at(last)
+        return Span(self.file, a.line, a.column, b.end_line, b.end_column)
 
     # declarations
-    def start(self, meta, items):  # type: ignore[no-untyped-def]
-        return items
+    def start(self, c):  # type: ignore[no-untyped-def]
+        return c
 
-    def recipe(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Recipe(self._span(meta), self._string(c[0]), c[1])
+    def recipe(self, c):  # type: ignore[no-untyped-def]
+        return n.Recipe(self._join(c[0], c[1]), self._string(c[1]), c[2])
 
-    def import_decl(self, meta, c):  # type: ignore[no-untyped-def]
-        alias = str(c[1]) if len(c) > 1 else None
-        return n.Import(self._span(meta), self._string(c[0]), self._tok(c[0]), alias)
+    def import_decl(self, c):  # type: ignore[no-untyped-def]
+        alias = str(c[2]) if len(c) > 2 else None
+        return n.Import(self._join(c[0], c[-1]), self._string(c[1]), self._tok(c[1]), alias)
 
-    def model(self, meta, c):  # type: ignore[no-untyped-def]
+    def model(self, c):  # type: ignore[no-untyped-def]
         return n.Model(self._tok(c[0]), str(c[0]), c[1])
 
-    def dataset(self, meta, c):  # type: ignore[no-untyped-def]
+    def dataset(self, c):  # type: ignore[no-untyped-def]
         return n.Dataset(self._tok(c[0]), str(c[0]), c[1])
 
-    def template(self, meta, c):  # type: ignore[no-untyped-def]
+    def template(self, c):  # type: ignore[no-untyped-def]
         return n.Template(self._tok(c[0]), str(c[0]), c[1])
 
-    def let(self, meta, c):  # type: ignore[no-untyped-def]
+    def let(self, c):  # type: ignore[no-untyped-def]
         return n.Let(self._tok(c[0]), str(c[0]), c[1])
 
-    def def_(self, meta, c):  # type: ignore[no-untyped-def]
+    def def_(self, c):  # type: ignore[no-untyped-def]
         return n.Def(self._tok(c[0]), str(c[0]), c[1], c[2])
 
-    def params(self, meta, c):  # type: ignore[no-untyped-def]
+    def params(self, c):  # type: ignore[no-untyped-def]
         return tuple(str(t) for t in c)
 
-    def reward(self, meta, c):  # type: ignore[no-untyped-def]
+    def reward(self, c):  # type: ignore[no-untyped-def]
         return n.Reward(self._tok(c[0]), str(c[0]), tuple(c[1:]))
 
-    def rule(self, meta, c):  # type: ignore[no-untyped-def]
+    def rule(self, c):  # type: ignore[no-untyped-def]
         when = c[2] if len(c) > 2 else None
         return n.Rule(self._tok(c[0]), str(c[0]), c[1], when)
 
-    def phase(self, meta, c):  # type: ignore[no-untyped-def]
+    def phase(self, c):  # type: ignore[no-untyped-def]
         return n.Phase(self._tok(c[0]), str(c[0]), tuple(c[1:]))
 
-    def step(self, meta, c):  # type: ignore[no-untyped-def]
+    def step(self, c):  # type: ignore[no-untyped-def]
         kind = c[0]
         name = c[1] if len(c) == 3 else None
         return n.Step(
@@ -322,94 +434,93 @@ class _ToNodes(Transformer):
             self._tok(name) if name is not None else None,
         )
 
-    def evaluate(self, meta, c):  # type: ignore[no-untyped-def]
+    def evaluate(self, c):  # type: ignore[no-untyped-def]
         return n.Evaluate(self._tok(c[0]), str(c[0]), c[1])
 
-    def block(self, meta, c):  # type: ignore[no-untyped-def]
+    def block(self, c):  # type: ignore[no-untyped-def]
         return tuple(c)
 
-    def attr(self, meta, c):  # type: ignore[no-untyped-def]
+    def attr(self, c):  # type: ignore[no-untyped-def]
         return n.Attr(self._tok(c[0]), str(c[0]), c[1])
 
     # expressions
     def _string(self, tok: Token) -> str:
         return unescape(str(tok)[1:-1], self._tok(tok))
 
-    def number(self, meta, c):  # type: ignore[no-untyped-def]
+    def number(self, c):  # type: ignore[no-untyped-def]
         value = float(c[0])
         if not math.isfinite(value):  # plans are JSON, which has no infinity
-            raise _NodeError(self._span(meta), f"the number {str(c[0])[:30]} is too large")
-        return n.Number(self._span(meta), value)
+            raise _NodeError(self._tok(c[0]), f"the number {str(c[0])[:30]} is too large")
+        return n.Number(self._tok(c[0]), value)
 
-    def string(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.String(self._span(meta), self._string(c[0]))
+    def string(self, c):  # type: ignore[no-untyped-def]
+        return n.String(self._tok(c[0]), self._string(c[0]))
 
-    def long_string(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.String(self._span(meta), str(c[0])[3:-3], long=True)
+    def long_string(self, c):  # type: ignore[no-untyped-def]
+        return n.String(self._tok(c[0]), str(c[0])[3:-3], long=True)
 
-    def regex(self, meta, c):  # type: ignore[no-untyped-def]
+    def regex(self, c):  # type: ignore[no-untyped-def]
         text = str(c[0])
         end = text.rfind("/")
-        return n.Regex(self._span(meta), text[1:end].replace("\\/", "/"), text[end + 1 :])
+        return n.Regex(self._tok(c[0]), text[1:end].replace("\\/", "/"), text[end + 1 :])
 
-    def true(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Bool(self._span(meta), True)
+    def true(self, c):  # type: ignore[no-untyped-def]
+        return n.Bool(self._tok(c[0]), True)
 
-    def false(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Bool(self._span(meta), False)
+    def false(self, c):  # type: ignore[no-untyped-def]
+        return n.Bool(self._tok(c[0]), False)
 
-    def dotted(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Ref(self._span(meta), tuple(str(t) for t in c))
+    def dotted(self, c):  # type: ignore[no-untyped-def]
+        return n.Ref(self._join(c[0], c[-1]), tuple(str(t) for t in c))
 
-    def ref(self, meta, c):  # type: ignore[no-untyped-def]
+    def ref(self, c):  # type: ignore[no-untyped-def]
         return c[0]
 
-    def call(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Call(self._span(meta), c[0], c[1])
+    def call(self, c):  # type: ignore[no-untyped-def]
+        return n.Call(self._join(c[0], c[-1]), c[0], c[1])
 
-    def args(self, meta, c):  # type: ignore[no-untyped-def]
+    def args(self, c):  # type: ignore[no-untyped-def]
         return tuple(c)
 
-    def list(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.ListExpr(self._span(meta), tuple(c))
+    def list(self, c):  # type: ignore[no-untyped-def]
+        return n.ListExpr(self._join(c[0], c[-1]), tuple(c[1:-1]))
 
-    def map(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.MapExpr(self._span(meta), tuple(c))
+    def map(self, c):  # type: ignore[no-untyped-def]
+        return n.MapExpr(self._join(c[0], c[-1]), tuple(c[1:-1]))
 
-    def neg(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Unary(self._span(meta), "-", c[0])
+    def neg(self, c):  # type: ignore[no-untyped-def]
+        return n.Unary(self._join(c[0], c[-1]), "-", c[-1])
 
-    def not_(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Unary(self._span(meta), "not", c[0])
+    def not_(self, c):  # type: ignore[no-untyped-def]
+        return n.Unary(self._join(c[0], c[-1]), "not", c[-1])
 
-    def _binary(self, op: str):  # type: ignore[no-untyped-def]
-        def build(meta, c):  # type: ignore[no-untyped-def]
-            return n.Binary(self._span(meta), op, c[0], c[-1])
+    def _bin(self, op: str, c):  # type: ignore[no-untyped-def]
+        return n.Binary(self._join(c[0], c[-1]), op, c[0], c[-1])
 
-        return build
+    def compare(self, c):  # type: ignore[no-untyped-def]
+        return self._bin(str(c[1]), c)
 
-    def compare(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), str(c[1]), c[0], c[2])
+    def or_(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("or", c)
 
-    def or_(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "or", c[0], c[1])
+    def and_(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("and", c)
 
-    def and_(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "and", c[0], c[1])
+    def add(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("+", c)
 
-    def add(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "+", c[0], c[1])
+    def sub(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("-", c)
 
-    def sub(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "-", c[0], c[1])
+    def mul(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("*", c)
 
-    def mul(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "*", c[0], c[1])
-
-    def div(self, meta, c):  # type: ignore[no-untyped-def]
-        return n.Binary(self._span(meta), "/", c[0], c[1])
+    def div(self, c):  # type: ignore[no-untyped-def]
+        return self._bin("/", c)
 
 
 # `def` is a Python keyword, so the grammar rule named `def` needs an alias here.
 setattr(_ToNodes, "def", _ToNodes.def_)
+# The LALR parser's built-in transformer; `file` is set before each parse (parsing is not re-entrant).
+_INLINE = _ToNodes("")
 _ = Tree  # re-exported for type users

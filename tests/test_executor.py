@@ -26,9 +26,8 @@ from ralign.runtime.executor import step_folder
 
 RECIPES = Path(__file__).parent / "recipes"
 TINY_LLAMA = '"ralign:tiny-llama"'
-# Each architecture's run: llama runs every step kind; gpt2 and qwen2 a shorter two-round recipe
-# (sample, rank, score, pairs, DPO) to keep the file's time down.
-RUNS = {"llama": "every_step.ralign", "gpt2": "short.ralign", "qwen2": "short.ralign"}
+# Each architecture runs the two-round recipe that uses every step kind.
+RUNS = {"llama": "every_step.ralign", "gpt2": "every_step.ralign", "qwen2": "every_step.ralign"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -198,7 +197,7 @@ def is_done(run_dir: Path, plan: Plan, step_id: str) -> bool:
 @pytest.mark.parametrize("arch", RUNS)
 def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     plan, _, run_dir = finished(arch)
-    if arch == "llama":  # the recipe really uses every step kind, over two rounds
+    if RUNS[arch] == "every_step.ralign":  # the recipe really uses every step kind, over two rounds
         assert {s.kind for s in plan.steps} == {
             "evaluate",
             "generate",

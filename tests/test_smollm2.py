@@ -65,9 +65,9 @@ def test_eval_hhh_runs_on_the_dev_split(smol):
     model, tok = smol
     items = load_hhh(DEV)
     assert len(items) == 115
-    # A third of the items (every third, all subsets) keeps the test short on two cores.
-    r = eval_hhh(model, tok, items[::3], batch_size=8)
-    assert r["n"] == 39
+    # Every fifth item (all four subsets) keeps the test short on two cores.
+    r = eval_hhh(model, tok, items[::5], batch_size=8)
+    assert r["n"] == 23
     for key in ("acc", "acc_norm", "ab_acc"):
         assert 0 <= r[key]["value"] <= 1
     assert set(r["subsets"]) == {"harmless", "helpful", "honest", "other"}

@@ -19,7 +19,17 @@ LIGHT_DEPS = ["lark", "interegular", "jinja2", "google-re2"]
 def test_wheel_compiles_a_recipe_in_a_fresh_venv(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -43,7 +53,11 @@ def test_wheel_compiles_a_recipe_in_a_fresh_venv(tmp_path: Path) -> None:
     assert "std/hhh:rules" in plan
     # The installed copy, not this checkout, served the grammar and the stdlib.
     where = subprocess.run(
-        [str(py), "-c", "import ralign.imports as i, ralign.syntax as s; print(i.stdlib_dir()); print(s.grammar_path())"],
+        [
+            str(py),
+            "-c",
+            "import ralign.imports as i, ralign.syntax as s; print(i.stdlib_dir()); print(s.grammar_path())",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -34,13 +34,17 @@ class Builtin:
 BUILTINS: dict[str, Builtin] = {}
 
 
-def builtin(params: str, returns: str, example: str, variadic: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def builtin(
+    params: str, returns: str, example: str, variadic: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a builtin under its function name (a trailing `_` is dropped: `if_` is `if`)."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         name = fn.__name__.rstrip("_")
         doc = (fn.__doc__ or "").strip()
-        BUILTINS[name] = Builtin(name, tuple(p for p in params.split() if p), returns, fn, doc, example, variadic)
+        BUILTINS[name] = Builtin(
+            name, tuple(p for p in params.split() if p), returns, fn, doc, example, variadic
+        )
         return fn
 
     return register
@@ -208,7 +212,7 @@ def sqrt(x: float) -> float:
     return math.sqrt(max(x, 0.0))
 
 
-@builtin("bool T T", "T", 'if(words(response) > 10, 1, 0)')
+@builtin("bool T T", "T", "if(words(response) > 10, 1, 0)")
 def if_(cond: bool, a: Any, b: Any) -> Any:
     """`a` when `cond` holds, else `b` (only the chosen branch is computed)."""
     return a if cond else b
@@ -226,17 +230,29 @@ def check_call(b: Builtin, arg_types: list[str]) -> tuple[str | None, str | None
     params = list(b.params)
     if b.variadic:
         if len(arg_types) < len(params):
-            return None, f"{b.name}() takes at least {len(params)} argument{'s' if len(params) > 1 else ''}, got {len(arg_types)}"
+            return (
+                None,
+                f"{b.name}() takes at least {len(params)} argument{'s' if len(params) > 1 else ''}, got {len(arg_types)}",
+            )
         params = params[:-1] + [params[-1]] * (len(arg_types) - len(params) + 1)
     elif len(arg_types) != len(params):
-        return None, f"{b.name}() takes {len(params)} argument{'s' if len(params) != 1 else ''} ({signature(b)}), got {len(arg_types)}"
+        return (
+            None,
+            f"{b.name}() takes {len(params)} argument{'s' if len(params) != 1 else ''} ({signature(b)}), got {len(arg_types)}",
+        )
     bound: str | None = None
     for i, (want, got) in enumerate(zip(params, arg_types, strict=True)):
         if want == "T":
             if bound is None:
                 bound = got
             elif got != bound:
-                return None, f"{b.name}(): both branches must have the same type, got {bound} and {got}"
+                return (
+                    None,
+                    f"{b.name}(): both branches must have the same type, got {bound} and {got}",
+                )
         elif want != got:
-            return None, f"argument {i + 1} of {b.name}() must be a {want}, got a {got} ({signature(b)})"
+            return (
+                None,
+                f"argument {i + 1} of {b.name}() must be a {want}, got a {got} ({signature(b)})",
+            )
     return (bound if b.returns == "T" else b.returns), None

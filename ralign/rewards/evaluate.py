@@ -122,7 +122,9 @@ class Programs:
             return self.let(ir[1])
         return _MISSING
 
-    def _call(self, fn: Callable[..., Any], arg_irs: list[Any], params: dict[str, int] | None) -> Fn:
+    def _call(
+        self, fn: Callable[..., Any], arg_irs: list[Any], params: dict[str, int] | None
+    ) -> Fn:
         """A builtin call; constant arguments (a regex, a let, a literal) are passed as captured values."""
         argf = [self.compile(a, params) for a in arg_irs]
         if len(argf) == 1:
@@ -130,7 +132,9 @@ class Programs:
             return lambda rec, args: fn(f0(rec, args))
         if len(argf) == 2:
             f0, f1 = argf
-            c1 = self._constant(arg_irs[1])  # matches(text, /re/), repeats(text, 3), contains(text, "x")
+            c1 = self._constant(
+                arg_irs[1]
+            )  # matches(text, /re/), repeats(text, 3), contains(text, "x")
             if c1 is not _MISSING:
                 return lambda rec, args: fn(f0(rec, args), c1)
             return lambda rec, args: fn(f0(rec, args), f1(rec, args))
@@ -277,11 +281,23 @@ def explain(checked: Any, reward: str, *, prompt: str, response: str) -> dict[st
     wanted = {f"{main}:{reward}"} if "." not in reward else set()
     if "." in reward:
         alias, name = reward.split(".", 1)
-        wanted = {q for q in rewards if q.endswith(f":{name}") and (q.split(":")[0].endswith("/" + alias) or q.split(":")[0].rsplit("/", 1)[-1].removesuffix(".ralign") == alias)}
+        wanted = {
+            q
+            for q in rewards
+            if q.endswith(f":{name}")
+            and (
+                q.split(":")[0].endswith("/" + alias)
+                or q.split(":")[0].rsplit("/", 1)[-1].removesuffix(".ralign") == alias
+            )
+        }
     found = [q for q in rewards if q in wanted]
     if not found:
-        known = sorted(q.split(":", 1)[1] if q.startswith(main + ":") else _display(q) for q in rewards)
-        raise UsageError(f"no reward '{reward}' in {main} (rewards: {', '.join(known) or 'none'}){did_you_mean(reward, known)}")
+        known = sorted(
+            q.split(":", 1)[1] if q.startswith(main + ":") else _display(q) for q in rewards
+        )
+        raise UsageError(
+            f"no reward '{reward}' in {main} (rewards: {', '.join(known) or 'none'}){did_you_mean(reward, known)}"
+        )
     qname = found[0]
     progs = Programs(checked.programs)
     rec: Record = {"prompt": prompt, "response": response}

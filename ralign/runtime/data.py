@@ -81,7 +81,9 @@ def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]
             raise DataError(f"{spec['path']}: the dataset file does not exist (looked at {file})")
         want = spec.get("sha256")
         if want and hashlib.sha256(file.read_bytes()).hexdigest() != want:
-            raise DataError(f"{file}: the file changed after the plan was compiled; compile the recipe again (or run the recipe itself)")
+            raise DataError(
+                f"{file}: the file changed after the plan was compiled; compile the recipe again (or run the recipe itself)"
+            )
         reader = READERS.get(file.suffix)
         if reader is None:
             raise DataError(f"{file}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
@@ -99,7 +101,12 @@ def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]
         if not isinstance(text, str) or not text.strip():
             have = ", ".join(sorted(map(str, row))) or "none"
             raise DataError(f"{where}: the record has no text field '{field}' (its fields: {have})")
-        out.append({**{k: v for k, v in row.items() if isinstance(v, (str, int, float, bool))}, "prompt": text.strip()})
+        out.append(
+            {
+                **{k: v for k, v in row.items() if isinstance(v, (str, int, float, bool))},
+                "prompt": text.strip(),
+            }
+        )
     return out
 
 
@@ -110,7 +117,9 @@ def _rows_hf(path: str) -> Iterable[tuple[str, Any]]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # offline, unknown name, ...: say which dataset and why
-        raise DataError(f"{path}: could not load the Hugging Face dataset ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: could not load the Hugging Face dataset ({type(exc).__name__}: {exc})"
+        ) from None
     for i, row in enumerate(ds):
         yield f"{path} row {i}", row
 

@@ -47,11 +47,20 @@ class Models:
 
         name = ref.split(":", 1)[1] if ref.startswith("model:") else self.run.plan.policy
         spec = self.run.plan.models[name]
-        path = spec["path"] if ref.startswith("model:") else str(step_folder(self.run.run_dir, self.run.plan.step(ref)) / "model")
+        path = (
+            spec["path"]
+            if ref.startswith("model:")
+            else str(step_folder(self.run.run_dir, self.run.plan.step(ref)) / "model")
+        )
         lora_spec = None
         if lora and spec.get("lora"):
             lo = spec["lora"]
-            lora_spec = {"rank": lo["rank"], "alpha": lo["alpha"], "dropout": lo.get("dropout", 0.0), "target_modules": lo.get("targets")}
+            lora_spec = {
+                "rank": lo["rank"],
+                "alpha": lo["alpha"],
+                "dropout": lo.get("dropout", 0.0),
+                "target_modules": lo.get("targets"),
+            }
         dtype = spec.get("dtype", "auto")
         if dtype == "auto":
             dtype = "float32" if self.run.device_type == "cpu" else "bfloat16"
@@ -164,7 +173,9 @@ class StepContext:
         path = data.get("path", "")
         file = dataset_file({"path": path}, self.run.recipe_dir) if path else None
         if file is None:
-            raise StepError(f"{self.where}: evaluation data '{path}' must be a local file or a built-in ralign: set")
+            raise StepError(
+                f"{self.where}: evaluation data '{path}' must be a local file or a built-in ralign: set"
+            )
         limit = self.params.get("limit")
         if self.params["task"] == "hhh":
             from ralign.runtime.evaluate import load_hhh
@@ -174,7 +185,9 @@ class StepContext:
         from ralign.runtime.behavior import load_prompts
 
         rows = load_prompts(file)
-        if any("split" in r for r in rows):  # built-in seed sets: evaluate on the held-out prompts only
+        if any(
+            "split" in r for r in rows
+        ):  # built-in seed sets: evaluate on the held-out prompts only
             rows = [r for r in rows if r.get("split") == "heldout"]
         return rows[:limit] if limit else rows
 
@@ -247,7 +260,15 @@ class Run:
     def progress_bar(self, ctx: StepContext, total: int, unit: str) -> Callable[[int, int], None]:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit=f" {unit}", desc=f"{ctx.step.id}", leave=False, disable=not self.accelerator.is_main_process, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            unit=f" {unit}",
+            desc=f"{ctx.step.id}",
+            leave=False,
+            disable=not self.accelerator.is_main_process,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         tokens = [0]
         ctx._progress.append(bar)
@@ -272,7 +293,11 @@ class Run:
             value: Any = load_records(self.plan.datasets[ref.split(":", 1)[1]], self.recipe_dir)
         else:
             folder = step_folder(self.run_dir, self.plan.step(ref))
-            name = {"prompts": "prompts.jsonl", "responses": "responses.jsonl", "pairs": "pairs.jsonl"}.get(slot)
+            name = {
+                "prompts": "prompts.jsonl",
+                "responses": "responses.jsonl",
+                "pairs": "pairs.jsonl",
+            }.get(slot)
             if name is None and slot.startswith("score:"):
                 name = f"score.{slot.split(':', 1)[1]}.jsonl"
             if name is None:
@@ -316,9 +341,19 @@ class Run:
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8")
-            meta = {"format": RUN_FORMAT, "id": step.id, "kind": step.kind, "hash": step.hash, "seconds": round(seconds, 3)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+            (tmp / "metrics.json").write_text(
+                json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8"
+            )
+            meta = {
+                "format": RUN_FORMAT,
+                "id": step.id,
+                "kind": step.kind,
+                "hash": step.hash,
+                "seconds": round(seconds, 3),
+            }
+            (tmp / "meta.json").write_text(
+                json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8"
+            )
             if final.exists():
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +366,9 @@ class Run:
         plan = self.plan
         if self.accelerator.is_main_process:
             (self.run_dir / "plan.json").write_text(plan.dumps(), encoding="utf-8")
-        self.log(f"run {plan.recipe} ({plan.hash[:16]}) in {self.run_dir} on {self.device} x{self.accelerator.num_processes}")
+        self.log(
+            f"run {plan.recipe} ({plan.hash[:16]}) in {self.run_dir} on {self.device} x{self.accelerator.num_processes}"
+        )
         for step in plan.steps:
             if self.done(step):
                 continue
@@ -386,7 +423,12 @@ class Run:
                 continue
             for k, v in json.loads(f.read_text(encoding="utf-8")).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    lines.append(json.dumps({"round": s.round, "step": s.id, "metric": k, "value": v}, sort_keys=True))
+                    lines.append(
+                        json.dumps(
+                            {"round": s.round, "step": s.id, "metric": k, "value": v},
+                            sort_keys=True,
+                        )
+                    )
         tmp = self.run_dir / "metrics.jsonl.tmp"
         tmp.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
         os.replace(tmp, self.run_dir / "metrics.jsonl")
@@ -431,14 +473,24 @@ def summary_rows(plan: Plan, run_dir: Path) -> list[dict[str, Any]]:
             row["agree_weights"] = "/".join(f"{w:.2f}" for w in weights)
         if s.kind == "evaluate":
             for k, v in m.items():
-                if "." not in k or k.count(".") == 0:
-                    row[f"{s.name}:{k}"] = v
+                if k.startswith("subsets."):
+                    continue  # per-subset figures stay in the step's result.json
+                short = k.removeprefix("rates.").removesuffix("_rate")
+                if short in _QUIET_EVAL_KEYS:
+                    continue
+                row[f"{s.name}:{short}"] = v
     return [rows[k] for k in sorted(rows)]
+
+
+# Diagnostics of an evaluation that the per-round table leaves to result.json.
+_QUIET_EVAL_KEYS = {"ab_first", "ab_consistency", "everyday_refusal"}
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
     eval_cols = sorted({k for r in rows for k in r if ":" in k})
-    cols = [(k, t) for k, t in SUMMARY_COLUMNS if any(k in r for r in rows)] + [(k, k) for k in eval_cols]
+    cols = [(k, t) for k, t in SUMMARY_COLUMNS if any(k in r for r in rows)] + [
+        (k, k) for k in eval_cols
+    ]
     header = ["round"] + [t for _, t in cols]
     table = [header]
     for r in rows:
@@ -453,7 +505,9 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
 
 
 def _short(metrics: dict[str, Any]) -> str:
-    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:6]]
+    shown = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:6]
+    ]
     return "(" + ", ".join(shown) + ")" if shown else ""
 
 
@@ -485,19 +539,25 @@ def load_plan(path: Path, run_dir: Path | None, roots: tuple[Path, ...]) -> tupl
     return plan, run_dir, recipe_dir
 
 
-def execute(path: Path, run_dir: Path | None = None, device: str = "auto", roots: tuple[Path, ...] = ()) -> int:
+def execute(
+    path: Path, run_dir: Path | None = None, device: str = "auto", roots: tuple[Path, ...] = ()
+) -> int:
     """`ralign execute`: run (or resume) a plan; returns the exit status."""
     plan, run_dir, recipe_dir = load_plan(path, run_dir, roots)
     run = Run(plan, run_dir, recipe_dir, device)
     try:
         run.execute()
     except KeyboardInterrupt:
-        run.log(f"interrupted; finished steps are kept: run the same command again to resume ({run_dir})")
+        run.log(
+            f"interrupted; finished steps are kept: run the same command again to resume ({run_dir})"
+        )
         return 130
     return 0
 
 
-def evaluate_command(*, model: str, data: str, task: str, limit: int | None, device: str, output: str | None) -> int:
+def evaluate_command(
+    *, model: str, data: str, task: str, limit: int | None, device: str, output: str | None
+) -> int:
     """`ralign eval`: evaluate one model on one data set and print the headline numbers."""
     from accelerate import Accelerator
 
@@ -511,7 +571,10 @@ def evaluate_command(*, model: str, data: str, task: str, limit: int | None, dev
     file = dataset_file({"path": data}, Path.cwd())
     if file is None or not file.exists():
         raise UsageError(f"--data {data}: no such file or built-in set")
-    m, tok = load_model(ModelSpec(path=model, dtype="float32" if acc.device.type == "cpu" else "bfloat16"), acc.device)
+    m, tok = load_model(
+        ModelSpec(path=model, dtype="float32" if acc.device.type == "cpu" else "bfloat16"),
+        acc.device,
+    )
     m.eval()
     if task == "hhh":
         from ralign.runtime.evaluate import load_hhh

@@ -96,6 +96,8 @@ def convert(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": GGUF_NAME, "dtype": "float32"}))
+        if out.exists() and not (out / MARKER).is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a stale half-folder from some older copy
         try:
             os.rename(tmp, out)
         except OSError:

@@ -61,9 +61,14 @@ def generate(ctx: StepContext) -> dict[str, Any]:
         progress=ctx.progress(p["count"], "prompts"),
     )
     if not prompts:
-        raise StepError(f"{ctx.where}: the policy wrote no usable prompt out of {p['count']} ({_drops(stats)})")
+        raise StepError(
+            f"{ctx.where}: the policy wrote no usable prompt out of {p['count']} ({_drops(stats)})"
+        )
     write_jsonl(ctx.out / "prompts.jsonl", ({"prompt": x} for x in prompts))
-    return {"prompts": len(prompts), **{f"dropped_{k}": v for k, v in stats.get("dropped", {}).items()}}
+    return {
+        "prompts": len(prompts),
+        **{f"dropped_{k}": v for k, v in stats.get("dropped", {}).items()},
+    }
 
 
 def _drops(stats: dict[str, Any]) -> str:
@@ -75,7 +80,11 @@ def dedupe(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.dedupe import dedupe as run
 
     records = _nonempty(ctx, ctx.input("prompts"), "the prompt set")
-    kept, method = run([r["prompt"] for r in records], max_similarity=ctx.params["max_similarity"], method=ctx.params["method"])
+    kept, method = run(
+        [r["prompt"] for r in records],
+        max_similarity=ctx.params["max_similarity"],
+        method=ctx.params["method"],
+    )
     ctx.log(f"dedupe by {method}: kept {len(kept)} of {len(records)}")
     write_jsonl(ctx.out / "prompts.jsonl", (records[i] for i in kept))
     return {"prompts": len(kept), "dropped": len(records) - len(kept), f"method_{method}": 1}
@@ -98,7 +107,9 @@ def sample(ctx: StepContext) -> dict[str, Any]:
 
     p = ctx.params
     slot = "dataset" if "from" in p else "prompts"
-    records = _nonempty(ctx, ctx.input(slot), f"dataset '{p['from']}'" if "from" in p else "the prompt set")
+    records = _nonempty(
+        ctx, ctx.input(slot), f"dataset '{p['from']}'" if "from" in p else "the prompt set"
+    )
     prompts = [r["prompt"] for r in records]
     context_text = ctx.template("context") if "context" in p else None
     contexts = [render(context_text, {"prompt": x}) if context_text else None for x in prompts]
@@ -122,10 +133,17 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     responses = ctx.sharded(len(prompts), run_shard)
     write_jsonl(
         ctx.out / "responses.jsonl",
-        ({"prompt": x, "context": c, "responses": rs} for x, c, rs in zip(prompts, contexts, responses, strict=True)),
+        (
+            {"prompt": x, "context": c, "responses": rs}
+            for x, c, rs in zip(prompts, contexts, responses, strict=True)
+        ),
     )
     words = [len(r.split()) for rs in responses for r in rs]
-    return {"prompts": len(prompts), "responses": len(words), "mean_words": sum(words) / max(1, len(words))}
+    return {
+        "prompts": len(prompts),
+        "responses": len(words),
+        "mean_words": sum(words) / max(1, len(words)),
+    }
 
 
 @step("revise")
@@ -159,11 +177,19 @@ def revise(ctx: StepContext) -> dict[str, Any]:
     for time in range(p["times"]):
         principles = [rng.choice(p["principles"]) for _ in flat]
         base = [
-            {"prompt": records[i]["prompt"], "response": current[k], "principle": principles[k], "critique": "", "stage": "revision"}
+            {
+                "prompt": records[i]["prompt"],
+                "response": current[k],
+                "principle": principles[k],
+                "critique": "",
+                "stage": "revision",
+            }
             for k, (i, _) in enumerate(flat)
         ]
         if two_stage:
-            critiques = answer([render(text, {**v, "stage": "critique"}) for v in base], ctx.seed + 2 * time)
+            critiques = answer(
+                [render(text, {**v, "stage": "critique"}) for v in base], ctx.seed + 2 * time
+            )
             base = [{**v, "critique": c} for v, c in zip(base, critiques, strict=True)]
         revised = answer([render(text, v) for v in base], ctx.seed + 2 * time + 1)
         # An empty revision keeps the answer it was meant to improve.
@@ -190,9 +216,13 @@ def rank(ctx: StepContext) -> dict[str, Any]:
     def view(prompt: str, responses: list[str], labels: list[str]) -> str:
         if pointwise:
             return render(text, {"prompt": prompt, "response": responses[0], "scale": p["scale"]})
-        return render(text, {"prompt": prompt, "responses": list(responses), "labels": list(labels)})
+        return render(
+            text, {"prompt": prompt, "responses": list(responses), "labels": list(labels)}
+        )
 
-    shards: list[tuple[float | None, int, int]] = []  # (agreement, what it is a fraction of, passes)
+    shards: list[
+        tuple[float | None, int, int]
+    ] = []  # (agreement, what it is a fraction of, passes)
 
     def run_shard(idx: list[int]) -> list[list[float]]:
         res = run(
@@ -206,14 +236,19 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             scale=p["scale"],
             seed=ctx.seed,
             batch_size=p["batch_size"],
-            progress=ctx.progress(sum(_judge_texts(p, len(records[i]["responses"])) for i in idx), "judge texts"),
+            progress=ctx.progress(
+                sum(_judge_texts(p, len(records[i]["responses"])) for i in idx), "judge texts"
+            ),
         )
         units = sum(_agreement_units(p["mode"], len(records[i]["responses"])) for i in idx)
         shards.append((res.agreement, units, res.forward_passes))
         return [list(s) for s in res.scores]
 
     scores = ctx.sharded(len(records), run_shard)
-    write_jsonl(ctx.out / f"score.{ctx.step.name}.jsonl", ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, scores, strict=True)))
+    write_jsonl(
+        ctx.out / f"score.{ctx.step.name}.jsonl",
+        ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, scores, strict=True)),
+    )
     # Each process judged a share of the items: metrics cover them all, whatever the process count.
     every = [s for mine in ctx.everywhere(shards) for s in mine]
     metrics: dict[str, Any] = {"items": len(records), "forward_passes": sum(s[2] for s in every)}
@@ -243,17 +278,30 @@ def _judge_texts(p: dict[str, Any], k: int) -> int:
 @step("score")
 def score(ctx: StepContext) -> dict[str, Any]:
     records = _nonempty(ctx, ctx.input("responses"), "the response set")
-    named = {slot.split(":", 1)[1]: ctx.input(slot) for slot in ctx.step.inputs if slot.startswith("score:")}
+    named = {
+        slot.split(":", 1)[1]: ctx.input(slot)
+        for slot in ctx.step.inputs
+        if slot.startswith("score:")
+    }
     flat = []
     for i, r in enumerate(records):
         for j, response in enumerate(r["responses"]):
-            flat.append({"prompt": r["prompt"], "response": response, **{n: float(v[i]["scores"][j]) for n, v in named.items()}})
+            flat.append(
+                {
+                    "prompt": r["prompt"],
+                    "response": response,
+                    **{n: float(v[i]["scores"][j]) for n, v in named.items()},
+                }
+            )
     metrics: dict[str, Any] = {}
     for name, ir in ctx.step.exprs.items():
         values = ctx.programs.score(ir, flat)
         it = iter(values)
         grouped = [[next(it) for _ in r["responses"]] for r in records]
-        write_jsonl(ctx.out / f"score.{name}.jsonl", ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, grouped, strict=True)))
+        write_jsonl(
+            ctx.out / f"score.{name}.jsonl",
+            ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, grouped, strict=True)),
+        )
         metrics[f"mean_{name}"] = sum(values) / max(1, len(values))
     for k, weights in enumerate(getattr(ctx.programs, "agree_weights", {}).values()):
         for source, w in enumerate(weights):
@@ -279,9 +327,15 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         seed=ctx.seed,
     )
     if not made:
-        raise StepError(f"{ctx.where}: no preference pair survived ({', '.join(f'{k}: {v}' for k, v in stats['dropped'].items() if v)}); lower min_margin or sample more answers")
+        raise StepError(
+            f"{ctx.where}: no preference pair survived ({', '.join(f'{k}: {v}' for k, v in stats['dropped'].items() if v)}); lower min_margin or sample more answers"
+        )
     write_jsonl(ctx.out / "pairs.jsonl", made)
-    return {"pairs": len(made), "mean_margin": sum(x["margin"] for x in made) / len(made), **{f"dropped_{k}": v for k, v in stats["dropped"].items()}}
+    return {
+        "pairs": len(made),
+        "mean_margin": sum(x["margin"] for x in made) / len(made),
+        **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
+    }
 
 
 @step("train sft")
@@ -292,17 +346,34 @@ def train_sft(ctx: StepContext) -> dict[str, Any]:
     records = _nonempty(ctx, ctx.input("responses"), "the response set")
     if p["on"] == "best":
         scores = ctx.input(f"score:{p['by']}")
-        chosen = [(r, [r["responses"][max(range(len(s["scores"])), key=s["scores"].__getitem__)]]) for r, s in zip(records, scores, strict=True)]
+        chosen = [
+            (r, [r["responses"][max(range(len(s["scores"])), key=s["scores"].__getitem__)]])
+            for r, s in zip(records, scores, strict=True)
+        ]
     else:  # "revised" answers are the responses of a revise step; "all" takes every answer
         chosen = [(r, r["responses"]) for r in records]
     examples = [
-        {"prompt": r["prompt"] if p["drop_context"] or not r.get("context") else r["context"], "response": x}
+        {
+            "prompt": r["prompt"] if p["drop_context"] or not r.get("context") else r["context"],
+            "response": x,
+        }
         for r, xs in chosen
         for x in xs
         if x.strip()
     ]
     model, tok = ctx.trainable()
-    metrics = run(model, tok, _nonempty(ctx, examples, "the training set"), lr=p["lr"], epochs=p["epochs"], batch_size=ctx.per_process(p["batch_size"]), seed=ctx.seed, accelerator=ctx.accelerator, max_length=ctx.max_length, on_step=ctx.on_train_step())
+    metrics = run(
+        model,
+        tok,
+        _nonempty(ctx, examples, "the training set"),
+        lr=p["lr"],
+        epochs=p["epochs"],
+        batch_size=ctx.per_process(p["batch_size"]),
+        seed=ctx.seed,
+        accelerator=ctx.accelerator,
+        max_length=ctx.max_length,
+        on_step=ctx.on_train_step(),
+    )
     ctx.save_policy(model, tok)
     return metrics
 
@@ -315,7 +386,20 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
     pairs_ = _nonempty(ctx, ctx.input("pairs"), "the pair set")
     model, tok = ctx.trainable()
     reference = ctx.reference(model)
-    metrics = run(model, tok, pairs_, beta=p["beta"], lr=p["lr"], epochs=p["epochs"], batch_size=ctx.per_process(p["batch_size"]), seed=ctx.seed, reference_model=reference, accelerator=ctx.accelerator, max_length=ctx.max_length, on_step=ctx.on_train_step())
+    metrics = run(
+        model,
+        tok,
+        pairs_,
+        beta=p["beta"],
+        lr=p["lr"],
+        epochs=p["epochs"],
+        batch_size=ctx.per_process(p["batch_size"]),
+        seed=ctx.seed,
+        reference_model=reference,
+        accelerator=ctx.accelerator,
+        max_length=ctx.max_length,
+        on_step=ctx.on_train_step(),
+    )
     ctx.save_policy(model, tok)
     return metrics
 
@@ -331,7 +415,9 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     if p["task"] == "behavior":
         opts["max_new_tokens"] = p["max_new_tokens"]
     result = run_eval(p["task"], model, tok, data, **opts)
-    (ctx.out / "result.json").write_text(__import__("json").dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    (ctx.out / "result.json").write_text(
+        __import__("json").dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
+    )
     return flatten_eval(result)
 
 
