@@ -6,7 +6,6 @@ rules: an evaluation that reused the training signal's detector would grade the 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from ralign.errors import DataError, RalignError
+from ralign.runtime.data import rows_jsonl
 
 KINDS = ("everyday", "harmful", "unknowable", "scary_harmless")
 SPLITS = ("train", "heldout")
@@ -89,29 +89,21 @@ def load_prompts(path: str | Path, *, split: str | None = None) -> list[dict[str
         raise DataError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     p = Path(path)
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("prompt"), str)
-                or not row["prompt"].strip()
-            ):
-                raise DataError(f"{where}: needs a non-empty string 'prompt'")
-            if row.get("kind") not in KINDS:
-                raise DataError(
-                    f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {row.get('kind')!r}"
-                )
-            if "split" in row and row["split"] not in SPLITS:
-                raise DataError(f"{where}: 'split' must be one of {', '.join(SPLITS)}")
-            if split is None or row.get("split") == split:
-                rows.append(row)
+    for where, row in rows_jsonl(p):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not row["prompt"].strip()
+        ):
+            raise DataError(f"{where}: needs a non-empty string 'prompt'")
+        if row.get("kind") not in KINDS:
+            raise DataError(
+                f"{where}: 'kind' must be one of {', '.join(KINDS)}, got {row.get('kind')!r}"
+            )
+        if "split" in row and row["split"] not in SPLITS:
+            raise DataError(f"{where}: 'split' must be one of {', '.join(SPLITS)}")
+        if split is None or row.get("split") == split:
+            rows.append(row)
     return rows
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from ralign.errors import DataError
 
 
-def _rows_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
+def rows_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
+    """(`file:line`, record) for each non-blank line; a bad line is a DataError naming it."""
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -50,7 +51,7 @@ def _rows_parquet(path: Path) -> Iterable[tuple[str, Any]]:
         yield f"{path} row {i}", row
 
 
-READERS = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
+READERS = {".jsonl": rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
 
 
 def dataset_file(spec: dict[str, Any], recipe_dir: Path) -> Path | None:

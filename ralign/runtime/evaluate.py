@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ralign.errors import DataError, RalignError, did_you_mean
+from ralign.runtime.data import rows_jsonl
 from ralign.runtime.torchutil import device_of, padding_id
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -81,26 +82,18 @@ def load_hhh(path: str | Path) -> list[HHHItem]:
 
 def _load_jsonl(p: Path) -> list[HHHItem]:
     items = []
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-            for key in ("input", "choices", "target_scores"):
-                if key not in row:
-                    raise DataError(f"{where}: missing field '{key}'")
-            choices, scores = row["choices"], row["target_scores"]
-            if not isinstance(choices, list) or not isinstance(scores, list):
-                raise DataError(f"{where}: 'choices' and 'target_scores' must be lists")
-            if len(choices) != len(scores):
-                raise DataError(f"{where}: {len(choices)} choices but {len(scores)} target_scores")
-            items.append(_item(where, row["input"], choices, scores, row.get("subset", "all")))
+    for where, row in rows_jsonl(p):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        for key in ("input", "choices", "target_scores"):
+            if key not in row:
+                raise DataError(f"{where}: missing field '{key}'")
+        choices, scores = row["choices"], row["target_scores"]
+        if not isinstance(choices, list) or not isinstance(scores, list):
+            raise DataError(f"{where}: 'choices' and 'target_scores' must be lists")
+        if len(choices) != len(scores):
+            raise DataError(f"{where}: {len(choices)} choices but {len(scores)} target_scores")
+        items.append(_item(where, row["input"], choices, scores, row.get("subset", "all")))
     return items
 
 
