@@ -341,3 +341,22 @@ def test_explain_imported_reward_by_alias(hhh) -> None:
     assert [r["rule"] for r in report["rules"]] == ["all"]
     with pytest.raises(UsageError):
         explain(hhh, "hhh.nothing", prompt="", response="")
+
+
+def test_agree_weights_belong_to_the_batch_just_scored() -> None:
+    """A score step's learned weights never include another step's (a resumed run must match)."""
+    from ralign.rewards.evaluate import Programs
+
+    def agree_of(*names: str) -> list:
+        return ["agree", [["var", n] for n in names]]
+
+    records = [{"a": float(i), "b": float(i) + (i % 3), "c": float((7 * i) % 5)} for i in range(40)]
+    programs = Programs({"lets": {}, "defs": {}, "rewards": {}})
+    programs.score(agree_of("a", "b", "c"), records)
+    first = programs.agree_weights
+    assert len(first) == 1 and len(first[0]) == 3
+    programs.score(agree_of("a", "b"), records)  # another step, another agree node
+    assert len(programs.agree_weights) == 1 and len(programs.agree_weights[0]) == 2
+    fresh = Programs({"lets": {}, "defs": {}, "rewards": {}})
+    fresh.score(agree_of("a", "b"), records)
+    assert fresh.agree_weights == programs.agree_weights

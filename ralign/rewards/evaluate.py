@@ -67,6 +67,7 @@ class Programs:
         self._rewards: dict[str, list[tuple[str, Fn, Fn | None]]] = {}
         self._totals: dict[str, Callable[[Record], float]] = {}
         self.agree_values: dict[int, list[float]] = {}
+        self.agree_weights: list[list[float]] = []  # of the last `score` call
 
     # ---- compiling
     def compile(self, ir: Any, params: dict[str, int] | None = None) -> Fn:
@@ -229,8 +230,14 @@ class Programs:
         return self._total(qname)(rec)
 
     def score(self, ir: Any, records: Sequence[Record]) -> list[float]:
-        """Evaluate a number expression over a batch (batch-level `agree` nodes first)."""
+        """Evaluate a number expression over a batch (batch-level `agree` nodes first).
+
+        The weights each `agree(...)` learned on this batch are left in `agree_weights` (one list per
+        `agree` node, in a fixed order); nothing of an earlier batch carries over.
+        """
         recs = [dict(r, _index=i) for i, r in enumerate(records)]
+        self.agree_values = {}
+        self.agree_weights = []
         self._prepare_agree(ir, recs)
         fn = self.compile(ir)
         return [_finite(float(fn(r, ()))) for r in recs]
@@ -247,8 +254,7 @@ class Programs:
             sources = [[_finite(float(self.compile(a)(r, ()))) for r in recs] for a in node[1]]
             combined, weights = agree(sources)
             self.agree_values[id(node)] = list(combined)
-            self.agree_weights = getattr(self, "agree_weights", {})
-            self.agree_weights[id(node)] = list(weights)
+            self.agree_weights.append(list(weights))
 
 
 def _agree_nodes(ir: Any) -> list[Any]:

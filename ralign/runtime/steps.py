@@ -303,10 +303,11 @@ def score(ctx: StepContext) -> dict[str, Any]:
             ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, grouped, strict=True)),
         )
         metrics[f"mean_{name}"] = sum(values) / max(1, len(values))
-    for k, weights in enumerate(getattr(ctx.programs, "agree_weights", {}).values()):
-        for source, w in enumerate(weights):
-            metrics[f"agree{k or ''}_weight_{source}"] = w
-        ctx.log("agree weights: " + ", ".join(f"{w:.3f}" for w in weights))
+        for k, weights in enumerate(ctx.programs.agree_weights):
+            prefix = ("" if name == "total" else f"{name}.") + f"agree{k or ''}"
+            for source, w in enumerate(weights):
+                metrics[f"{prefix}_weight_{source}"] = w
+            ctx.log(f"{name}: agree weights " + ", ".join(f"{w:.3f}" for w in weights))
     return metrics
 
 
