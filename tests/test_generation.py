@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ralign.runtime.generation import (
     SELF_INSTRUCT_DROPS,
@@ -15,7 +15,6 @@ from ralign.runtime.generation import (
     self_instruct,
 )
 from ralign.runtime.models import format_prompt
-from ralign.runtime.tiny import build_tiny_model
 
 PROMPTS = [
     "What is 2 plus 3?",
@@ -31,22 +30,8 @@ def few_shot(examples: list[str]) -> str:
     return "Instructions:\n" + "".join(f"- {e}\n" for e in examples) + "-"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    models = {}
-
-    def get(arch: str):
-        if arch not in models:
-            path = build_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
-            models[arch] = (model, AutoTokenizer.from_pretrained(path))
-        return models[arch]
-
-    return get
-
-
-def test_k_samples_per_prompt_and_seeded(tiny):
-    model, tok = tiny("llama")
+def test_k_samples_per_prompt_and_seeded(tiny_models):
+    model, tok = tiny_models("llama")
     kw = dict(per_prompt=3, temperature=1.0, max_new_tokens=6, seed=7, batch_size=6)
     first = sample(model, tok, PROMPTS, **kw)
     torch.rand(100)  # global RNG use in between must not matter
@@ -59,8 +44,8 @@ def test_k_samples_per_prompt_and_seeded(tiny):
     assert len({s for r in first for s in r}) > len(PROMPTS)  # sampling: not all copies
 
 
-def test_global_rng_is_left_alone(tiny):
-    model, tok = tiny("llama")
+def test_global_rng_is_left_alone(tiny_models):
+    model, tok = tiny_models("llama")
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -69,8 +54,8 @@ def test_global_rng_is_left_alone(tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_sorted_batching_matches_one_by_one_greedy(tiny, arch):
-    model, tok = tiny(arch)
+def test_sorted_batching_matches_one_by_one_greedy(tiny_models, arch):
+    model, tok = tiny_models(arch)
     kw = dict(per_prompt=2, temperature=0.0, max_new_tokens=6, seed=0)
     batched = sample(model, tok, PROMPTS[:4], batch_size=64, **kw)
     alone = [sample(model, tok, [p], batch_size=1, **kw)[0] for p in PROMPTS[:4]]
@@ -78,8 +63,8 @@ def test_sorted_batching_matches_one_by_one_greedy(tiny, arch):
     assert all(r[0] == r[1] for r in batched)  # greedy: the K copies are identical
 
 
-def test_left_padding_and_length_sorted_batches(tiny, monkeypatch):
-    model, tok = tiny("llama")
+def test_left_padding_and_length_sorted_batches(tiny_models, monkeypatch):
+    model, tok = tiny_models("llama")
     calls = []
     real = model.generate
 
@@ -102,8 +87,8 @@ def test_left_padding_and_length_sorted_batches(tiny, monkeypatch):
         assert bool((ids[mask == 0] == tok.pad_token_id).all())
 
 
-def test_context_replaces_the_bare_prompt(tiny, monkeypatch):
-    model, tok = tiny("llama")
+def test_context_replaces_the_bare_prompt(tiny_models, monkeypatch):
+    model, tok = tiny_models("llama")
     seen = []
     real = model.generate
 
@@ -130,8 +115,8 @@ def test_context_replaces_the_bare_prompt(tiny, monkeypatch):
     )
 
 
-def test_progress_counts_prompts_and_tokens(tiny):
-    model, tok = tiny("llama")
+def test_progress_counts_prompts_and_tokens(tiny_models):
+    model, tok = tiny_models("llama")
     reports = []
     sample(
         model,
@@ -148,8 +133,8 @@ def test_progress_counts_prompts_and_tokens(tiny):
     assert 0 < sum(t for _, t in reports) <= len(PROMPTS) * 2 * 5
 
 
-def test_generate_cuts_at_end_token(tiny):
-    model, tok = tiny("llama")
+def test_generate_cuts_at_end_token(tiny_models):
+    model, tok = tiny_models("llama")
     (done,) = generate(model, tok, ["Hi"], n=1, temperature=0.0, max_new_tokens=4, seed=0)
     assert len(done) == 1 and isinstance(done[0], Completion)
     assert done[0].finished or done[0].tokens == 4
@@ -183,8 +168,8 @@ def test_clean_instruction(text, finished, expected):
     assert clean_instruction(Completion(text, finished, 1), min_words=3, max_words=100) == expected
 
 
-def test_self_instruct_counts_every_completion(tiny):
-    model, tok = tiny("llama")
+def test_self_instruct_counts_every_completion(tiny_models):
+    model, tok = tiny_models("llama")
     kw = dict(count=12, shots=2, temperature=1.0, max_new_tokens=12, seed=0)
     kept, stats = self_instruct(model, tok, few_shot, SEEDS, **kw)
     again = self_instruct(model, tok, few_shot, SEEDS, **kw)
@@ -195,10 +180,10 @@ def test_self_instruct_counts_every_completion(tiny):
     assert len(kept) + sum(stats["dropped"].values()) == 12
 
 
-def test_self_instruct_drops_and_counts_empty(tiny, tmp_path):
+def test_self_instruct_drops_and_counts_empty(tiny_models, tmp_path):
     # Zero the final norm: every logit is 0, greedy picks token 0 ("<|endoftext|>", special),
     # which decodes to nothing, so every continuation is empty.
-    model, tok = tiny("llama")
+    model, tok = tiny_models("llama")
     silent = AutoModelForCausalLM.from_pretrained(model.name_or_path).eval()
     with torch.no_grad():
         silent.model.norm.weight.zero_()
@@ -209,10 +194,10 @@ def test_self_instruct_drops_and_counts_empty(tiny, tmp_path):
     assert stats["dropped"]["empty"] == 5
 
 
-def test_self_instruct_drops_seed_copies_and_duplicates(tiny, monkeypatch):
+def test_self_instruct_drops_seed_copies_and_duplicates(tiny_models, monkeypatch):
     import ralign.runtime.generation as gen
 
-    model, tok = tiny("llama")
+    model, tok = tiny_models("llama")
     scripted = [
         "write a poem  about cats.\n",  # a seed, up to case and spaces
         "Design a board game for kids.\n",
@@ -231,18 +216,18 @@ def test_self_instruct_drops_seed_copies_and_duplicates(tiny, monkeypatch):
     assert stats["dropped"]["too_short"] == 1
 
 
-def test_no_hidden_top_k(tiny):
+def test_no_hidden_top_k(tiny_models):
     # At a huge temperature the next token is near uniform over all 512; transformers' default
     # top_k=50 would cap the distinct first tokens at 50.
-    model, tok = tiny("llama")
+    model, tok = tiny_models("llama")
     (row,) = generate(
         model, tok, ["Hi"], n=300, temperature=1e4, max_new_tokens=1, seed=0, batch_size=300
     )
     assert len({c.text for c in row}) > 60
 
 
-def test_dropout_is_off_while_generating_and_mode_restored(tiny):
-    model, tok = tiny("gpt2")  # GPT-2 has dropout 0.1 by default
+def test_dropout_is_off_while_generating_and_mode_restored(tiny_models):
+    model, tok = tiny_models("gpt2")  # GPT-2 has dropout 0.1 by default
     kw = dict(per_prompt=1, temperature=0.0, max_new_tokens=6, seed=0)
     expected = sample(model, tok, PROMPTS[:2], **kw)
     model.train()

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ralign.errors import RalignError
 from ralign.runtime.rank import (
@@ -19,7 +18,6 @@ from ralign.runtime.rank import (
     rank,
     resolve_labels,
 )
-from ralign.runtime.tiny import build_tiny_model
 
 LISTED = re.compile(r"^([A-Z])\) (.*)$", re.MULTILINE)
 
@@ -90,22 +88,8 @@ def prefers_correct(bias_a: float = 0.0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    models = {}
-
-    def get(arch: str):
-        if arch not in models:
-            path = build_tiny_model(arch, tmp_path_factory.getbasetemp() / f"tiny-{arch}")
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
-            models[arch] = (model, AutoTokenizer.from_pretrained(path))
-        return models[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return tiny("llama")[1]
+def tok(tiny_models):
+    return tiny_models("llama")[1]
 
 
 @pytest.mark.parametrize(
@@ -298,9 +282,9 @@ def test_label_tokens_follow_the_text_ending(tok, text, fed, expected):
     assert label_token_ids(tok, text, ["A", "B"]) == ids
 
 
-def test_multi_token_label_is_a_clear_error(tiny):
+def test_multi_token_label_is_a_clear_error(tiny_models):
     # Qwen2's split puts a space and a digit in separate tokens, so " 3" is two tokens.
-    _, tok = tiny("qwen2")
+    _, tok = tiny_models("qwen2")
     with pytest.raises(RalignError, match="not single tokens"):
         label_token_ids(tok, "Score:", ["3"])
     # After a trailing space the bare digit is clean (Qwen2 always splits " 3" as " ", "3").
@@ -321,8 +305,8 @@ def test_counts_below_one_are_refused(tok, option):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("mode", ["listwise", "pairwise", "pointwise"])
-def test_real_tiny_model_end_to_end(tiny, arch, mode):
-    model, tok = tiny(arch)
+def test_real_tiny_model_end_to_end(tiny_models, arch, mode):
+    model, tok = tiny_models(arch)
     items = [
         ("What is 2 plus 3?", ["5", "6", "The cat reads the book at home.", "7"]),
         ("Hi", ["Hello there, how are you today?", "Bye"]),
@@ -340,8 +324,8 @@ def test_real_tiny_model_end_to_end(tiny, arch, mode):
         assert sum(batched.raw[0]) == pytest.approx(1.0)  # P(best) over the K responses
 
 
-def test_dropout_is_off_while_judging_and_mode_restored(tiny):
-    model, tok = tiny("gpt2")  # GPT-2 has dropout 0.1 by default
+def test_dropout_is_off_while_judging_and_mode_restored(tiny_models):
+    model, tok = tiny_models("gpt2")  # GPT-2 has dropout 0.1 by default
     items = [("What is 2 plus 3?", ["5", "6", "7"])]
     expected = rank("listwise", model, tok, items, render_list).raw
     model.train()
