@@ -7,6 +7,7 @@ Every problem in every file is collected and reported together. What survives is
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1193,8 +1194,6 @@ def _inline_key(text: str) -> str:
 
 
 def _relpath(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(path, start)
 
 

@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 
+def ralign_eval(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m ralign eval ARGS` with the tiny test model."""
+    command = [sys.executable, "-m", "ralign", "eval", "--model", "ralign:tiny-llama", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
 @pytest.mark.parametrize(
     ("task", "data", "key"),
     [("hhh", "ralign:evals/hhh-mini", "acc"), ("behavior", "ralign:seeds/hhh", "rates")],
@@ -20,29 +26,8 @@ def test_eval_command_prints_and_writes_results(
 ) -> None:
     out = tmp_path / "result.json"
     env = {**os.environ, "RALIGN_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ralign",
-            "eval",
-            "--model",
-            "ralign:tiny-llama",
-            "--data",
-            data,
-            "--task",
-            task,
-            "--limit",
-            "4",
-            "--device",
-            "cpu",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    run = ralign_eval(
+        "--data", data, "--task", task, "--limit", "4", "--device", "cpu", "-o", str(out), env=env
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
@@ -56,20 +41,6 @@ def test_eval_command_prints_and_writes_results(
 
 
 def test_eval_command_names_a_missing_data_file(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ralign",
-            "eval",
-            "--model",
-            "ralign:tiny-llama",
-            "--data",
-            str(tmp_path / "nope.jsonl"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = ralign_eval("--data", str(tmp_path / "nope.jsonl"))
     assert run.returncode == 2
     assert "nope.jsonl" in run.stderr and "Traceback" not in run.stderr

@@ -27,7 +27,8 @@ from ralign.runtime.executor import step_folder
 RECIPES = Path(__file__).parent / "recipes"
 TINY_LLAMA = '"ralign:tiny-llama"'
 # Each architecture runs the two-round recipe that uses every step kind.
-RUNS = {"llama": "every_step.ralign", "gpt2": "every_step.ralign", "qwen2": "every_step.ralign"}
+EVERY_STEP = "every_step.ralign"
+ARCHS = ("llama", "gpt2", "qwen2")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,10 +136,10 @@ def finished(tmp_path_factory) -> Callable[[str], tuple[Plan, Path, Path]]:
         if arch not in done:
             folder = tmp_path_factory.mktemp(arch)
             plan_file = folder / "plan.json"
-            plan = compile_plan(recipe_copy(RUNS[arch], arch, folder), plan_file)
+            plan = compile_plan(recipe_copy(EVERY_STEP, arch, folder), plan_file)
             started = time.perf_counter()
             execute_here(plan_file, folder / "run")
-            print(f"{RUNS[arch]} on tiny-{arch}: {time.perf_counter() - started:.1f}s")
+            print(f"{EVERY_STEP} on tiny-{arch}: {time.perf_counter() - started:.1f}s")
             done[arch] = (plan, plan_file, folder / "run")
         return done[arch]
 
@@ -194,23 +195,23 @@ def is_done(run_dir: Path, plan: Plan, step_id: str) -> bool:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", RUNS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     plan, _, run_dir = finished(arch)
-    if RUNS[arch] == "every_step.ralign":  # the recipe really uses every step kind, over two rounds
-        assert {s.kind for s in plan.steps} == {
-            "evaluate",
-            "generate",
-            "dedupe",
-            "filter",
-            "sample",
-            "revise",
-            "rank",
-            "score",
-            "pairs",
-            "train sft",
-            "train dpo",
-        }
+    # the recipe really uses every step kind, over two rounds
+    assert {s.kind for s in plan.steps} == {
+        "evaluate",
+        "generate",
+        "dedupe",
+        "filter",
+        "sample",
+        "revise",
+        "rank",
+        "score",
+        "pairs",
+        "train sft",
+        "train dpo",
+    }
     assert plan.rounds == 2 and {s.round for s in plan.steps} >= {1, 2}
     for s in plan.steps:
         m = meta(run_dir, s)

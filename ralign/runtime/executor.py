@@ -176,20 +176,7 @@ class StepContext:
             raise StepError(
                 f"{self.where}: evaluation data '{path}' must be a local file or a built-in ralign: set"
             )
-        limit = self.params.get("limit")
-        if self.params["task"] == "hhh":
-            from ralign.runtime.evaluate import load_hhh
-
-            items = load_hhh(file)
-            return items[:limit] if limit else items
-        from ralign.runtime.behavior import load_prompts
-
-        rows = load_prompts(file)
-        if any(
-            "split" in r for r in rows
-        ):  # built-in seed sets: evaluate on the held-out prompts only
-            rows = [r for r in rows if r.get("split") == "heldout"]
-        return rows[:limit] if limit else rows
+        return eval_items(self.params["task"], file, self.params.get("limit"))
 
     def progress(self, total: int, unit: str) -> Callable[[int, int], None]:
         return self.run.progress_bar(self, total, unit)
@@ -520,6 +507,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def eval_items(task: str, file: Path, limit: int | None) -> list[Any]:
+    """The items an evaluation scores: HHH rows, or behavior prompts (only the held-out ones of
+    a set that marks splits, as the built-in seed sets do), the first `limit` of them."""
+    if task == "hhh":
+        from ralign.runtime.evaluate import load_hhh
+
+        items: list[Any] = load_hhh(file)
+    else:
+        from ralign.runtime.behavior import load_prompts
+
+        items = load_prompts(file)
+        if any("split" in r for r in items):
+            items = [r for r in items if r.get("split") == "heldout"]
+    return items[:limit] if limit else items
+
+
 def load_plan(path: Path, run_dir: Path | None, roots: tuple[Path, ...]) -> tuple[Plan, Path, Path]:
     """(plan, run_dir, recipe_dir) from a plan file or a recipe (compiled on the fly)."""
     if not path.is_file():
@@ -576,18 +579,7 @@ def evaluate_command(
         acc.device,
     )
     m.eval()
-    if task == "hhh":
-        from ralign.runtime.evaluate import load_hhh
-
-        items: Any = load_hhh(file)[:limit] if limit else load_hhh(file)
-    else:
-        from ralign.runtime.behavior import load_prompts
-
-        rows = load_prompts(file)
-        if any("split" in r for r in rows):
-            rows = [r for r in rows if r.get("split") == "heldout"]
-        items = rows[:limit] if limit else rows
-    result = run_eval(task, m, tok, items)
+    result = run_eval(task, m, tok, eval_items(task, file, limit))
     for k, v in flatten_eval(result).items():
         print(f"{k:<40} {v:.4f}")
     if output:
