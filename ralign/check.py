@@ -935,6 +935,9 @@ class Checker:
                         decl.span,
                         f"evaluate '{decl.name}' needs `task` (one of: {', '.join(choices)}){did_you_mean(decl.name, choices)}",
                     )
+            if "reward" in attrs and attrs.get("task") != "behavior":
+                span = next(a.value.span for a in decl.attrs if a.name == "reward")
+                self.error(span, "`reward` applies to behavior evaluations only")
             data = attrs.get("data")
             if isinstance(data, dict) and "path" in data:
                 span = next(a.value.span for a in decl.attrs if a.name == "data")
@@ -1130,7 +1133,12 @@ class Checker:
                     '`train sft` with on = "revised" needs revised answers, but no `revise` step comes before it in the round',
                 )
             ins: tuple[str, ...] = ("responses", "policy")
-            if on == "best":
+            if "min_score" in params and on == "revised":
+                self.error(
+                    step.span,
+                    '`min_score` needs scored answers: use it with on = "best" or "all", not "revised"',
+                )
+            if on == "best" or (on == "all" and "min_score" in params):
                 by = pick_score("pick the best answer by")
                 if by:
                     params["by"] = by

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ralign.check import Checked, CheckedStep
-from ralign.plan import Plan, Step, digest
+from ralign.plan import Plan, Step, canonical, digest
 
 
 def program_closure(
@@ -50,6 +52,13 @@ def _without_lines(programs: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return {**programs, "rewards": rewards}
 
 
+def _content_hash(content: dict[str, Any], main: str) -> str:
+    """A step's hash. The recipe's own declarations are keyed `FILE:name` (templates, rewards),
+    so the file's name is blanked out first: renaming or copying a recipe keeps its cached steps."""
+    text = canonical(content).replace(json.dumps(main + ":")[:-1], '"<recipe>:')
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _ids(steps: tuple[CheckedStep, ...]) -> list[str]:
     """Readable, unique step ids within a round: `phase/kind[.name]`, numbered when repeated."""
     ids: list[str] = []
@@ -82,6 +91,7 @@ def lower(checked: Checked) -> Plan:
     base_hash.update({f"dataset:{d}": digest(spec) for d, spec in datasets.items()})
 
     all_irs = [ir for s in checked.steps for ir in s.exprs.values()]
+    all_irs += [ev["reward"]["expr"] for ev in checked.evaluations if "reward" in ev]
     programs = program_closure(all_irs, checked.programs)
     used_templates = sorted({k for s in checked.steps for k in s.templates.values()})
     templates = {
@@ -91,6 +101,7 @@ def lower(checked: Checked) -> Plan:
 
     steps: list[Step] = []
     hashes: dict[str, str] = dict(base_hash)
+    main = next(iter(checked.sources))
     policy = f"model:{checked.policy}" if checked.policy else ""
     ids = _ids(checked.steps)
 
@@ -113,15 +124,13 @@ def lower(checked: Checked) -> Plan:
             "params": params,
             "templates": {a: digest(templates[k]["text"]) for a, k in tmpl.items()},
             "exprs": exprs,
-            "programs": digest(
-                _without_lines(program_closure(list(exprs.values()), checked.programs))
-            ),
+            "programs": _without_lines(program_closure(list(exprs.values()), checked.programs)),
             "inputs": {slot: hashes[src] for slot, src in sorted(inputs.items())},
             "seed": checked.seed,
             "round": rnd,
             "id": step_id,
         }
-        h = digest(content)
+        h = _content_hash(content, main)
         hashes[step_id] = h
         steps.append(
             Step(step_id, rnd, phase, kind, name, params, inputs, outputs, span, h, tmpl, exprs)
@@ -131,7 +140,8 @@ def lower(checked: Checked) -> Plan:
         for ev in checked.evaluations:
             if ev.get("every") == "end" and not (rnd == 0 or final):
                 continue
-            params = {k: v for k, v in ev.items() if k not in ("name", "line")}
+            params = {k: v for k, v in ev.items() if k not in ("name", "line", "reward")}
+            exprs = {"reward": ev["reward"]["expr"]} if "reward" in ev else {}
             span = {"file": next(iter(checked.sources)), "line": ev["line"], "column": 1}
             add(
                 f"r{rnd}/evaluate/{ev['name']}",
@@ -144,7 +154,7 @@ def lower(checked: Checked) -> Plan:
                 ("metrics",),
                 span,
                 {},
-                {},
+                exprs,
             )
 
     evaluations(0, final=False)

@@ -123,6 +123,10 @@ DECLS: dict[str, Kind] = {
             "max_new_tokens": Attr(
                 INT, "answer length for generating evaluations (behavior)", 64, min=1
             ),
+            "reward": Attr(
+                EXPR_NUMBER,
+                "behavior: also report the mean of this expression over the answers (e.g. `hhh.rules`)",
+            ),
         },
     ),
 }
@@ -281,6 +285,10 @@ STEPS: dict[str, Kind] = {
             "by": Attr(
                 STRING,
                 "the score that picks the best answer (default: `total` if defined, else the latest)",
+            ),
+            "min_score": Attr(
+                NUMBER,
+                'on = "best" or "all": train only on answers scoring at least this (rejection sampling: a best answer that is still bad teaches nothing)',
             ),
             "drop_context": Attr(
                 BOOL,

@@ -234,6 +234,25 @@ def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     assert out.shape == (1, batch["input_ids"].shape[1] + 5)
 
 
+def test_behavior_reports_the_mean_reward_of_its_answers(finished):
+    """`reward = hhh.rules` on a behavior evaluation: the mean of the rules over the very answers
+    the evaluator wrote (with 8 prompts and 2 examples per kind, result.json lists them all)."""
+    from ralign.rewards.evaluate import Programs
+
+    plan, _, run_dir = finished("llama")
+    step = plan.step(f"r{plan.rounds}/evaluate/behavior")
+    folder = step_folder(run_dir, step)
+    result = json.loads((folder / "result.json").read_text())
+    answers = [r for rows in result["examples"].values() for r in rows]
+    assert len(answers) == result["n"] == 8
+    values = Programs(plan.programs).score(
+        step.exprs["reward"], [{"prompt": r["prompt"], "response": r["answer"]} for r in answers]
+    )
+    got = json.loads((folder / "metrics.json").read_text())["mean_reward"]
+    assert got == pytest.approx(sum(values) / len(values), abs=1e-9)
+    assert "reward" not in step.params and "records" not in result
+
+
 def test_the_same_plan_and_seed_give_identical_runs(finished, tmp_path):
     """A second run in another process, with another hash seed for Python's sets and dicts."""
     plan, plan_file, first = finished("llama")

@@ -341,3 +341,17 @@ def test_layout_moves_spans_but_not_step_hashes(tmp_path: Path, quickstart: Plan
     plan = compile_file(moved)
     assert [s.hash for s in plan.steps] == [s.hash for s in quickstart.steps]
     assert [s.span["line"] for s in plan.steps] == [s.span["line"] + 1 for s in quickstart.steps]
+
+
+def test_renaming_the_recipe_keeps_step_hashes_but_template_text_does_not(
+    tmp_path: Path, quickstart: Plan
+) -> None:
+    """A template declared in the recipe is keyed by its file's name; its text, not the key, is content."""
+    renamed = tmp_path / "my_copy.ralign"
+    renamed.write_text(QUICKSTART.read_text(encoding="utf-8"), encoding="utf-8")
+    plan = compile_file(renamed)
+    generate = plan.step("r1/propose/generate")
+    assert generate.params["template"].startswith("my_copy.ralign:")  # the key did change
+    assert [s.hash for s in plan.steps] == [s.hash for s in quickstart.steps]
+    reworded = compile_file(edited(tmp_path, QUICKSTART, "Requests that people", "Requests people"))
+    assert reworded.step("r1/propose/generate").hash != generate.hash

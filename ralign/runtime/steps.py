@@ -339,29 +339,63 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
     }
 
 
+def sft_examples(
+    records: list[dict[str, Any]],
+    scores: list[dict[str, Any]] | None,
+    *,
+    on: str,
+    min_score: float | None = None,
+    drop_context: bool = False,
+) -> list[dict[str, str]]:
+    """The (prompt, response) examples `train sft` trains on.
+
+    Args:
+        records: response records {prompt, context, responses}.
+        scores: score records aligned with `records` ({scores: [...]}), for on = "best" or a floor.
+        on: "best" (each prompt's top answer; ties to the first), "all" or "revised" (every answer).
+        min_score: keep only answers scoring at least this.
+        drop_context: train on the bare prompt rather than the context it was sampled with.
+    """
+    picked: list[tuple[dict[str, Any], list[str]]] = []
+    for i, r in enumerate(records):
+        answers = list(r["responses"])
+        if scores is not None:
+            marks = scores[i]["scores"]
+            keep = range(len(answers))
+            if on == "best":
+                keep = [max(keep, key=marks.__getitem__)]
+            answers = [answers[j] for j in keep if min_score is None or marks[j] >= min_score]
+        picked.append((r, answers))
+    return [
+        {
+            "prompt": r["prompt"] if drop_context or not r.get("context") else r["context"],
+            "response": x,
+        }
+        for r, xs in picked
+        for x in xs
+        if x.strip()
+    ]
+
+
 @step("train sft")
 def train_sft(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.train import train_sft as run
 
     p = ctx.params
     records = _nonempty(ctx, ctx.input("responses"), "the response set")
-    if p["on"] == "best":
-        scores = ctx.input(f"score:{p['by']}")
-        chosen = [
-            (r, [r["responses"][max(range(len(s["scores"])), key=s["scores"].__getitem__)]])
-            for r, s in zip(records, scores, strict=True)
-        ]
-    else:  # "revised" answers are the responses of a revise step; "all" takes every answer
-        chosen = [(r, r["responses"]) for r in records]
-    examples = [
-        {
-            "prompt": r["prompt"] if p["drop_context"] or not r.get("context") else r["context"],
-            "response": x,
-        }
-        for r, xs in chosen
-        for x in xs
-        if x.strip()
-    ]
+    floor = p.get("min_score")
+    scored = p["on"] == "best" or (p["on"] == "all" and floor is not None)
+    examples = sft_examples(
+        records,
+        ctx.input(f"score:{p['by']}") if scored else None,
+        on=p["on"],
+        min_score=floor,
+        drop_context=p["drop_context"],
+    )
+    if not examples and floor is not None:
+        raise StepError(
+            f"{ctx.where}: no answer scored at least min_score = {floor:g}; lower it or sample more answers"
+        )
     model, tok = ctx.trainable()
     metrics = run(
         model,
@@ -415,7 +449,16 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     opts: dict[str, Any] = {"batch_size": p["batch_size"]}
     if p["task"] == "behavior":
         opts["max_new_tokens"] = p["max_new_tokens"]
+    if "reward" in ctx.step.exprs:  # the reward needs every answer, not just the examples
+        opts["details"] = True
     result = run_eval(p["task"], model, tok, data, **opts)
+    if "reward" in ctx.step.exprs:
+        records = result.pop("records")
+        values = ctx.programs.score(
+            ctx.step.exprs["reward"],
+            [{"prompt": r["prompt"], "response": r["answer"]} for r in records],
+        )
+        result["mean_reward"] = {"value": sum(values) / len(values), "n": len(values)}
     (ctx.out / "result.json").write_text(
         __import__("json").dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
     )
