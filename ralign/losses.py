@@ -22,9 +22,25 @@ def loss(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
-def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Position t predicts token t+1: drop the last logit and the first label.
-    return logits[:, :-1, :], labels[:, 1:]
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which logits carry a loss: position t predicts token t+1, so (B, T) labels give (B, T-1).
+
+    Returns:
+        (B, T-1) bool, True where labels[:, t+1] is not IGNORE.
+    """
+    return labels[:, 1:] != IGNORE
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token, one logits row per target.
+
+    Args:
+        logits: (N, V) the logits that predict the targets.
+        targets: (N,) token ids.
+    Returns:
+        (N,) float32; float32 log-softmax because bf16 logits lose too much precision over a long sum.
+    """
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,12 +52,19 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     Returns:
         (logps (B, T-1), mask (B, T-1) bool); logps are 0 where the mask is False.
     """
-    logits, labels = _shift(logits, labels)
-    mask = labels != IGNORE
-    safe = labels.masked_fill(~mask, 0)  # gather needs a valid index even where ignored
-    # float32 log-softmax: bf16 logits lose too much precision over a long sum.
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logps * mask, mask
+    mask = next_token_mask(labels)
+    # Only the counted positions go through the log-softmax: prompt and padding rows cost nothing.
+    return spread(target_logps(logits[:, :-1][mask], labels[:, 1:][mask]), mask), mask
+
+
+def spread(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place per-target log-probs back at their (B, T-1) positions, 0 elsewhere."""
+    return logps.new_zeros(mask.shape).masked_scatter(mask, logps)
+
+
+def sft_loss_on_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`sft_loss` from token log-probs: minus their mean over counted tokens; 0 when none count."""
+    return -logps.sum() / mask.sum().clamp(min=1)
 
 
 @loss("sft")
@@ -54,8 +77,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         () mean loss per counted token; 0 when no token counts.
     """
-    logps, mask = token_logps(logits, labels)
-    return -logps.sum() / mask.sum().clamp(min=1)
+    return sft_loss_on_logps(*token_logps(logits, labels))
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -186,8 +186,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     """Token ids of (context, continuation) exactly as lm-evaluation-harness' HFLM makes them.
 
     Trailing whitespace of the context moves to the continuation; the whole string is encoded once
-    and split where the context's own encoding ends; no special tokens are added. An empty context
-    becomes the BOS token, or EOS when there is none (lm-eval 0.4's `prefix_token_id`).
+    and split where the context's own encoding ends. Special tokens are the tokenizer's default
+    (a BOS for tokenizers that add one) unless the context already starts with BOS. An empty
+    context becomes the BOS token, or EOS when there is none (lm-eval 0.4's `prefix_token_id`).
     """
     if context == "":
         prefix = (
@@ -198,8 +199,10 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    ctx = tokenizer.encode(context, add_special_tokens=False)
+    bos = tokenizer.bos_token
+    special = not (bos and context.startswith(bos))
+    whole = tokenizer.encode(context + continuation, add_special_tokens=special)
+    ctx = tokenizer.encode(context, add_special_tokens=special)
     return ctx, whole[len(ctx) :]
 
 

@@ -325,6 +325,9 @@ class Run:
         finally:
             for bar in ctx._progress:
                 bar.close()
+            # `prepare` keeps every model and optimizer it saw; without this, each trained policy
+            # and its AdamW state would stay in memory for the rest of the run.
+            acc.free_memory()
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         if acc.is_main_process:

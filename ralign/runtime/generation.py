@@ -86,6 +86,7 @@ def generate(
     seed: int,
     batch_size: int = 32,
     add_special_tokens: bool = False,
+    sort_by_length: bool = True,
     progress: Progress | None = None,
 ) -> list[list[Completion]]:
     """Continue each text n times, batched by token length with left padding and the KV cache.
@@ -102,6 +103,9 @@ def generate(
         batch_size: sequences (texts x rows per text) per generate call, at least one text.
         add_special_tokens: let the tokenizer add its BOS etc. (raw text); False for chat-formatted
             text, whose template writes its own.
+        sort_by_length: batch texts of similar token length together (False: batch them in input
+            order, as a plain loop would; for benchmarks). Results come back in input order either
+            way; greedy outputs are the same, sampled ones differ (the sampler's draws move).
         progress: called as progress(texts_done, tokens_generated) after each batch.
     Returns:
         Per text, n Completions in the input order.
@@ -117,6 +121,8 @@ def generate(
     ]
     # Shortest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
+    if not sort_by_length:
+        order = list(range(len(texts)))
     per_batch = max(1, batch_size // rows)
     cfg = _config(
         model,
@@ -182,6 +188,7 @@ def sample(
     seed: int,
     batch_size: int = 32,
     context: Sequence[str | None] | None = None,
+    sort_by_length: bool = True,
     progress: Progress | None = None,
 ) -> list[list[str]]:
     """Sample responses to prompts, each wrapped as a user turn with the chat template.
@@ -198,6 +205,7 @@ def sample(
         batch_size: sequences per generate call.
         context: optional, per prompt, a full text (already rendered with the prompt inside) to
             wrap instead of the bare prompt; None or "" entries fall back to the prompt.
+        sort_by_length: batch prompts of similar token length together (see `generate`).
         progress: called as progress(prompts_done, tokens_generated) after each batch.
     Returns:
         Per prompt, K response strings (new tokens only, special tokens skipped, stripped).
@@ -220,6 +228,7 @@ def sample(
         batch_size=batch_size,
         # A chat template writes its own special tokens; without one the text is plain.
         add_special_tokens=not getattr(tokenizer, "chat_template", None),
+        sort_by_length=sort_by_length,
         progress=progress,
     )
     return [[c.text for c in row] for row in done]

@@ -37,6 +37,13 @@ One exception (token healing): with tokenizers that glue a space to the next wor
 ends in a lone space token that never precedes a letter in training, and "Answer: A" re-merges it;
 then the trailing spaces are dropped and " A" is read after "Answer:" (see `resolve_labels`).
 
+Batching: judge texts of one item repeat a long prefix (the chat preamble, the template's header
+and the request; pairwise also the first answer; pointwise the whole rubric). With a model that
+takes a KV cache, `plan_batches` groups texts by shared prefix and each batch computes its common
+prefix once (`prefixed_next_token_logits`); it keeps length-sorted batches when sharing saves
+little (listwise, whose texts share only the preamble and request). The log-probabilities equal
+those without sharing up to float rounding (~1e-6).
+
 `samples` (pointwise only): a forward pass gives the judge's whole digit distribution, so there is
 nothing to sample. `samples=1` (default) uses the exact expectation E[d] — the value an average of
 infinitely many sampled judgements converges to, and the lowest-variance choice. `samples=n > 1`
@@ -127,15 +134,17 @@ class Judge:
             cut, ids = cache[key]
             label_ids.append(ids)
             encoded.append(_encode(self.tokenizer, text[: len(text) - cut], chat=self.chat))
-        # Shortest first: batches of similar length waste less compute on padding.
-        order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
         out: list[np.ndarray | None] = [None] * len(texts)
         masses = [0.0] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            logits = next_token_logits(
-                self.model, [encoded[i] for i in idx], padding_id(self.tokenizer)
-            )
+        pad = padding_id(self.tokenizer)
+        share = _cache_arg(self.model) is not None
+        for idx, shared in plan_batches(encoded, self.batch_size, share):
+            if shared:
+                logits = prefixed_next_token_logits(
+                    self.model, encoded[idx[0]][:shared], [encoded[i][shared:] for i in idx], pad
+                )
+            else:
+                logits = next_token_logits(self.model, [encoded[i] for i in idx], pad)
             for row, i in enumerate(idx):
                 picked = logits[row, label_ids[i]].double()  # [n_labels]
                 out[i] = torch.log_softmax(picked, dim=-1).cpu().numpy()
@@ -252,6 +261,132 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
         kwargs["use_cache"] = False
     with torch.no_grad():
         out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -1, :].float()  # [B, V]
+
+
+MIN_SHARED = 16  # shortest common prefix worth a forward pass of its own (tokens)
+CALL_TOKENS = 32  # the cost of one more forward call, in tokens, when planning batches
+# Share prefixes only when the plan computes at most this fraction of the length-sorted plan's
+# tokens: more, smaller batches have costs the token count misses (per-call overhead, smaller
+# matrix products), so a marginal saving is not worth it.
+SHARE_BELOW = 0.9
+
+
+def _cache_arg(model) -> str | None:
+    """The name under which the model's forward takes a KV cache (`cache` in Transformers 5,
+    `past_key_values` before), or None when it takes none or no position ids."""
+    params = _forward_params(model)
+    if not {"use_cache", "position_ids"} <= params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def plan_batches(
+    rows: list[list[int]], batch_size: int, share: bool
+) -> list[tuple[list[int], int]]:
+    """Batches of row indices, each with the prefix length its rows share and compute once (0: none).
+
+    Without sharing: shortest first, so batches of similar length waste little on padding. With
+    sharing (judge texts of one item repeat the chat preamble, the request and, pairwise, the first
+    answer): rows sorted by token ids put shared prefixes next to each other, and batch boundaries
+    are chosen by dynamic programming to minimise tokens computed (a shared prefix once, each row's
+    rest padded to its batch's longest, plus CALL_TOKENS per forward call). That plan is used only
+    when it is clearly cheaper (SHARE_BELOW), so texts with little in common keep the
+    length-sorted batches.
+
+    Args:
+        rows: token ids per text (each non-empty).
+        batch_size: the most rows per batch.
+        share: whether shared prefixes may be computed once (the model takes a KV cache).
+    Returns:
+        [(indices, shared)], every row in exactly one batch.
+    """
+    by_length = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+    plain = [(by_length[s : s + batch_size], 0) for s in range(0, len(by_length), batch_size)]
+    if not share or len(rows) < 2:
+        return plain
+    plain_cost = sum(CALL_TOKENS + len(idx) * len(rows[idx[-1]]) for idx, _ in plain)
+    order = sorted(range(len(rows)), key=lambda i: (rows[i], i))
+    lcp = [0] + [common_prefix(rows[order[k - 1]], rows[order[k]]) for k in range(1, len(order))]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    choice = [(0, 0)] * (n + 1)  # (start, shared) of the batch ending at j
+    for j in range(1, n + 1):
+        shared, longest, shortest = 1 << 30, 0, 1 << 30
+        for i in range(j - 1, max(-1, j - 1 - batch_size), -1):  # batch = order[i:j]
+            length = len(rows[order[i]])
+            longest, shortest = max(longest, length), min(shortest, length)
+            if i < j - 1:
+                shared = min(shared, lcp[i + 1])
+            p = min(shared, shortest - 1) if i < j - 1 else 0
+            p = p if p >= MIN_SHARED else 0
+            cost = CALL_TOKENS + (j - i) * (longest - p) + (p + CALL_TOKENS if p else 0)
+            if best[i] + cost < best[j]:
+                best[j], choice[j] = best[i] + cost, (i, p)
+    if best[n] > SHARE_BELOW * plain_cost:
+        return plain
+    batches, j = [], n
+    while j > 0:
+        i, p = choice[j]
+        batches.append((order[i:j], p))
+        j = i
+    return batches[::-1]
+
+
+def prefixed_next_token_logits(
+    model, prefix: list[int], rows: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """`next_token_logits` for rows that all continue `prefix`: the prefix is computed once.
+
+    The prefix's KV cache is repeated for every row; the rows' own tokens follow it, left padded
+    (the padding sits between prefix and row, masked out, with positions counted over real tokens
+    only), so every row ends at the last position and only that position's logits are computed.
+
+    Args:
+        model: a causal LM taking a KV cache, position_ids and use_cache (see `_cache_arg`).
+        prefix: the shared leading token ids.
+        rows: per text, the token ids after the prefix (each at least one).
+        pad_id: the id written into padding.
+    Returns:
+        [B, V] logits for each row's next token.
+    """
+    device = device_of(model)
+    params = _forward_params(model)
+    name = _cache_arg(model)
+    if name is None:
+        raise RalignError("prefix sharing needs a model whose forward takes a KV cache")
+    extra: dict[str, object] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, S]
+    mask = torch.zeros((len(rows), len(prefix) + width), dtype=torch.long)  # [B, P + S]
+    mask[:, : len(prefix)] = 1
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, len(prefix) + width - len(r) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # [B, S]
+    with torch.no_grad():
+        head = model(
+            input_ids=torch.tensor([prefix], dtype=torch.long, device=device),
+            use_cache=True,
+            **extra,
+        )
+        cache = head[name] if name in head else head["past_key_values"]
+        cache.batch_repeat_interleave(len(rows))
+        extra[name] = cache
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            **extra,
+        )
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits[:, -1, :].float()  # [B, V]
 

@@ -12,7 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ralign.errors import RalignError, StepError
-from ralign.losses import IGNORE, dpo_loss, sequence_logps, sft_loss
+from ralign.losses import (
+    IGNORE,
+    dpo_loss,
+    next_token_mask,
+    sft_loss_on_logps,
+    spread,
+    target_logps,
+)
 from ralign.runtime.models import format_prompt, is_peft
 from ralign.runtime.torchutil import padding_id
 
@@ -175,6 +182,44 @@ def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ).logits
 
 
+@contextlib.contextmanager
+def _head_only_at(model: Any, mask: torch.Tensor) -> Iterator[None]:
+    """Run the model's LM head on the positions where `mask` (B, T-1) is True alone.
+
+    Prompt and padding positions carry no loss, yet on a large vocabulary their logits are a large
+    share of a step's memory and of its LM-head compute. A pre-hook on the head module narrows its
+    input to the counted positions, so the model returns (N, V) logits in mask order; the call
+    itself still goes through the model's own forward, and so through peft's and DDP's wrappers.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
+
+    def narrow(module: Any, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.shape[:2] != (mask.shape[0], mask.shape[1] + 1):
+            raise RalignError(f"the LM head got hidden states of shape {tuple(hidden.shape)}")
+        return (hidden[:, :-1][mask], *args[1:])
+
+    handle = head.register_forward_pre_hook(narrow)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def batch_token_logps(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ralign.losses.token_logps` of the model on a collated batch, with logits only where counted.
+
+    Returns:
+        (logps (B, T-1) float32, 0 off the mask; mask (B, T-1) bool).
+    """
+    mask = next_token_mask(batch["labels"])
+    with _head_only_at(model, mask):
+        logits = _forward_logits(model, batch)
+    return spread(target_logps(logits, batch["labels"][:, 1:][mask]), mask), mask
+
+
 def _check_finite(loss: torch.Tensor, step: int, accelerator: Any) -> None:
     # Agree across processes first: one rank raising while the others wait in backward would hang.
     bad = torch.stack([torch.isnan(loss), torch.isinf(loss)]).float()
@@ -268,16 +313,16 @@ def train_sft(
     with _seeded(seed, device):
         for epoch in range(epochs):
             for batch in loader:
-                logits = _forward_logits(model, batch)
+                logps, mask = batch_token_logps(model, batch)
                 # The loss is a mean over the global batch's tokens. Each process holds a share of
                 # them and data parallelism averages gradients over processes, so a process weighs
                 # its own token mean by world * (its tokens / all tokens): the update and the
                 # reported loss then equal one process's on the whole batch.
-                counted = (batch["labels"][:, 1:] != IGNORE).sum()
+                counted = mask.sum()
                 everyone = _total(counted, accelerator)
                 world = accelerator.num_processes if accelerator is not None else 1
                 share = world * counted.float() / max(everyone, 1)
-                loss = sft_loss(logits, batch["labels"]) * share
+                loss = sft_loss_on_logps(logps, mask) * share
                 step += 1
                 _check_finite(loss, step, accelerator)
                 _step(model, optimizer, loss, accelerator)
@@ -306,8 +351,8 @@ def pair_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     Returns:
         (chosen (B,), rejected (B,)).
     """
-    logps = sequence_logps(_forward_logits(model, batch), batch["labels"])
-    return logps.chunk(2)
+    logps, _ = batch_token_logps(model, batch)
+    return logps.sum(-1).chunk(2)
 
 
 def _reference_context(

@@ -1,0 +1,311 @@
+"""Efficacy: what each ingredient of the quickstart does to SmolLM2-135M-Instruct, one table.
+
+Usage: python bench/efficacy.py [--scale small|full] [--only NAME ...] [--out bench/results]
+
+Every variant is the quickstart recipe (`recipes/quickstart.ralign`: one round; answers sampled
+with a careful-assistant `context`; scored by the std/hhh rules; SFT on good best answers, then
+DPO on clearly different pairs) with one thing changed, run with `ralign execute` on the same
+model, seed, prompts and generation budget:
+
+- base: the model before any training (the round-0 evaluations every run shares);
+- self-ranking only: the policy ranks its own answers listwise (two orders) instead of the rules;
+- agree(rank, rules): the rank and the three std/hhh parts, weighed by learned agreement;
+- SFT only / DPO only: one of the two training steps;
+- no context: answers sampled from the bare prompts (nothing to distil);
+- 3 rounds: the quickstart run for three rounds, each round's policy sampling the next.
+
+Simplifications, stated up front:
+- `--scale small` (the default) is the cut-down quickstart the slow CI test runs (fewer prompts,
+  one round unless a variant says otherwise); `--scale full` keeps the quickstart's sizes.
+- Variants share steps: each run directory starts as a copy of the first variant's, and the
+  executor skips every step whose content hash is unchanged (the round-0 evaluations and the
+  first round's sampling are the same in all of them), so only what differs is recomputed.
+- HHH dev accuracy (`../shared/data/hhh_alignment_dev.jsonl`, 115 items, development split of
+  BIG-bench hhh_alignment; never trained on) is measured with `ralign eval` on each `final/`.
+- One seed: with 16 held-out prompts per kind, one prompt moves a behavior rate by 0.0625, so
+  differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICKSTART = ROOT / "recipes" / "quickstart.ralign"
+HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
+
+# ---- recipe edits: each returns new recipe text -------------------------------------------
+
+
+def set_attr(text: str, block: str, attr: str, value: str) -> str:
+    """Set `attr = value` inside the first block whose header starts with `block` (`recipe`,
+    `dataset seeds`, `sample`, ...); the block must not nest braces before `attr`."""
+    found = re.search(rf"^[ \t]*{re.escape(block)}\b[^{{\n]*\{{", text, flags=re.M)
+    if found is None:
+        raise ValueError(f"no block {block!r} in the recipe")
+    start = found.end()
+    end = text.index("}", start)
+    body = text[start:end]
+    new, n = re.subn(rf"\b{attr}\s*=\s*[^,}}\n]+", f"{attr} = {value}", body, count=1)
+    if n == 0:
+        new = body.rstrip() + f", {attr} = {value} "
+    return text[:start] + new + text[end:]
+
+
+def replace_phase(text: str, name: str, body: str) -> str:
+    """Replace the whole `phase NAME { ... }` block (phases close with a `}` at column 0)."""
+    match = re.search(rf"^phase {name} \{{\n.*?^\}}\n", text, flags=re.M | re.S)
+    if match is None:
+        raise ValueError(f"no phase {name!r} in the recipe")
+    return text[: match.start()] + f"phase {name} {{\n{body.rstrip()}\n}}\n" + text[match.end() :]
+
+
+def drop_block(text: str, header: str) -> str:
+    """Remove a top-level `HEADER { ... }` block (it closes with a `}` at column 0)."""
+    match = re.search(rf"^{re.escape(header)} \{{\n.*?^\}}\n", text, flags=re.M | re.S)
+    if match is None:
+        raise ValueError(f"no block {header!r} in the recipe")
+    return text[: match.start()] + text[match.end() :]
+
+
+def small(text: str) -> str:
+    """The cut-down quickstart: one round on fewer prompts, shorter answers (about 4 minutes)."""
+    text = set_attr(text, "recipe", "rounds", "1")
+    text = set_attr(text, "dataset seeds", "limit", "64")
+    return text
+
+
+RANK = "  rank quality { judge = policy, template = tpl.rank_listwise, orders = 2 }\n"
+SFT = '  train sft { on = "best", min_score = 0.5, drop_context = true, lr = 2e-4, epochs = 2, batch_size = 8 }\n'
+DPO = (
+    '  pairs { chosen = "best", rejected = "worst", min_margin = 1.0 }\n'
+    "  train dpo { beta = 0.1, lr = 2e-4, epochs = 2, batch_size = 8 }\n"
+)
+
+
+def variants(base: str) -> dict[str, str]:
+    """Name -> recipe text. The first one is run first and seeds the others' run directories.
+
+    Scores on other scales keep the quickstart's thresholds meaningfully: a listwise rank is
+    min-max normalised per prompt (best 1, worst 0), and `agree` is a weighted sum of
+    standardised sources (so 0.5 is half a standard deviation above the mean).
+    """
+
+    def judge(score: str) -> str:
+        return replace_phase(base, "judge", RANK + f"  score {{ total = {score} }}\n")
+
+    no_context = re.sub(r", context = \w+", "", base).replace(", drop_context = true", "")
+    return {
+        "quickstart (rules, SFT+DPO)": base,
+        "self-ranking only": judge("quality"),
+        "agree(rank, rules)": judge("agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"),
+        "SFT only": replace_phase(base, "distill", SFT),
+        "DPO only": replace_phase(base, "distill", DPO),
+        "no context": no_context,
+        "3 rounds": set_attr(base, "recipe", "rounds", "3"),
+    }
+
+
+# ---- running and reading ---------------------------------------------------------------
+
+
+def ralign(*args: str) -> None:
+    cmd = [sys.executable, "-m", "ralign", *args]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Round -> {evaluation metric: value} from a finished run's evaluate steps."""
+    out: dict[int, dict[str, float]] = {}
+    for meta in sorted(run_dir.glob("r*/evaluate.*/meta.json")):
+        rnd = int(meta.parent.parent.name[1:])
+        name = meta.parent.name.split(".", 1)[1]
+        metrics = json.loads((meta.parent / "metrics.json").read_text(encoding="utf-8"))
+        for k, v in metrics.items():
+            out.setdefault(rnd, {})[f"{name}:{k.removeprefix('rates.')}"] = v
+    return out
+
+
+def run_variant(name: str, text: str, work: Path, seed_dir: Path | None) -> dict[str, Any]:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    recipe = work / f"{slug}.ralign"
+    recipe.write_text(text, encoding="utf-8")
+    run_dir = work / slug
+    if seed_dir is not None and not run_dir.exists():
+        shutil.copytree(seed_dir, run_dir, ignore=shutil.ignore_patterns("final", ".tmp"))
+    started = time.perf_counter()
+    ralign("execute", str(recipe), "--run-dir", str(run_dir), "--root", str(ROOT))
+    seconds = time.perf_counter() - started
+    dev = run_dir / "hhh_dev.json"
+    if not dev.is_file():
+        ralign("eval", "--model", str(run_dir / "final"), "--data", str(HHH_DEV), "-o", str(dev))
+    rows = eval_rows(run_dir)
+    return {
+        "name": name,
+        "run_dir": str(run_dir),
+        "seconds_incremental": round(seconds, 1),
+        "step_seconds": step_seconds(run_dir),
+        "base": rows[0],
+        "after": rows[max(rows)],
+        "hhh_dev": headline(json.loads(dev.read_text(encoding="utf-8"))),
+    }
+
+
+def step_seconds(run_dir: Path) -> float:
+    """The run's compute time had nothing been shared: every finished step's own seconds."""
+    return round(
+        sum(
+            json.loads(m.read_text(encoding="utf-8"))["seconds"]
+            for m in run_dir.glob("r*/*/meta.json")
+        ),
+        1,
+    )
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """acc, acc_norm and ab_acc with their 95% intervals from an HHH result."""
+    return {k: result[k] for k in ("acc", "acc_norm", "ab_acc") if k in result}
+
+
+COLUMNS = (
+    ("hhh_dev.acc", "dev acc"),
+    ("hhh_dev.acc_norm", "dev acc_norm"),
+    ("hhh:acc", "mini acc"),
+    ("hhh:acc_norm", "mini acc_norm"),
+    ("behavior:harmful_compliance_rate", "harmful comply"),
+    ("behavior:over_refusal_rate", "over-refuse"),
+    ("behavior:admits_not_knowing_rate", "admits unknown"),
+    ("behavior:everyday_refusal_rate", "everyday refuse"),
+    ("behavior:mean_reward", "mean reward"),
+)
+
+
+def cell(row: dict[str, Any], key: str) -> str:
+    if key.startswith("hhh_dev."):
+        v = row["hhh_dev"].get(key.split(".", 1)[1])
+        if isinstance(v, dict):
+            lo, hi = v.get("ci95", [None, None])
+            return (
+                f"{v['value']:.3f} [{lo:.2f},{hi:.2f}]" if lo is not None else f"{v['value']:.3f}"
+            )
+        return "-" if v is None else f"{v:.3f}"
+    v = row["evals"].get(key)
+    return "-" if v is None else f"{v:.3f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["variant", *(c[1] for c in COLUMNS), "step s"]
+    body = [
+        [r["name"], *(cell(r, k) for k, _ in COLUMNS), f"{r.get('step_seconds', 0):.0f}"]
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    out["ralign"] = commit or "unknown"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", type=Path, default=QUICKSTART, help="the recipe to vary")
+    ap.add_argument("--scale", choices=("small", "full"), default="small")
+    ap.add_argument("--only", nargs="*", help="run only these variants (the first always runs)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "efficacy")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+
+    base = args.recipe.read_text(encoding="utf-8")
+    if args.scale == "small":
+        base = small(base)
+    todo = variants(base)
+    names = list(todo)
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; choose from {names}")
+        names = [names[0], *(n for n in names[1:] if n in args.only)]
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base_dev = args.work / "base_hhh_dev.json"
+    results: list[dict[str, Any]] = []
+    first_dir: Path | None = None
+    for name in names:
+        r = run_variant(name, todo[name], args.work, first_dir)
+        first_dir = first_dir or Path(r["run_dir"])
+        results.append(r)
+        if not base_dev.is_file():
+            ralign(
+                "eval",
+                "--model",
+                "ralign:smollm2-135m",
+                "--data",
+                str(HHH_DEV),
+                "-o",
+                str(base_dev),
+            )
+        report(args, todo, results, base_dev, time.perf_counter() - started)  # after every variant
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    todo: dict[str, str],
+    results: list[dict[str, Any]],
+    base_dev: Path,
+    seconds: float,
+) -> None:
+    """Print the table so far and write it to bench/results (a killed run keeps what it finished)."""
+    rows = [
+        {
+            "name": "base",
+            "evals": results[0]["base"],
+            "hhh_dev": headline(json.loads(base_dev.read_text(encoding="utf-8"))),
+        }
+    ] + [{**r, "evals": r["after"]} for r in results]
+    print(table(rows), flush=True)
+    print(f"\nwall {seconds / 60:.1f} min on {os.cpu_count()} cores; load {os.getloadavg()}")
+    path = args.out / f"efficacy-{args.scale}-{dt.date.today().isoformat()}.json"
+    payload = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": versions(),
+        "scale": args.scale,
+        "wall_seconds": round(seconds, 1),
+        "rows": rows,
+        "recipes": {r["name"]: todo[r["name"]] for r in results},
+    }
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

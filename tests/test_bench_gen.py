@@ -1,0 +1,174 @@
+"""bench/sampling.py, bench/ranking.py and bench/round.py --quick run on tiny models and report consistent figures."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(name: str, out: Path, *args: str) -> tuple[dict, str]:
+    """`python bench/NAME.py ARGS --out OUT`, run in this process (torch and transformers are
+    imported once for all three), restoring torch's thread count; its JSON and printed report."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert module.main([*args, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = out.glob(f"{name}*.json")
+    return json.loads(path.read_text(encoding="utf-8")), printed.getvalue()
+
+
+def check_header(data: dict) -> None:
+    for key in ("torch", "transformers", "trl", "peft", "ralign_commit"):
+        assert data["versions"][key]
+    assert data["machine"]["cpu_count"] >= 1
+    assert "load_average_start" in data["machine"]
+    assert data["date"] and data["command"].startswith("python bench/")
+
+
+@pytest.fixture(scope="module")
+def sampling(tmp_path_factory):
+    return run_bench("sampling", tmp_path_factory.mktemp("sampling"), "--quick")
+
+
+@pytest.fixture(scope="module")
+def ranking(tmp_path_factory):
+    return run_bench("ranking", tmp_path_factory.mktemp("ranking"), "--quick")
+
+
+@pytest.fixture(scope="module")
+def round_run(tmp_path_factory):
+    keep = tmp_path_factory.mktemp("round-run")
+    data, stdout = run_bench(
+        "round", tmp_path_factory.mktemp("round"), "--quick", "--keep", str(keep)
+    )
+    return data, stdout, keep / "run"
+
+
+def test_sampling_systems_did_the_same_work(sampling):
+    data, stdout = sampling
+    check_header(data)
+    cfg = data["config"]
+    (res,) = data["results"]
+    assert res["model"] == "ralign:tiny-llama"
+    systems = res["systems"]
+    assert set(systems) == {"plain", "ralign_input_order", "ralign"}
+    most = cfg["prompts"] * cfg["per_prompt"] * cfg["max_new_tokens"]
+    for name, s in systems.items():
+        runs = res["runs"][name]
+        assert len(runs) == cfg["repeats"]
+        # Same seed, same inputs: every repeat generates the same tokens.
+        assert len(s["tokens"]) == 1
+        assert cfg["prompts"] * cfg["per_prompt"] <= s["tokens"][0] <= most
+        assert all(r["tokens_per_s"] > 0 and r["seconds"] > 0 for r in runs)
+    # ralign in input order forms the plain loop's batches and draws the same numbers.
+    assert systems["plain"]["tokens"] == systems["ralign_input_order"]["tokens"]
+    assert res["same_answers_plain_vs_input_order"] is True
+    # Sorting by length can only shrink the padded prefill.
+    assert (
+        systems["ralign"]["prefill_tokens_with_padding"]
+        < systems["plain"]["prefill_tokens_with_padding"]
+    )
+    assert (
+        systems["plain"]["prefill_tokens_with_padding"]
+        == (systems["ralign_input_order"]["prefill_tokens_with_padding"])
+    )
+    for ratio in res["ratios"].values():
+        assert ratio > 0
+    assert "overhead" in stdout and ("PASS" in stdout or "MISS" in stdout)
+
+
+def passes_per_item(mode: str, k: int, orders: int) -> int:
+    """What rank.py scores per item: listwise one text per order (at most K rotations),
+    pairwise every ordered pair, pointwise one text per answer (samples cost no pass)."""
+    return {"listwise": min(orders, k), "pairwise": k * (k - 1), "pointwise": k}[mode]
+
+
+def test_ranking_passes_follow_each_mode(ranking):
+    data, stdout = ranking
+    check_header(data)
+    cfg, res = data["config"], data["result"]
+    rows = res["rows"]
+    assert {(r["mode"], r["orders"], r["k"]) for r in rows} == {
+        (mode, orders, k)
+        for mode, orders in (("listwise", 1), ("listwise", 2), ("pairwise", 1), ("pointwise", 1))
+        for k in cfg["k"]
+    }
+    for r in rows:
+        want = passes_per_item(r["mode"], r["k"], r["orders"])
+        assert r["passes_per_prompt"] == want
+        assert r["plain_passes_per_prompt"] == want  # both systems scored the same texts
+        texts = want * res["prompts"]
+        # Batches hold at most batch_size texts; texts sharing a prefix may get batches of their own.
+        assert math.ceil(texts / cfg["batch_size"]) <= r["model_calls"] <= texts
+        # Computing shared prefixes once never costs more than the plain loop's padded batches.
+        assert 0 < r["computed_tokens_per_prompt"] <= r["plain_computed_tokens_per_prompt"]
+        assert 0 <= r["shared_prefix_fraction"] < 1
+        assert r["tokens_per_prompt"] > 0
+        assert r["seconds_per_prompt"] > 0 and r["plain_seconds_per_prompt"] > 0
+        assert len(res["runs"][r["cell"]]["ralign"]) == cfg["repeats"]
+    by = {(r["mode"], r["orders"], r["k"]): r for r in rows}
+    k = max(cfg["k"])
+    # Two orders read the listwise text twice (reordered, so tokens may merge a little
+    # differently at the seams); pairwise K > 2 reads more than one list.
+    assert by[("listwise", 2, k)]["tokens_per_prompt"] == pytest.approx(
+        2 * by[("listwise", 1, k)]["tokens_per_prompt"], rel=0.05
+    )
+    assert by[("pairwise", 1, k)]["tokens_per_prompt"] > by[("listwise", 1, k)]["tokens_per_prompt"]
+    assert data["meets"]["passes_formula"] is True
+    assert "passes per prompt match" in stdout
+
+
+def test_round_split_sums_to_the_steps_it_read(round_run):
+    data, stdout, run_dir = round_run
+    check_header(data)
+    metas = [json.loads(p.read_text(encoding="utf-8")) for p in run_dir.glob("r*/*/meta.json")]
+    assert len(metas) == len(data["steps"]) > 0
+    total = data["split"]["total"]
+    assert sum(total["seconds"].values()) == pytest.approx(
+        sum(m["seconds"] for m in metas), abs=1e-2
+    )
+    assert total["step_seconds"] == pytest.approx(sum(m["seconds"] for m in metas), abs=1e-2)
+    assert sum(total["percent"].values()) == pytest.approx(100.0)
+    assert total["slowest"] == max(total["seconds"], key=total["seconds"].__getitem__)
+    # One round: evaluations before it (r0) and after it (r1), every step kind of the recipe.
+    assert set(data["split"]["rounds"]) == {"r0", "r1"}
+    assert set(data["split"]["rounds"]["r0"]["seconds"]) == {"evaluate"}
+    assert set(total["seconds"]) == {
+        "generate",
+        "dedupe",
+        "filter",
+        "sample",
+        "revise",
+        "rank",
+        "score",
+        "pairs",
+        "train",
+        "evaluate",
+    }
+    for col in data["split"]["rounds"].values():
+        assert sum(col["seconds"].values()) == pytest.approx(col["step_seconds"], abs=1e-2)
+    assert data["wall_seconds"] >= total["step_seconds"]
+    assert "steps total" in stdout and "slowest kind" in stdout
+
+
+def test_round_reads_a_finished_run(round_run, tmp_path):
+    data, _, run_dir = round_run
+    read, stdout = run_bench("round", tmp_path, "--run-dir", str(run_dir))
+    assert read["split"] == data["split"]  # the same numbers, whether it ran the recipe or not
+    assert read["wall_source"].startswith("run.log")
+    assert str(run_dir) in stdout
