@@ -1,6 +1,6 @@
 """Benchmark where the time of a quickstart round goes: seconds and share per step kind, from each step's meta.json.
 
-Usage: python bench/round.py [--run-dir DIR] [--quick] [--count 16] [--eval-limit 12] [--threads N]
+Usage: python bench/round.py [--run-dir DIR] [--quick] [--count 32] [--eval-limit 12] [--threads N]
        [--keep DIR]
 
 Simplifications, stated up front:
@@ -14,7 +14,8 @@ Simplifications, stated up front:
   of recipes/quickstart.ralign (or, with --quick, of tests/recipes/every_step.ralign on a tiny
   random model) with `python -m ralign execute` in a temporary folder, then reads that run. The
   cut-down keeps every step and setting per prompt (answers per prompt, new tokens, judge orders,
-  epochs) and changes only: rounds = 1, generate count = --count, evaluations limited to
+  epochs) and changes only: rounds = 1, --count prompts (the generate step's count, or without
+  one a `limit` on the datasets the prompts come from), evaluations limited to
   --eval-limit items (--quick: the recipe's own count, 6 items, and one torch thread through
   OMP_NUM_THREADS). Evaluation cost does not shrink with the prompt count, so its share of a
   cut-down run is larger than in the full quickstart; a full run's split comes from
@@ -166,21 +167,28 @@ def _sub(pattern: str, repl: str, text: str, what: str) -> str:
     return new
 
 
-def cut_down(text: str, *, count: int | None, eval_limit: int) -> str:
-    """One round, `count` generated prompts (None: as it was), evaluations of at most `eval_limit` items."""
-    text = _sub(r"\brounds\s*=\s*\d+", "rounds = 1", text, "rounds")
-    if count is not None:
-        text = _sub(
-            r"(\bgenerate\s*\{[^}]*?\bcount\s*=\s*)\d+", rf"\g<1>{count}", text, "generate count"
-        )
+def _limit_blocks(text: str, keyword: str, n: int) -> str:
+    """Set `limit = n` in every `keyword NAME { ... }` block (replacing any limit there)."""
 
     def limit(m: re.Match) -> str:
         block = m.group(0)
         if re.search(r"\blimit\s*=", block):
-            return re.sub(r"\blimit\s*=\s*\d+", f"limit = {eval_limit}", block)
-        return block.replace("{", f"{{\n  limit = {eval_limit}", 1)
+            return re.sub(r"\blimit\s*=\s*\d+", f"limit = {n}", block)
+        return block.replace("{", f"{{\n  limit = {n}", 1)
 
-    return re.sub(r"\bevaluate\s+\w+\s*\{[^}]*\}", limit, text)
+    return re.sub(rf"\b{keyword}\s+\w+\s*\{{[^}}]*\}}", limit, text)
+
+
+def cut_down(text: str, *, count: int | None, eval_limit: int) -> str:
+    """One round; `count` prompts (a generate step's count if there is one, else a limit on the
+    datasets; None: as it was); evaluations of at most `eval_limit` items."""
+    text = _sub(r"\brounds\s*=\s*\d+", "rounds = 1", text, "rounds")
+    generate = r"(\bgenerate\s*\{[^}]*?\bcount\s*=\s*)\d+"
+    if count is not None and re.search(generate, text):
+        text = re.sub(generate, rf"\g<1>{count}", text)
+    elif count is not None:
+        text = _limit_blocks(text, "dataset", count)
+    return _limit_blocks(text, "evaluate", eval_limit)
 
 
 def run_recipe(recipe: Path, run_dir: Path, args: argparse.Namespace) -> float:
@@ -363,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         "--recipe", type=Path, default=None, help="recipe to cut down and run (default quickstart)"
     )
     ap.add_argument(
-        "--count", type=int, default=None, help="generate count (16; quick: the recipe's own)"
+        "--count",
+        type=int,
+        default=None,
+        help="prompts per round: the generate count, else a dataset limit (32; quick: as is)",
     )
     ap.add_argument(
         "--eval-limit", type=int, default=None, help="items per evaluation (12, quick 6)"
@@ -395,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         else ROOT / "recipes" / "quickstart.ralign"
     )
     if args.count is None and not args.quick:
-        args.count = 16
+        args.count = 32
     args.eval_limit = args.eval_limit or (6 if args.quick else 12)
     # A tiny model's ops take microseconds: a second thread only adds barrier waits, which on a
     # loaded machine cost more than the ops themselves.
