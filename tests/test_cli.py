@@ -73,7 +73,7 @@ def test_compile_output_option(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_graph_prints_mermaid(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["graph", str(RECIPES / "quickstart.ralign")]) == 0
+    assert main(["graph", str(RECIPES / "recursive_hhh.ralign")]) == 0  # has a rank step
     out = capsys.readouterr().out
     assert out.startswith("flowchart TD\n")
     assert 'subgraph r0["before round 1"]' in out and 'subgraph r1["round 1"]' in out
