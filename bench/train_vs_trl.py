@@ -39,6 +39,7 @@ Simplifications, stated up front:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -376,9 +378,8 @@ def _train_trl(cfg: dict, model: Any, reference: Any, tok: Any, data: list, rec:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             rec.step_end()
 
-    tok.padding_side = (
-        "right"  # ralign's loader sets "left" for generation; TRL pads training batches itself
-    )
+    # ralign's loader pads on the left, for generation; TRL's collators pad training batches right.
+    tok.padding_side = "right"
     # TRL's non-conversational path, on ralign's chat-formatted prompt text; TRL appends EOS to the
     # completions and splits prompt from completion where their tokenizations diverge, as ralign does.
     rows = [{**d, "prompt": format_prompt(tok, d["prompt"])} for d in data]
@@ -396,7 +397,6 @@ def _train_trl(cfg: dict, model: Any, reference: Any, tok: Any, data: list, rec:
         max_length=cfg["max_length"],
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,  # TRL defaults gradient_checkpointing (its old name) to True
         use_cpu=True,
         seed=cfg["seed"],
         report_to="none",
@@ -404,6 +404,14 @@ def _train_trl(cfg: dict, model: Any, reference: Any, tok: Any, data: list, rec:
         disable_tqdm=True,
         dataloader_pin_memory=False,
     )
+    # TRL turns gradient checkpointing on by default; transformers 5 renamed it.
+    fields = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+    common[name] = False
     peft_config = (
         LoraConfig(
             r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM"
@@ -444,12 +452,29 @@ def _train_trl(cfg: dict, model: Any, reference: Any, tok: Any, data: list, rec:
 def trial(cfg: dict) -> dict:
     """Run one trial in a fresh process, forked from a server that has only imported the libraries."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # imports once, not once per trial; no torch op runs there
-    with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
-        return pool.submit(run_trial, cfg).result()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_trial_child, args=(cfg, send))
+    proc.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:  # died without a word: killed, e.g. out of memory
+        status, payload = "error", "the trial process died"
+    proc.join()
+    if status != "ok":
+        raise SystemExit(f"trial {cfg['system']} {cfg['kind']} failed:\n{payload}")
+    return payload
+
+
+def _trial_child(cfg: dict, send: Any) -> None:
+    try:
+        send.send(("ok", run_trial(cfg)))
+    except BaseException:
+        send.send(("error", traceback.format_exc()))
+    send.close()
 
 
 def compare(
