@@ -137,6 +137,8 @@ FULL = {
     "per_prompt": 4,
     "new_tokens": 128,
     "sample_batch": 128,
+    "frameworks": "ralign,trl,trl_gc",
+    "modes": "sft,dpo,sample",
 }
 SMOKE = {
     "shapes": "tiny-qwen2,tiny-llama",
@@ -150,6 +152,8 @@ SMOKE = {
     "per_prompt": 2,
     "new_tokens": 8,
     "sample_batch": 8,
+    "frameworks": "ralign,trl,trl_gc",
+    "modes": "sft,dpo,sample",
 }
 LR, BETA, SEED = 1e-6, 0.1, 0
 
@@ -541,7 +545,8 @@ def bench_shape(shape: str, env: dict, log: Any) -> dict:
     env["config"] = config
     counts = param_counts(config)
     n = counts["matmul"]
-    frameworks = ["ralign", "trl", "trl_gc"]
+    frameworks = p["frameworks"].split(",")
+    modes = p["modes"].split(",")
     result: dict[str, Any] = {
         "config": {k: getattr(config, k) for k in SHAPES[shape] if k != "arch"}
         | {"arch": SHAPES[shape]["arch"]},
@@ -552,6 +557,8 @@ def bench_shape(shape: str, env: dict, log: Any) -> dict:
         "runs": {},
     }
     for mode, batch in (("sft", p["batch"]), ("dpo", p["dpo_batch"])):
+        if mode not in modes:
+            continue
         sft, dpo = env["data"]
         data = (sft if mode == "sft" else dpo)[: batch * p["steps"]]
         warm = data[: batch * p["warmup"]]
@@ -572,12 +579,20 @@ def bench_shape(shape: str, env: dict, log: Any) -> dict:
                 r.setdefault("tokens", ours)
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 r["mfu"] = mfu(r["tokens"], r["seconds"], n, mode, env["peak"])
+                # Steady state: the median step, without the call's set-up (tokenization, the
+                # reference pass, the first step's allocations) that the whole-run figure includes.
+                step_s = statistics.median(r["step_seconds"])
+                r["step_tokens_per_s"] = r["tokens"] / r["steps"] / step_s
+                r["step_mfu"] = mfu(r["tokens"] / r["steps"], step_s, n, mode, env["peak"])
                 runs[fw].append(r)
                 log(
                     f"  {shape} {mode} {fw:7s} rep {rep}: {r['seconds']:.2f} s, {r['tokens_per_s']:,.0f} tok/s"
                 )
         result["runs"][mode] = runs
 
+    if "sample" not in modes:
+        result["summary"] = summarize(result["runs"])
+        return result
     model = build_model(config, env["device"], env["dtype"]).eval()
     env["model"] = model
     prompts = sampling_prompts(p["prompts"], SEED)
@@ -602,20 +617,24 @@ def bench_shape(shape: str, env: dict, log: Any) -> dict:
 
 def summarize(runs: dict) -> dict:
     out: dict[str, Any] = {}
-    for mode in ("sft", "dpo", "sample"):
+    for mode in runs:
         for fw, rs in runs[mode].items():
-            out[f"{mode}.{fw}.tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
-            if rs and rs[0].get("mfu") is not None:
-                out[f"{mode}.{fw}.mfu"] = statistics.median(r["mfu"] for r in rs)
-        if mode != "sample":
-            best_trl = max(out[f"{mode}.trl.tokens_per_s"], out[f"{mode}.trl_gc.tokens_per_s"])
-            out[f"{mode}.vs_trl"] = out[f"{mode}.ralign.tokens_per_s"] / best_trl
-            out[f"{mode}.vs_trl_default"] = (
-                out[f"{mode}.ralign.tokens_per_s"] / out[f"{mode}.trl_gc.tokens_per_s"]
-            )
-    out["sample.vs_generate"] = (
-        out["sample.ralign.tokens_per_s"] / out["sample.generate.tokens_per_s"]
-    )
+            for key in ("tokens_per_s", "mfu", "step_tokens_per_s", "step_mfu"):
+                if rs and rs[0].get(key) is not None:
+                    out[f"{mode}.{fw}.{key}"] = statistics.median(r[key] for r in rs)
+        trls = [fw for fw in ("trl", "trl_gc") if fw in runs[mode]]
+        if mode != "sample" and "ralign" in runs[mode] and trls:
+            ours = out[f"{mode}.ralign.tokens_per_s"]
+            out[f"{mode}.vs_trl"] = ours / max(out[f"{mode}.{fw}.tokens_per_s"] for fw in trls)
+            if "trl_gc" in trls:
+                out[f"{mode}.vs_trl_default"] = ours / out[f"{mode}.trl_gc.tokens_per_s"]
+            steps = [out.get(f"{mode}.{fw}.step_tokens_per_s") for fw in trls]
+            if out.get(f"{mode}.ralign.step_tokens_per_s") and all(steps):
+                out[f"{mode}.step_vs_trl"] = out[f"{mode}.ralign.step_tokens_per_s"] / max(steps)
+    if "sample" in runs:
+        out["sample.vs_generate"] = (
+            out["sample.ralign.tokens_per_s"] / out["sample.generate.tokens_per_s"]
+        )
     return out
 
 
@@ -648,13 +667,14 @@ def checks(results: dict, seq: int) -> list[dict]:
     for shape, res in results["shapes"].items():
         s = res["summary"]
         for mode in ("sft", "dpo"):
-            rows.append(
-                {
-                    "name": f"{shape} {mode} vs TRL (best config)",
-                    "value": s[f"{mode}.vs_trl"],
-                    "target": TARGETS[f"vs_trl_{mode}"],
-                }
-            )
+            if f"{mode}.vs_trl" in s:
+                rows.append(
+                    {
+                        "name": f"{shape} {mode} vs TRL (best config)",
+                        "value": s[f"{mode}.vs_trl"],
+                        "target": TARGETS[f"vs_trl_{mode}"],
+                    }
+                )
             if shape == TARGET_SHAPE and seq >= MIN_TARGET_SEQ and f"{mode}.ralign.mfu" in s:
                 rows.append(
                     {
@@ -669,15 +689,28 @@ def checks(results: dict, seq: int) -> list[dict]:
 
 
 def table(results: dict) -> str:
-    head = ("shape", "mode", "framework", "tokens/s", "MFU", "vs ralign", "peak GiB", "runs (s)")
+    head = (
+        "shape",
+        "mode",
+        "framework",
+        "tokens/s",
+        "MFU",
+        "vs ralign",
+        "step tok/s",
+        "step MFU",
+        "peak GiB",
+        "runs (s)",
+    )
     cells = [head]
     for shape, res in results["shapes"].items():
         s = res["summary"]
         for mode, runs in res["runs"].items():
-            base = s[f"{mode}.ralign.tokens_per_s"]
+            base = s.get(f"{mode}.ralign.tokens_per_s")
             for fw, rs in runs.items():
                 rate = s[f"{mode}.{fw}.tokens_per_s"]
                 m = s.get(f"{mode}.{fw}.mfu")
+                step_rate = s.get(f"{mode}.{fw}.step_tokens_per_s")
+                step_m = s.get(f"{mode}.{fw}.step_mfu")
                 cells.append(
                     (
                         shape,
@@ -685,7 +718,9 @@ def table(results: dict) -> str:
                         fw,
                         f"{rate:,.0f}",
                         f"{m:.1%}" if m is not None else "-",
-                        f"{base / rate:.2f}x",
+                        f"{base / rate:.2f}x" if base else "-",
+                        f"{step_rate:,.0f}" if step_rate else "-",
+                        f"{step_m:.1%}" if step_m is not None else "-",
                         f"{max(r.get('peak_gib') or 0 for r in rs):.1f}"
                         if rs[0].get("peak_gib")
                         else "-",
@@ -715,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: bfloat16 on CUDA, float32 on the CPU (as ralign's executor)",
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 peak")
+    ap.add_argument("--tag", default="", help="added to the result's file name: gpu-DATE-TAG.json")
     ap.add_argument(
         "--out", type=Path, default=None, help="default: $OUT if set, else bench/results"
     )
@@ -782,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": {},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu-{results['date']}.json"
+    path = out_dir / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
     for shape in params["shapes"].split(","):
         print(f"{shape}: {SHAPES[shape]}")
         results["shapes"][shape] = bench_shape(shape, env, lambda line: print(line, flush=True))

@@ -220,37 +220,50 @@ def batch_token_logps(
     return spread(target_logps(logits, batch["labels"][:, 1:][mask]), mask), mask
 
 
-def _check_finite(loss: torch.Tensor, step: int, accelerator: Any) -> None:
-    # Agree across processes first: one rank raising while the others wait in backward would hang.
-    bad = torch.stack([torch.isnan(loss), torch.isinf(loss)]).float()
-    if accelerator is not None:
-        bad = accelerator.reduce(bad, "sum")
-    if bad.any():
-        what = "NaN" if bad[0] else "infinite"
-        raise StepError(f"training loss became {what} at step {step}")
-
-
 def _optimizer(model: Any, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RalignError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr)
+    # On CUDA, one fused kernel updates every tensor: at small batches a step is bound by kernel
+    # launches rather than FLOPs (bench/gpu_bench.py), and the per-tensor path launches several
+    # kernels per parameter. The CPU keeps the default path, whose arithmetic the tests pin.
+    fused = all(p.device.type == "cuda" for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, fused=fused)
 
 
-def _step(model: Any, optimizer: Any, loss: torch.Tensor, accelerator: Any) -> None:
+def _backward(model: Any, loss: torch.Tensor, accelerator: Any) -> None:
     if accelerator is not None:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
     else:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def _read(values: dict[str, torch.Tensor], accelerator: Any) -> dict[str, float]:
+    """A step's statistics, averaged over processes, in one reduction and one copy to the host.
+
+    Each `.item()` waits for the device to finish its queue, so reading values one by one stalled
+    every step once per value (and under data parallelism cost one collective each).
+    """
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if accelerator is not None:
+        stacked = accelerator.reduce(stacked, "mean")
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def _update(optimizer: Any, loss: float, step: int) -> None:
+    """Apply the step's gradients, unless its loss is not finite (then raise, weights untouched).
+
+    `loss` is the mean over processes, so every process sees the same value and raises together:
+    one raising while the others wait in a collective would hang.
+    """
+    if not math.isfinite(loss):
+        what = "NaN" if math.isnan(loss) else "infinite"
+        optimizer.zero_grad(set_to_none=True)
+        raise StepError(f"training loss became {what} at step {step}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _mean(value: torch.Tensor, accelerator: Any) -> float:
-    value = value.detach().float()
-    return (accelerator.reduce(value, "mean") if accelerator is not None else value).item()
 
 
 def _total(value: torch.Tensor, accelerator: Any) -> int:
@@ -300,12 +313,14 @@ def train_sft(
     loader = _loader(
         len(kept), batch_size, seed, lambda idx: collate([kept[i] for i in idx], pad_id)
     )
-    optimizer = _optimizer(model, lr)
     device = _device(model, accelerator)
+    model.to(device)  # before the optimizer, which picks its kernels by the parameters' device
+    optimizer = _optimizer(model, lr)
     if accelerator is not None:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     else:
         loader = _OnDevice(loader, device)
+    world = accelerator.num_processes if accelerator is not None else 1
 
     was_training = model.training
     model.train()
@@ -314,20 +329,21 @@ def train_sft(
         for epoch in range(epochs):
             for batch in loader:
                 logps, mask = batch_token_logps(model, batch)
-                # The loss is a mean over the global batch's tokens. Each process holds a share of
-                # them and data parallelism averages gradients over processes, so a process weighs
-                # its own token mean by world * (its tokens / all tokens): the update and the
-                # reported loss then equal one process's on the whole batch.
+                loss = sft_loss_on_logps(logps, mask)
                 counted = mask.sum()
-                everyone = _total(counted, accelerator)
-                world = accelerator.num_processes if accelerator is not None else 1
-                share = world * counted.float() / max(everyone, 1)
-                loss = sft_loss_on_logps(logps, mask) * share
+                if world > 1:
+                    # The loss is a mean over the global batch's tokens. Each process holds a share
+                    # of them and data parallelism averages gradients over processes, so a process
+                    # weighs its own token mean by world * (its tokens / all tokens): the update
+                    # and the reported loss then equal one process's on the whole batch.
+                    everyone = _total(counted, accelerator)
+                    loss = loss * (world * counted.float() / max(everyone, 1))
                 step += 1
-                _check_finite(loss, step, accelerator)
-                _step(model, optimizer, loss, accelerator)
-                losses.append(_mean(loss, accelerator))
-                tokens += everyone
+                _backward(model, loss, accelerator)
+                stats = _read({"loss": loss, "tokens": counted}, accelerator)
+                _update(optimizer, stats["loss"], step)
+                losses.append(stats["loss"])
+                tokens += round(stats["tokens"] * world)
                 if on_step is not None:
                     on_step(step, {"loss": losses[-1], "epoch": epoch, "tokens": tokens})
     model.train(was_training)
@@ -401,8 +417,11 @@ def reference_logps(
             idx = mine[start : start + batch_size]
             batch = collate_pairs([rows[i] for i in idx], pad_id)
             chosen, rejected = pair_logps(ref, {k: v.to(device) for k, v in batch.items()})
-            scored += zip(idx, chosen.tolist(), rejected.tolist(), strict=True)
+            scored.append(torch.stack([chosen, rejected]).float())
     ref.train(was_training)
+    # One copy to the host at the end: a copy per batch would stall the device every batch.
+    values = torch.cat(scored, dim=1).tolist() if scored else [[], []]
+    scored = list(zip(mine, *values, strict=True))
     if accelerator is not None:
         from accelerate.utils import gather_object
 
@@ -481,6 +500,7 @@ def train_dpo(
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     else:
         loader = _OnDevice(loader, device)
+    world = accelerator.num_processes if accelerator is not None else 1
 
     was_training = model.training
     model.eval()  # dropout off; gradients still flow
@@ -495,20 +515,22 @@ def train_dpo(
                     chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta
                 )
                 step += 1
-                _check_finite(loss, step, accelerator)
-                _step(model, optimizer, loss, accelerator)
-                stats = {
-                    "loss": _mean(loss, accelerator),
-                    "reward_accuracy": _mean(
-                        (chosen_rewards > rejected_rewards).float().mean(), accelerator
-                    ),
-                    "reward_margin": _mean((chosen_rewards - rejected_rewards).mean(), accelerator),
-                    "chosen_reward": _mean(chosen_rewards.mean(), accelerator),
-                    "rejected_reward": _mean(rejected_rewards.mean(), accelerator),
-                }
+                _backward(model, loss, accelerator)
+                stats = _read(
+                    {
+                        "loss": loss,
+                        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+                        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+                        "chosen_reward": chosen_rewards.mean(),
+                        "rejected_reward": rejected_rewards.mean(),
+                        "tokens": (batch["labels"][:, 1:] != IGNORE).sum(),
+                    },
+                    accelerator,
+                )
+                _update(optimizer, stats["loss"], step)
+                tokens += round(stats.pop("tokens") * world)
                 losses.append(stats["loss"])
                 epoch_stats.append(stats)
-                tokens += _total((batch["labels"][:, 1:] != IGNORE).sum(), accelerator)
                 if on_step is not None:
                     on_step(step, {**stats, "epoch": epoch})
     model.train(was_training)
