@@ -33,9 +33,11 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from common import load, versions  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.rewards.evaluate import Programs
@@ -372,16 +374,6 @@ def profile_rewards(n_records: int, top: int = 12) -> str:
 # ---- report ---------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("ralign", "lark", "google-re2", "jinja2"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def table(rows: list[tuple[str, dict[str, float] | None, str, Any]]) -> str:
     """Rows of (metric, {"wall", "cpu"} values, target text, ratio function of a value or None).
 
@@ -445,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"rewards: {args.records} synthetic records, best of {args.repeats} passes; wall = elapsed, cpu = this process's CPU time"
     )
-    print("load average at start of report: " + " ".join(f"{x:.1f}" for x in _load()))
+    print("load average at start of report: " + " ".join(f"{x:.1f}" for x in load()))
     print()
     print(
         table(
@@ -509,10 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
-            "load_average": _load(),
+            "load_average": load(),
             "python": sys.version.split()[0],
         },
-        "versions": versions(),
+        "versions": versions(("ralign", "lark", "google-re2", "jinja2")),
         "recipe_lines": TARGET_LINES,
         "compile": comp,
         "rewards": rew,
@@ -531,13 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {out}")
     return 0
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not on every platform
-        return []
 
 
 if __name__ == "__main__":

@@ -50,15 +50,16 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from common import versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"mfu_sft": 0.35, "mfu_dpo": 0.35, "vs_trl_sft": 1.2, "vs_trl_dpo": 1.2}
@@ -639,26 +640,6 @@ def summarize(runs: dict) -> dict:
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "accelerate", "trl", "peft", "datasets", "ralign"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    out["ralign_commit"] = os.environ.get("RALIGN_COMMIT") or _git_commit()
-    return out
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def checks(results: dict, seq: int) -> list[dict]:

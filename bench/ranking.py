@@ -39,16 +39,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from common import load, load_note, versions  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
@@ -322,46 +323,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- report ---------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "ralign_commit": git_commit()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "ralign"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not on every platform
-        return []
-
-
-def load_note(values: list[float]) -> str:
-    busy = bool(values) and values[0] > 0.5 * (os.cpu_count() or 1)
-    shown = " ".join(f"{x:.2f}" for x in values) or "unknown"
-    return f"load average {shown}" + (" (HIGH: timings are noisy, ratios hold)" if busy else "")
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -30,17 +30,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from common import load, load_note, machine, versions  # noqa: E402
 
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
 from ralign.runtime.builtin_data import resolve_dataset
@@ -290,58 +289,6 @@ def bench_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- report ---------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "ralign_commit": git_commit()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "ralign"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not on every platform
-        return []
-
-
-def machine(load_start: list[float]) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_start": load_start,
-        "load_average_end": load(),
-    }
-
-
-def load_note(values: list[float]) -> str:
-    busy = bool(values) and values[0] > 0.5 * (os.cpu_count() or 1)
-    shown = " ".join(f"{x:.2f}" for x in values) or "unknown"
-    return f"load average {shown}" + (" (HIGH: timings are noisy, ratios hold)" if busy else "")
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -47,15 +47,16 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+from common import load, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -303,7 +304,7 @@ def run_trial(cfg: dict) -> dict:
     gc.collect()
     reset = _reset_peak()
     rss0 = _rss_mb()
-    load = _load()
+    load_now = load()
     t0 = time.perf_counter()
     if cfg["system"] == "ralign":
         out = _train_ralign(cfg, model, reference, tok, data, rec)
@@ -340,7 +341,7 @@ def run_trial(cfg: dict) -> dict:
         "peak_mark_reset": reset,
         "reference_forwards": rec.no_grad_forwards,
         "models_in_memory": rec.models,
-        "load_average": load,
+        "load_average": load_now,
         "torch_threads": torch.get_num_threads(),
         "result": out,
     }
@@ -549,32 +550,6 @@ def _data_tokens(tok: Any, data: list[dict]) -> dict[str, dict[str, float]]:
 # ---- report ------------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "ralign"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "ralign", "bench"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        out["ralign_commit"] = commit + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        out["ralign_commit"] = "unknown"
-    return out
-
-
 def verdicts(results: list[dict]) -> list[dict]:
     """One PASS/MISS line per target and configuration."""
     out = []
@@ -653,13 +628,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not on every platform
-        return []
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -688,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ["tiny"] if args.quick else args.models.split(",")
     repeats = 1 if args.quick else args.repeats
     args.repeats = repeats
-    start_load = _load()
+    start_load = load()
     cpus = os.cpu_count() or 1
     high = bool(start_load) and start_load[0] > 0.5 * cpus
     print(
@@ -706,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.kinds.split(","):
                 for mode in args.modes.split(","):
                     results.append(compare(key, kind, mode == "lora", sizes, args, Path(tmp)))
-    end_load = _load()
+    end_load = load()
     checks = verdicts(results)
 
     print(

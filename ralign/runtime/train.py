@@ -45,11 +45,21 @@ class PairRow:
     rejected: Row
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text`; special tokens (BOS) are added only when there is no chat template,
-    because a chat template writes its own."""
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, in one batched call (a fast tokenizer encodes them in parallel).
+
+    Special tokens (BOS) are added only when there is no chat template, because a chat template
+    writes its own.
+    """
+    if not texts:
+        return []
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+    return list(tokenizer(texts, add_special_tokens=not has_template)["input_ids"])
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """`encode_texts` of one text."""
+    return encode_texts(tokenizer, [text])[0]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -71,53 +81,64 @@ def _row(ids: list[int], prompt_len: int, max_length: int) -> Row:
     return Row(tuple(ids[:max_length]), tuple(labels[:max_length]))
 
 
-def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> Row | None:
-    """Tokenize (prompt, response) for training: the chat-formatted prompt, the response, EOS.
+def _encode_with_prompts(
+    tokenizer: Any, prompts: list[str], responses: list[list[str]], max_length: int
+) -> list[list[Row] | None]:
+    """Rows of each prompt's responses, which all start where the first one leaves its prompt.
 
-    The prompt and prompt+response are tokenized separately and the response starts where they
-    diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels.
+    The prompt and prompt+response are tokenized separately and a response starts where they
+    diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels. All
+    texts go to the tokenizer in one batch: one call per text made tokenization the slowest part
+    of a short GPU training run. None where the prompt alone fills max_length.
+    """
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    fulls = [
+        t + _with_eos(tokenizer, r) for t, rs in zip(texts, responses, strict=True) for r in rs
+    ]
+    ids = encode_texts(tokenizer, texts + fulls)
+    prompt_ids, full_ids = ids[: len(texts)], iter(ids[len(texts) :])
+    out: list[list[Row] | None] = []
+    for p_ids, rs in zip(prompt_ids, responses, strict=True):
+        each = [next(full_ids) for _ in rs]
+        n = min(_common_prefix(p_ids, f) for f in each)
+        out.append(None if n >= max_length else [_row(f, n, max_length) for f in each])
+    return out
+
+
+def encode_examples(tokenizer: Any, examples: list[dict], max_length: int) -> list[Row | None]:
+    """Tokenize (prompt, response) dicts for training: the chat-formatted prompt, the response, EOS.
 
     Args:
         tokenizer: formats with its chat template when it has one.
-        prompt: the user's message.
-        response: the target answer (EOS is appended unless present).
+        examples: dicts with "prompt" and "response" (EOS is appended unless present).
         max_length: longer sequences keep their start.
     Returns:
-        A Row, or None when the prompt alone fills max_length (no response token would remain).
+        A Row per example, or None when its prompt alone fills max_length (no response token
+        would remain).
     """
-    prompt_text = format_prompt(tokenizer, prompt)
-    prompt_ids = encode_text(tokenizer, prompt_text)
-    full = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, response))
-    n = _common_prefix(prompt_ids, full)
-    if n >= max_length:
-        return None
-    return _row(full, n, max_length)
+    rows = _encode_with_prompts(
+        tokenizer, [e["prompt"] for e in examples], [[e["response"]] for e in examples], max_length
+    )
+    return [r[0] if r is not None else None for r in rows]
 
 
-def encode_pair(
-    tokenizer: Any, prompt: str, chosen: str, rejected: str, max_length: int
-) -> PairRow | None:
-    """Tokenize a preference pair like `encode_example`; both responses start at one position.
-
-    Returns:
-        A PairRow, or None when the prompt alone fills max_length.
-    """
-    prompt_text = format_prompt(tokenizer, prompt)
-    prompt_ids = encode_text(tokenizer, prompt_text)
-    c = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, chosen))
-    r = encode_text(tokenizer, prompt_text + _with_eos(tokenizer, rejected))
-    n = min(_common_prefix(prompt_ids, c), _common_prefix(prompt_ids, r))
-    if n >= max_length:
-        return None
-    return PairRow(_row(c, n, max_length), _row(r, n, max_length))
+def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> Row | None:
+    """`encode_examples` of one (prompt, response)."""
+    return encode_examples(tokenizer, [{"prompt": prompt, "response": response}], max_length)[0]
 
 
 def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[PairRow]:
-    """`encode_pair` over dicts with prompt/chosen/rejected, dropping pairs that cannot fit."""
-    rows = (
-        encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs
+    """Tokenize preference pairs like `encode_examples`; both responses start at one position.
+
+    Pairs whose prompt alone fills max_length are dropped.
+    """
+    rows = _encode_with_prompts(
+        tokenizer,
+        [p["prompt"] for p in pairs],
+        [[p["chosen"], p["rejected"]] for p in pairs],
+        max_length,
     )
-    return [r for r in rows if r is not None]
+    return [PairRow(*r) for r in rows if r is not None]
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
@@ -305,7 +326,7 @@ def train_sft(
         {"loss": last step's loss, "mean_loss", "steps", "tokens": response tokens trained on,
          "examples": examples used, "dropped": examples whose prompt filled max_length}.
     """
-    rows = [encode_example(tokenizer, e["prompt"], e["response"], max_length) for e in examples]
+    rows = encode_examples(tokenizer, examples, max_length)
     kept = [r for r in rows if r is not None]
     if not kept:
         raise RalignError(f"no example fits in max_length={max_length} tokens")

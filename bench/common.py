@@ -1,0 +1,88 @@
+"""What every benchmark records beside its figures: versions, the commit, the machine, its load.
+
+bench/ holds scripts, not a package: each script puts this folder on sys.path and imports this.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "ralign")
+
+
+def git_commit() -> str:
+    """HEAD, marked when the code a benchmark runs has uncommitted changes.
+
+    RALIGN_COMMIT wins: it is set where the tree is not a checkout (bench/gpu.sh on the GPU machine).
+    """
+    if os.environ.get("RALIGN_COMMIT"):
+        return os.environ["RALIGN_COMMIT"]
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--",
+                "ralign",
+                "grammar",
+                "stdlib",
+                "bench",
+                "recipes",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (+ uncommitted changes)" if dirty else "")
+
+
+def versions(dists: tuple[str, ...] = RUNTIME) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["ralign_commit"] = git_commit()
+    return out
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15 minute load averages ([] where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def load_note(values: list[float]) -> str:
+    busy = bool(values) and values[0] > 0.5 * (os.cpu_count() or 1)
+    shown = " ".join(f"{x:.2f}" for x in values) or "unknown"
+    return f"load average {shown}" + (" (HIGH: timings are noisy, ratios hold)" if busy else "")
+
+
+def machine(load_start: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+    }
+    torch = sys.modules.get("torch")  # only when the benchmark uses it: compiling imports no torch
+    if torch is not None:
+        out["torch_threads"] = torch.get_num_threads()
+    return out | {"load_average_start": load_start, "load_average_end": load()}
