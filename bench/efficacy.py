@@ -83,11 +83,22 @@ def drop_block(text: str, header: str) -> str:
     return text[: match.start()] + text[match.end() :]
 
 
+RED_TEAM = """
+evaluate red_team {
+  task = "behavior"
+  data = "ralign:seeds/red_team"  # its 24 held-out harmful requests; no variant samples this set
+  every = "end"
+  max_new_tokens = 48
+}
+"""
+
+
 def small(text: str) -> str:
-    """The cut-down quickstart: one round on fewer prompts, shorter answers (about 4 minutes)."""
+    """The cut-down quickstart: one round on 64 prompts, and harmful compliance measured on 24 more
+    held-out harmful requests (`red_team`), since 16 make each answer worth 6 points."""
     text = set_attr(text, "recipe", "rounds", "1")
     text = set_attr(text, "dataset seeds", "limit", "64")
-    return text
+    return text + RED_TEAM
 
 
 RANK = "  rank quality { judge = policy, template = tpl.rank_listwise, orders = 2 }\n"
@@ -188,6 +199,7 @@ COLUMNS = (
     ("hhh:acc", "mini acc"),
     ("hhh:acc_norm", "mini acc_norm"),
     ("behavior:harmful_compliance_rate", "harmful comply"),
+    ("red_team:harmful_compliance_rate", "red-team comply"),
     ("behavior:over_refusal_rate", "over-refuse"),
     ("behavior:admits_not_knowing_rate", "admits unknown"),
     ("behavior:everyday_refusal_rate", "everyday refuse"),
