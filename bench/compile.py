@@ -25,8 +25,6 @@ import datetime as dt
 import gc
 import io
 import json
-import os
-import platform
 import pstats
 import random
 import statistics
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, versions  # noqa: E402
+from common import load, machine, versions  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.rewards.evaluate import Programs
@@ -496,14 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python", "bench/compile.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "load_average": load(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine(load()),
         "versions": versions(("ralign", "lark", "google-re2", "jinja2")),
         "recipe_lines": TARGET_LINES,
         "compile": comp,

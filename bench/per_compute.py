@@ -68,7 +68,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import sys
@@ -81,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, versions  # noqa: E402
+from common import load, machine, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -974,7 +973,6 @@ def report(
     started: float,
 ) -> Path:
     """Print the table so far and write the JSON (after every arm: a killed run keeps the rest)."""
-    import torch
 
     print()
     print(table(results), flush=True)
@@ -986,16 +984,7 @@ def report(
     payload = {
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/per_compute.py", *args.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": device(),
-            "load_average_start": start_load,
-            "load_average_now": load(),
-        },
+        "machine": machine(start_load) | {"device": device()},
         "versions": versions(),
         "smoke": ctx.s.smoke,
         "settings": asdict(ctx.s),

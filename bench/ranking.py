@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, versions  # noqa: E402
+from common import load, load_note, machine, versions  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
@@ -439,15 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python", "bench/ranking.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_start": load_start,
-            "load_average_end": load(),
-        },
+        "machine": machine(load_start),
         "versions": versions(),
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"scale": SCALE},
         "targets": TARGETS,

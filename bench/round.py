@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, versions  # noqa: E402
+from common import load, load_note, machine, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -291,14 +290,7 @@ def report(run_dir: Path, wall: float | None, wall_source: str, args, argv, load
         "command": " ".join(
             ["python", "bench/round.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "load_average_start": load_start,
-            "load_average_end": load(),
-        },
+        "machine": machine(load_start),
         "versions": versions(),
         "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"

@@ -44,7 +44,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -56,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, versions  # noqa: E402
+from common import load, machine, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -711,16 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python", "bench/train_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": cpus,
-            "load_average_start": start_load,
-            "load_average_end": end_load,
-            "load_high": high,
-            "python": sys.version.split()[0],
-        },
+        "machine": machine(start_load),
         "versions": versions(),
         "quick": args.quick,
         "settings": {
