@@ -86,3 +86,18 @@ def machine(load_start: list[float]) -> dict[str, Any]:
     if torch is not None:
         out["torch_threads"] = torch.get_num_threads()
     return out | {"load_average_start": load_start, "load_average_end": load()}
+
+
+def record(
+    script: str, argv: list[str] | None, load_start: list[float], dists: tuple[str, ...] = RUNTIME
+) -> dict[str, Any]:
+    """The head of every result file: when, the command that made it, the machine, the versions."""
+    import datetime as dt
+
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", f"bench/{script}", *args]),
+        "machine": machine(load_start),
+        "versions": versions(dists),
+    }

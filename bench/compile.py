@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, machine, versions  # noqa: E402
+from common import load, record  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.rewards.evaluate import Programs
@@ -490,12 +490,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = dt.datetime.now(dt.timezone.utc)
     result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "bench/compile.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": machine(load()),
-        "versions": versions(("ralign", "lark", "google-re2", "jinja2")),
+        **record("compile.py", argv, load(), ("ralign", "lark", "google-re2", "jinja2")),
         "recipe_lines": TARGET_LINES,
         "compile": comp,
         "rewards": rew,

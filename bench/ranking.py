@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, machine, versions  # noqa: E402
+from common import load, load_note, record  # noqa: E402
 
 from ralign.compile import compile_file
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
@@ -433,12 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = dt.datetime.now(dt.timezone.utc)
     result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "bench/ranking.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": machine(load_start),
-        "versions": versions(),
+        **record("ranking.py", argv, load_start),
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"scale": SCALE},
         "targets": TARGETS,
         "result": res,

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, machine, versions  # noqa: E402
+from common import load, load_note, record  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -286,12 +286,7 @@ def report(run_dir: Path, wall: float | None, wall_source: str, args, argv, load
         )
     now = dt.datetime.now(dt.timezone.utc)
     out_json = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "bench/round.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": machine(load_start),
-        "versions": versions(),
+        **record("round.py", argv, load_start),
         "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"
         },

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, machine, versions  # noqa: E402
+from common import load, load_note, record  # noqa: E402
 
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
 from ralign.runtime.builtin_data import resolve_dataset
@@ -388,12 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = dt.datetime.now(dt.timezone.utc)
     result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "bench/sampling.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": machine(load_start),
-        "versions": versions(),
+        **record("sampling.py", argv, load_start),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "targets": TARGETS,
         "results": results,

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, machine, versions  # noqa: E402
+from common import load, record  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -706,12 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = dt.datetime.now(dt.timezone.utc)
     result = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "bench/train_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": machine(start_load),
-        "versions": versions(),
+        **record("train_vs_trl.py", argv, start_load),
         "quick": args.quick,
         "settings": {
             "repeats": repeats,
