@@ -57,11 +57,6 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=not has_template)["input_ids"])
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """`encode_texts` of one text."""
-    return encode_texts(tokenizer, [text])[0]
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):  # the shorter one bounds the prefix
@@ -84,7 +79,8 @@ def _row(ids: list[int], prompt_len: int, max_length: int) -> Row:
 def _encode_with_prompts(
     tokenizer: Any, prompts: list[str], responses: list[list[str]], max_length: int
 ) -> list[list[Row] | None]:
-    """Rows of each prompt's responses, which all start where the first one leaves its prompt.
+    """Rows of each prompt's responses, all starting at one position: the shortest prefix any of
+    them shares with the prompt alone.
 
     The prompt and prompt+response are tokenized separately and a response starts where they
     diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels. All
