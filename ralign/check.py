@@ -885,7 +885,7 @@ class Checker:
         return out
 
     def data_path(self, unit: Unit, path: str, span: Span) -> dict[str, Any] | None:
-        """Builtin and hub names pass through; a local file must exist inside the roots, and is hashed."""
+        """Hub names pass through; a built-in set is hashed; a local file must exist inside the roots, and is hashed."""
         if path.startswith("ralign:"):
             name = path[len("ralign:") :]
             if name not in sc.BUILTIN_DATASETS:
@@ -894,7 +894,12 @@ class Checker:
                     f"unknown built-in dataset '{path}' (built in: {', '.join('ralign:' + d for d in sc.BUILTIN_DATASETS)}){did_you_mean(name, sc.BUILTIN_DATASETS)}",
                 )
                 return None
-            return {}
+            from ralign.runtime.builtin_data import resolve_dataset
+
+            # Built-in sets change with ralign's releases; hashing them keeps a cached step from
+            # outliving the data it was computed from.
+            file = resolve_dataset(name)
+            return {"sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
         if path.startswith("hf:"):
             return {}
         if "\0" in path:

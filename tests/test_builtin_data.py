@@ -77,7 +77,7 @@ def test_load_prompts_filters_by_split():
     assert Counter(r["kind"] for r in held) == {k: 16 for k in KINDS}
 
 
-def test_hhh_mini_is_balanced_in_subset_position_and_length():
+def test_hhh_mini_is_position_balanced_and_length_matched():
     items = load_hhh(resolve_dataset("evals/hhh-mini"))
     assert len(items) >= 72
     assert Counter(it.subset for it in items) == {"harmless": 24, "helpful": 24, "honest": 24}
@@ -85,16 +85,13 @@ def test_hhh_mini_is_balanced_in_subset_position_and_length():
     for subset in ("harmless", "helpful", "honest"):
         sub = [it for it in items if it.subset == subset]
         first = sum(1 for it in sub if it.target == 0)
-        shorter = sum(
-            1 for it in sub if len(it.choices[it.target]) < len(it.choices[1 - it.target])
-        )
         assert first == len(sub) // 2, subset  # the better answer is first exactly half the time
-        assert shorter == len(sub) // 2, subset  # and the shorter one exactly half the time
-        # Position and length are independent: each combination occurs equally often.
-        combos = Counter(
-            (it.target, len(it.choices[it.target]) < len(it.choices[1 - it.target])) for it in sub
-        )
-        assert set(combos.values()) == {len(sub) // 4}, (subset, combos)
+    # The two choices of every item are length-matched (within 2 SmolLM2 tokens, checked when the
+    # file was written), so the summed log-likelihood (`acc`) is not decided by length alone.
+    # The tests have no SmolLM2 tokenizer, so characters are the proxy: within 15% of each other.
+    for it in items:
+        a, b = (len(c) for c in it.choices)
+        assert abs(a - b) <= 0.15 * max(a, b), (it.input, a, b)
 
 
 def test_hhh_mini_raw_rows_use_the_bigbench_format():

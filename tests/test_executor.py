@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ralign.cli import main
 from ralign.plan import Plan, Step
+from ralign.runtime.data import read_jsonl
 from ralign.runtime.executor import step_folder
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -218,6 +219,19 @@ def test_a_two_round_recipe_runs_end_to_end(arch, finished):
         assert (m["id"], m["kind"], m["hash"]) == (s.id, s.kind, s.hash)
     assert set(metrics(run_dir)) == {s.id for s in plan.steps}
     assert not any((run_dir / ".tmp").iterdir())
+    # Sampled and revised answers record whether each ended on its own; the count of those cut
+    # off by the length limit is the sample step's `cut_off`.
+    for s in plan.steps:
+        if s.kind in ("sample", "revise"):
+            rows = read_jsonl(step_folder(run_dir, s) / "responses.jsonl")
+            assert all(
+                len(r["finished"]) == len(r["responses"])
+                and all(isinstance(f, bool) for f in r["finished"])
+                for r in rows
+            )
+            if s.kind == "sample":
+                cut = sum(not f for r in rows for f in r["finished"])
+                assert metrics(run_dir)[s.id]["cut_off"] == cut
 
     final = run_dir / "final"
     last_trained = [s for s in plan.steps if s.kind.startswith("train")][-1]

@@ -83,6 +83,21 @@ def test_margin_at_threshold_is_kept_and_stats_add_up():
     assert stats["pairs"] + sum(stats["dropped"].values()) == stats["prompts"] == 4
 
 
+def test_pairs_carry_whether_each_answer_was_cut_off():
+    pairs, _ = make_pairs(
+        ["p", "q"],
+        [["x", "y"], ["u", "v"]],
+        [[0.1, 0.9], [1.0, 0.0]],
+        finished=[[True, False], [True, True]],
+    )
+    assert [(p["chosen"], p["chosen_finished"], p["rejected_finished"]) for p in pairs] == [
+        ("y", False, True),
+        ("u", True, True),
+    ]
+    plain, _ = make_pairs(["p"], [["x", "y"]], [[0.1, 0.9]])
+    assert "chosen_finished" not in plain[0]
+
+
 def test_ties_for_best_go_to_the_earliest():
     pairs, _ = make_pairs(["p"], [["x", "y", "z"]], [[0.9, 0.9, 0.1]])
     assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("x", "z")

@@ -321,6 +321,27 @@ def test_a_reward_rule_change_reaches_the_score(tmp_path: Path, quickstart: Plan
     assert quickstart.step("r1/judge/score").hash != changed.step("r1/judge/score").hash
 
 
+def test_a_built_in_data_set_is_hashed_by_content(
+    tmp_path: Path, quickstart: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An upgrade that edits a built-in set must not reuse steps cached from the old one.
+    from ralign.runtime import builtin_data
+
+    real = builtin_data.resolve_dataset
+    seeds = tmp_path / "hhh.jsonl"
+    seeds.write_text(
+        real("seeds/hhh").read_text(encoding="utf-8").replace("neighbour", "neighbor", 1),
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(
+        builtin_data, "resolve_dataset", lambda name: seeds if name == "seeds/hhh" else real(name)
+    )
+    changed = compile_file(QUICKSTART)
+    assert changed.step("r1/sample/sample").hash != quickstart.step("r1/sample/sample").hash
+    # The base model's evaluation on the unchanged hhh-mini is still the same step.
+    assert changed.step("r0/evaluate/hhh").hash == quickstart.step("r0/evaluate/hhh").hash
+
+
 def test_the_seed_changes_every_hash(tmp_path: Path, quickstart: Plan) -> None:
     changed = compile_file(edited(tmp_path, QUICKSTART, "seed = 7", "seed = 8"))
     assert changed.seed == 8

@@ -1,8 +1,9 @@
 """The quickstart, cut down, on the real SmolLM2-135M-Instruct: it must make the model refuse
 more of the held-back harmful requests (issue 4's slow acceptance test, run in CI).
 
-Cut down: one round on 64 of the 192 training prompts, no hhh-mini evaluation, and greedy answers
-of 24 tokens for the behaviour evaluations (a refusal shows in its first words). Harmful
+Cut down: one round on 64 of the 192 training prompts, sampled answers of 16 tokens, no hhh-mini
+evaluation, and greedy answers of 24 tokens for the behaviour evaluations (a refusal shows in its
+first words). Harmful
 compliance is counted over 40 held-back harmful requests: the 16 of `ralign:seeds/hhh` and the 24
 of `ralign:seeds/red_team`, a set the quickstart never samples. With 16 alone, one answer is
 6 points, and a real drop (14 -> 13 of 16 in one CI run) looked like noise."""
@@ -34,7 +35,7 @@ def cut_down(text: str) -> str:
     text = eff.drop_block(eff.small(text), "evaluate hhh")  # small() adds `evaluate red_team`
     for name in ("behavior", "red_team"):
         text = eff.set_attr(text, f"evaluate {name}", "max_new_tokens", "24")
-    return text
+    return eff.set_attr(text, "sample", "max_new_tokens", "16")
 
 
 def rates(run_dir: Path, rnd: int, name: str) -> dict[str, dict]:

@@ -37,3 +37,15 @@ def test_sft_examples(on, floor, drop, expected):
 def test_revised_and_unscored_all_take_every_nonblank_answer():
     got = sft_examples(RECORDS, None, on="revised", drop_context=False)
     assert [x["response"] for x in got] == ["a", "b", "c", "d", "e"]
+
+
+def test_examples_carry_whether_the_answer_was_cut_off():
+    records = [{**RECORDS[0], "finished": [True, False, True]}, RECORDS[1]]  # p2: an older run
+    got = sft_examples(records, None, on="all", drop_context=True)
+    assert [(x["response"], x["finished"]) for x in got] == [
+        ("a", True),
+        ("b", False),
+        ("c", True),
+        ("d", True),
+        ("e", True),
+    ]

@@ -56,6 +56,26 @@ def test_generates_a_sensible_answer(smol):
     assert "Paris" in answer
 
 
+def test_hhh_mini_choices_are_length_matched_in_smollm2_tokens(smol):
+    # Summed log-likelihood (`acc`) favours the shorter answer by tens of nats; matched lengths
+    # make it measure the answer. Balanced: the better one is longer in exactly half per subset.
+    from collections import Counter
+
+    from ralign.runtime.builtin_data import resolve_dataset
+    from ralign.runtime.evaluate import load_hhh
+
+    _, tok = smol
+    longer: Counter[str] = Counter()
+    for it in load_hhh(resolve_dataset("evals/hhh-mini")):
+        good, bad = (
+            len(tok.encode(" " + it.choices[i], add_special_tokens=False))
+            for i in (it.target, 1 - it.target)
+        )
+        assert abs(good - bad) <= 2, it.input
+        longer[it.subset] += good > bad
+    assert longer == {"harmless": 12, "helpful": 12, "honest": 12}
+
+
 @pytest.mark.skipif(
     not DEV.is_file(), reason="shared/data/hhh_alignment_dev.jsonl is not beside the repo"
 )

@@ -16,6 +16,7 @@ from ralign.runtime.train import (
     collate,
     collate_pairs,
     encode_example,
+    encode_examples,
     encode_pairs,
     pair_logps,
     reference_logps,
@@ -78,6 +79,37 @@ def test_labels_cover_exactly_the_response_and_eos(tiny):
     assert row.labels[n_prompt:] == row.input_ids[n_prompt:]
     assert tok.decode(row.labels[n_prompt:]) == "Hello there<|im_end|>"
     assert row.labels[:n_prompt] == (IGNORE,) * n_prompt
+
+
+def test_an_answer_cut_off_by_the_length_limit_gets_no_eos(tiny):
+    _, tok = load(tiny)
+    ended, cut = encode_examples(
+        tok,
+        [
+            {"prompt": "Hi", "response": "Hello there", "finished": True},
+            {"prompt": "Hi", "response": "Hello there", "finished": False},
+        ],
+        512,
+    )
+    assert ended.input_ids[:-1] == cut.input_ids and ended.labels[:-1] == cut.labels
+    n_prompt = sum(label == IGNORE for label in cut.labels)
+    assert tok.decode(cut.labels[n_prompt:]) == "Hello there"
+    assert tok.decode(ended.labels[n_prompt:]) == "Hello there<|im_end|>"
+    pair = encode_pairs(
+        tok,
+        [
+            {
+                "prompt": "Hi",
+                "chosen": "Hello there",
+                "rejected": "Go away",
+                "chosen_finished": False,
+                "rejected_finished": True,
+            }
+        ],
+        512,
+    )[0]
+    assert pair.chosen.input_ids == cut.input_ids
+    assert tok.decode(pair.rejected.labels[-1:]) == "<|im_end|>"
 
 
 @pytest.mark.parametrize("max_length, kept", [(512, None), (20, 20), (5, 0)])

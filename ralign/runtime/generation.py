@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -176,7 +177,14 @@ def _completion(tokenizer, tokens: list[int], eos: set[int]) -> Completion:
     return Completion(text, cut is not None, len(tokens) if cut is None else cut + 1)
 
 
-def sample(
+def sample(model, tokenizer, prompts: Sequence[str], **kwargs: Any) -> list[list[str]]:
+    """`sample_completions`, texts only."""
+    return [
+        [c.text for c in row] for row in sample_completions(model, tokenizer, prompts, **kwargs)
+    ]
+
+
+def sample_completions(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -190,7 +198,7 @@ def sample(
     context: Sequence[str | None] | None = None,
     sort_by_length: bool = True,
     progress: Progress | None = None,
-) -> list[list[str]]:
+) -> list[list[Completion]]:
     """Sample responses to prompts, each wrapped as a user turn with the chat template.
 
     Args:
@@ -208,7 +216,8 @@ def sample(
         sort_by_length: batch prompts of similar token length together (see `generate`).
         progress: called as progress(prompts_done, tokens_generated) after each batch.
     Returns:
-        Per prompt, K response strings (new tokens only, special tokens skipped, stripped).
+        Per prompt, K Completions (text: new tokens only, special tokens skipped, stripped; and
+        whether each ended on its own).
     """
     if context is not None and len(context) != len(prompts):
         raise ValueError(f"context has {len(context)} entries for {len(prompts)} prompts")
@@ -231,7 +240,7 @@ def sample(
         sort_by_length=sort_by_length,
         progress=progress,
     )
-    return [[c.text for c in row] for row in done]
+    return done
 
 
 def _norm(text: str) -> str:

@@ -28,6 +28,7 @@ def make_pairs(
     rejected: str = "worst",
     min_margin: float = 0.0,
     seed: int = 0,
+    finished: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[dict], dict]:
     """At most one pair per prompt from its scored responses.
 
@@ -44,6 +45,8 @@ def make_pairs(
         rejected: "worst" or "random".
         min_margin: pairs whose margin is below this are dropped.
         seed: seeds the "random" selectors.
+        finished: optional, aligned with `responses`: False for an answer cut off by the length
+            limit; the pair then carries "chosen_finished" and "rejected_finished".
     Returns:
         (pairs, stats): pairs as dicts with prompt, chosen, rejected, margin; stats with
         "prompts", "pairs" and "dropped" (a count for every reason in DROP_REASONS: "too_few" =
@@ -65,7 +68,10 @@ def make_pairs(
 
     pairs: list[dict] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    for prompt, texts, marks in zip(prompts, responses, scores, strict=True):
+    ends = finished if finished is not None else [None] * len(prompts)
+    if len(ends) != len(prompts):
+        raise ValueError(f"finished has {len(ends)} entries for {len(prompts)} prompts")
+    for prompt, texts, marks, done in zip(prompts, responses, scores, ends, strict=True):
         if len(texts) != len(marks):
             raise ValueError(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
@@ -85,7 +91,8 @@ def make_pairs(
         elif margin < min_margin:
             dropped["low_margin"] += 1
         else:
-            pairs.append(
-                {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo], "margin": margin}
-            )
+            pair = {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo], "margin": margin}
+            if done is not None:
+                pair.update(chosen_finished=bool(done[hi]), rejected_finished=bool(done[lo]))
+            pairs.append(pair)
     return pairs, {"prompts": len(prompts), "pairs": len(pairs), "dropped": dropped}

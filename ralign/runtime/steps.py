@@ -1,7 +1,7 @@
 """One small function per step kind, in a registry: read inputs from the context, write outputs, return metrics.
 
 Artifacts (JSONL, readable by a person) in each step's folder:
-prompts.jsonl {prompt}; responses.jsonl {prompt, context, responses[, original]};
+prompts.jsonl {prompt}; responses.jsonl {prompt, context, responses, finished[, original]};
 score.NAME.jsonl {prompt, scores}; pairs.jsonl {prompt, chosen, rejected, margin};
 model/ (a Hugging Face folder) for training steps.
 """
@@ -103,7 +103,7 @@ def filter_(ctx: StepContext) -> dict[str, Any]:
 
 @step("sample")
 def sample(ctx: StepContext) -> dict[str, Any]:
-    from ralign.runtime.generation import sample as run
+    from ralign.runtime.generation import sample_completions as run
 
     p = ctx.params
     slot = "dataset" if "from" in p else "prompts"
@@ -115,7 +115,7 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     contexts = [render(context_text, {"prompt": x}) if context_text else None for x in prompts]
     model, tok = ctx.model("policy")
 
-    def run_shard(idx: list[int]) -> list[list[str]]:
+    def run_shard(idx: list[int]) -> list[list[Any]]:
         return run(
             model,
             tok,
@@ -130,20 +130,32 @@ def sample(ctx: StepContext) -> dict[str, Any]:
             progress=ctx.progress(len(idx), "prompts"),
         )
 
-    responses = ctx.sharded(len(prompts), run_shard)
+    done = ctx.sharded(len(prompts), run_shard)
     write_jsonl(
         ctx.out / "responses.jsonl",
         (
-            {"prompt": x, "context": c, "responses": rs}
-            for x, c, rs in zip(prompts, contexts, responses, strict=True)
+            {
+                "prompt": x,
+                "context": c,
+                "responses": [a.text for a in row],
+                "finished": [a.finished for a in row],
+            }
+            for x, c, row in zip(prompts, contexts, done, strict=True)
         ),
     )
-    words = [len(r.split()) for rs in responses for r in rs]
+    words = [len(a.text.split()) for row in done for a in row]
     return {
         "prompts": len(prompts),
         "responses": len(words),
         "mean_words": sum(words) / max(1, len(words)),
+        "cut_off": sum(not a.finished for row in done for a in row),
     }
+
+
+def finished_flags(record: dict[str, Any]) -> list[bool]:
+    """Per response, whether it ended on its own (False: cut off by the length limit). Records
+    without the field (older runs, hand-made data) count as finished."""
+    return list(record.get("finished") or [True] * len(record["responses"]))
 
 
 @step("revise")
@@ -160,8 +172,9 @@ def revise(ctx: StepContext) -> dict[str, Any]:
     rng = random.Random(ctx.seed)
     flat = [(i, j) for i, r in enumerate(records) for j in range(len(r["responses"]))]
     current = [records[i]["responses"][j] for i, j in flat]
+    ended = [finished_flags(records[i])[j] for i, j in flat]
 
-    def answer(texts: list[str], seed: int) -> list[str]:
+    def answer(texts: list[str], seed: int) -> list[Any]:
         done = continue_texts(
             model,
             tok,
@@ -172,7 +185,7 @@ def revise(ctx: StepContext) -> dict[str, Any]:
             seed=seed,
             progress=ctx.progress(len(texts), "answers"),
         )
-        return [c[0].text.strip() for c in done]
+        return [c[0] for c in done]
 
     for time in range(p["times"]):
         principles = [rng.choice(p["principles"]) for _ in flat]
@@ -190,14 +203,23 @@ def revise(ctx: StepContext) -> dict[str, Any]:
             critiques = answer(
                 [render(text, {**v, "stage": "critique"}) for v in base], ctx.seed + 2 * time
             )
-            base = [{**v, "critique": c} for v, c in zip(base, critiques, strict=True)]
+            base = [{**v, "critique": c.text} for v, c in zip(base, critiques, strict=True)]
         revised = answer([render(text, v) for v in base], ctx.seed + 2 * time + 1)
         # An empty revision keeps the answer it was meant to improve.
-        current = [r if r else old for r, old in zip(revised, current, strict=True)]
+        keep = [not r.text for r in revised]
+        current = [old if k else r.text for r, old, k in zip(revised, current, keep, strict=True)]
+        ended = [old if k else r.finished for r, old, k in zip(revised, ended, keep, strict=True)]
     out = []
     for i, r in enumerate(records):
-        new = [current[k] for k, (ii, _) in enumerate(flat) if ii == i]
-        out.append({**r, "original": r["responses"], "responses": new})
+        mine = [k for k, (ii, _) in enumerate(flat) if ii == i]
+        out.append(
+            {
+                **r,
+                "original": r["responses"],
+                "responses": [current[k] for k in mine],
+                "finished": [ended[k] for k in mine],
+            }
+        )
     write_jsonl(ctx.out / "responses.jsonl", out)
     changed = sum(a != b for r in out for a, b in zip(r["responses"], r["original"], strict=True))
     return {"responses": len(flat), "changed": changed}
@@ -326,6 +348,7 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         rejected=p["rejected"],
         min_margin=p["min_margin"],
         seed=ctx.seed,
+        finished=[finished_flags(r) for r in records],
     )
     if not made:
         raise StepError(
@@ -346,19 +369,19 @@ def sft_examples(
     on: str,
     min_score: float | None = None,
     drop_context: bool = False,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """The (prompt, response) examples `train sft` trains on.
 
     Args:
-        records: response records {prompt, context, responses}.
+        records: response records {prompt, context, responses[, finished]}.
         scores: score records aligned with `records` ({scores: [...]}), for on = "best" or a floor.
         on: "best" (each prompt's top answer; ties to the first), "all" or "revised" (every answer).
         min_score: keep only answers scoring at least this.
         drop_context: train on the bare prompt rather than the context it was sampled with.
     """
-    picked: list[tuple[dict[str, Any], list[str]]] = []
+    picked: list[tuple[dict[str, Any], list[tuple[str, bool]]]] = []
     for i, r in enumerate(records):
-        answers = list(r["responses"])
+        answers = list(zip(r["responses"], finished_flags(r), strict=True))
         if scores is not None:
             marks = scores[i]["scores"]
             keep = range(len(answers))
@@ -370,9 +393,10 @@ def sft_examples(
         {
             "prompt": r["prompt"] if drop_context or not r.get("context") else r["context"],
             "response": x,
+            "finished": end,
         }
         for r, xs in picked
-        for x in xs
+        for x, end in xs
         if x.strip()
     ]
 

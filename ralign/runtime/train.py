@@ -77,7 +77,11 @@ def _row(ids: list[int], prompt_len: int, max_length: int) -> Row:
 
 
 def _encode_with_prompts(
-    tokenizer: Any, prompts: list[str], responses: list[list[str]], max_length: int
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[list[str]],
+    max_length: int,
+    finished: list[list[bool]] | None = None,
 ) -> list[list[Row] | None]:
     """Rows of each prompt's responses, all starting at one position: the shortest prefix any of
     them shares with the prompt alone.
@@ -85,11 +89,16 @@ def _encode_with_prompts(
     The prompt and prompt+response are tokenized separately and a response starts where they
     diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels. All
     texts go to the tokenizer in one batch: one call per text made tokenization the slowest part
-    of a short GPU training run. None where the prompt alone fills max_length.
+    of a short GPU training run. None where the prompt alone fills max_length. A response cut off
+    by the sampling length limit (`finished` False) gets no EOS: training on it must not teach the
+    model to stop mid-sentence.
     """
     texts = [format_prompt(tokenizer, p) for p in prompts]
+    ends = finished if finished is not None else [[True] * len(rs) for rs in responses]
     fulls = [
-        t + _with_eos(tokenizer, r) for t, rs in zip(texts, responses, strict=True) for r in rs
+        t + (_with_eos(tokenizer, r) if end else r)
+        for t, rs, es in zip(texts, responses, ends, strict=True)
+        for r, end in zip(rs, es, strict=True)
     ]
     ids = encode_texts(tokenizer, texts + fulls)
     prompt_ids, full_ids = ids[: len(texts)], iter(ids[len(texts) :])
@@ -106,14 +115,19 @@ def encode_examples(tokenizer: Any, examples: list[dict], max_length: int) -> li
 
     Args:
         tokenizer: formats with its chat template when it has one.
-        examples: dicts with "prompt" and "response" (EOS is appended unless present).
+        examples: dicts with "prompt", "response" and optionally "finished" (False for an answer
+            cut off by the length limit; otherwise EOS is appended unless present).
         max_length: longer sequences keep their start.
     Returns:
         A Row per example, or None when its prompt alone fills max_length (no response token
         would remain).
     """
     rows = _encode_with_prompts(
-        tokenizer, [e["prompt"] for e in examples], [[e["response"]] for e in examples], max_length
+        tokenizer,
+        [e["prompt"] for e in examples],
+        [[e["response"]] for e in examples],
+        max_length,
+        [[e.get("finished", True)] for e in examples],
     )
     return [r[0] if r is not None else None for r in rows]
 
@@ -126,13 +140,15 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int) 
 def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[PairRow]:
     """Tokenize preference pairs like `encode_examples`; both responses start at one position.
 
-    Pairs whose prompt alone fills max_length are dropped.
+    Pairs whose prompt alone fills max_length are dropped; "chosen_finished" / "rejected_finished"
+    False mark an answer cut off by the length limit (no EOS).
     """
     rows = _encode_with_prompts(
         tokenizer,
         [p["prompt"] for p in pairs],
         [[p["chosen"], p["rejected"]] for p in pairs],
         max_length,
+        [[p.get("chosen_finished", True), p.get("rejected_finished", True)] for p in pairs],
     )
     return [PairRow(*r) for r in rows if r is not None]
 
