@@ -114,6 +114,14 @@ DPO = (
 )
 
 
+def lora_targets(text: str, targets: str) -> str:
+    """The recipe with its LoRA `targets = [...]` list replaced by `targets`."""
+    new, n = re.subn(r"targets = \[[^\]]*\]", f"targets = {targets}", text, count=1)
+    if n == 0:
+        raise ValueError("the recipe's lora map names no targets")
+    return new
+
+
 def variants(base: str) -> dict[str, str]:
     """Name -> recipe text. The first one is run first and seeds the others' run directories.
 
@@ -133,6 +141,7 @@ def variants(base: str) -> dict[str, str]:
         "SFT only": replace_phase(base, "distill", SFT),
         "DPO only": replace_phase(base, "distill", DPO),
         "no context": no_context,
+        "LoRA on all linear layers": lora_targets(base, '["all-linear"]'),
         "2 rounds": set_attr(base, "recipe", "rounds", "2"),
         "3 rounds": set_attr(base, "recipe", "rounds", "3"),
     }

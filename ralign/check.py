@@ -757,9 +757,14 @@ class Checker:
             if not isinstance(v, n.MapExpr):
                 self.error(v.span, f"{label} must be a map like {{ rank = 16, alpha = 32 }}")
                 return _BAD
-            return self.attrs(
+            lora = self.attrs(
                 unit, v.entries, sc.Kind("LoRA settings", sc.LORA_ATTRS), "lora", v.span, ctx
             )
+            targets = lora.get("targets")
+            if isinstance(targets, list) and "all-linear" in targets and len(targets) > 1:
+                at = next(e.value.span for e in v.entries if e.name == "targets")
+                self.error(at, '"all-linear" already names every linear layer: give it alone')
+            return lora
         if spec.kind in (sc.EXPR_BOOL, sc.EXPR_NUMBER):
             context = "filter" if spec.kind == sc.EXPR_BOOL else "score"
             scope = (

@@ -55,7 +55,10 @@ LORA_ATTRS: dict[str, Attr] = {
     ),
     "dropout": Attr(NUMBER, "dropout on the adapter input", 0.05, min=0, max=0.99),
     "targets": Attr(
-        TEXTS, "module names to adapt (default: the architecture's attention and MLP projections)"
+        TEXTS,
+        'module names to adapt; `["all-linear"]` (the default) adapts every linear layer of the'
+        " blocks, attention and MLP projections, but not the output head",
+        ["all-linear"],
     ),
 }
 
@@ -271,6 +274,10 @@ STEPS: dict[str, Kind] = {
                 STRING, "which answer is dispreferred", "worst", choices=("worst", "random")
             ),
             "min_margin": Attr(NUMBER, "drop pairs whose score gap is below this", 0.0, min=0),
+            "min_score": Attr(
+                NUMBER,
+                "drop pairs whose chosen answer scores below this (two bad answers teach the lesser evil)",
+            ),
             "by": Attr(
                 STRING, "the score to use (default: `total` if defined, else the latest score)"
             ),

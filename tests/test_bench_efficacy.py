@@ -57,6 +57,27 @@ def test_with_seed_sets_the_recipe_seed_and_nothing_else(eff, tmp_path):
     assert compile_file(path).to_json()["seed"] == 11
 
 
+@pytest.mark.parametrize("scale", ["full", "small"])
+def test_every_variant_compiles_and_changes_the_plan(eff, tmp_path, scale):
+    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
+    base = eff.small(text) if scale == "small" else text
+    hashes = {}
+    for name, variant in eff.variants(base).items():
+        path = tmp_path / f"{len(hashes)}.ralign"
+        path.write_text(variant)
+        hashes[name] = compile_file(path).hash
+    assert len(set(hashes.values())) == len(hashes), hashes
+
+
+def test_lora_targets_replaces_the_list(eff):
+    text = 'lora = { rank = 16, targets = ["q_proj", "v_proj"] }'
+    assert (
+        eff.lora_targets(text, '["all-linear"]') == 'lora = { rank = 16, targets = ["all-linear"] }'
+    )
+    with pytest.raises(ValueError, match="no targets"):
+        eff.lora_targets("lora = { rank = 16 }", '["all-linear"]')
+
+
 def test_mean_row_averages_each_figure_over_seeds(eff):
     def run(acc, harmful, dev, seconds, extra=None):
         after = {"hhh:acc": acc, "behavior:harmful_compliance_rate": harmful, **(extra or {})}
@@ -68,3 +89,19 @@ def test_mean_row_averages_each_figure_over_seeds(eff):
     assert row["hhh_dev"] == {"acc": pytest.approx(0.5)}
     assert row["step_seconds"] == 150
     assert eff.mean_row("q", [run(0.5, 0.25, 0.4, 100)])["name"] == "q"
+
+
+def test_lora_sweep_variants_compile_and_share_samples_where_they_should(tmp_path):
+    spec = importlib.util.spec_from_file_location("lora_sweep", ROOT / "bench" / "lora_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    todo = sweep.variants((ROOT / "recipes" / "quickstart.ralign").read_text())
+    samples = {}
+    for i, (name, text) in enumerate(todo.items()):
+        path = tmp_path / f"{i}.ralign"
+        path.write_text(text)
+        plan = compile_file(path)
+        samples[name] = plan.step("r1/sample/sample").hash
+    # Every all-linear row answers the same samples; the q,v row has its own model, so its own.
+    assert len({h for n, h in samples.items() if n.startswith("all linear")}) == 1
+    assert samples["q,v (the quickstart)"] != samples["all linear"]

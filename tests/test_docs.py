@@ -31,6 +31,7 @@ and `import "std/principles"`.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +326,8 @@ def parse_default(cell: str) -> object:
         return text[1:-1]
     if text in ("true", "false"):
         return text == "true"
+    if text.startswith("["):
+        return json.loads(text)
     try:
         return float(text)
     except ValueError:
@@ -342,6 +345,7 @@ def same_value(documented: object, default: object) -> bool:
 def test_parse_default_and_range_text() -> None:
     assert parse_default("`1e-5`") == 1e-5 and same_value(parse_default("`1e-5`"), 1e-05)
     assert parse_default('`"auto"`') == "auto" and parse_default("`policy`") == "policy"
+    assert parse_default('`["all-linear"]`') == ["all-linear"]
     assert parse_default("`false`") is False and not same_value(parse_default("`0`"), False)
     assert parse_default("required") == "required" and parse_default("—") is None
     assert range_text(sc.Attr(sc.NUMBER, "", min=0, max=1, min_open=True)) == "> 0 and ≤ 1"

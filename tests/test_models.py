@@ -77,6 +77,35 @@ def test_load_model_bfloat16_with_lora(tiny):
     assert model.get_base_model().dtype == torch.bfloat16
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.mark.parametrize(
+    "targets, adapted",
+    [
+        # What recipes default to: every projection of attention and MLP, never the output head.
+        (
+            ["all-linear"],
+            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        ),
+        (["q_proj", "o_proj"], {"q_proj", "o_proj"}),
+        # Absent (plans compiled before the default existed): peft's choice for Llama.
+        (None, {"q_proj", "v_proj"}),
+    ],
+)
+def test_lora_targets(tiny_llama, targets, adapted):
+    lora = {"rank": 2, "alpha": 4, "target_modules": targets}
+    model, _ = load_model(ModelSpec(str(tiny_llama), lora=lora), "cpu")
+    names = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for n, _ in model.named_parameters()
+        if ".lora_A" in n
+    }
+    assert names == adapted
+
+
 def test_missing_pad_token_falls_back_to_eos(tiny, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny)
     tok.pad_token = None

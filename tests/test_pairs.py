@@ -71,6 +71,21 @@ def test_drops_are_counted_by_reason(responses, scores, min_margin, reason):
     }
 
 
+def test_min_score_drops_pairs_of_two_bad_answers():
+    # p1: both answers bad (the lesser evil); p2: chosen exactly at the floor; p3: no floor applies
+    # before the margin test, so a low-margin pair counts as low_margin, not low_score.
+    prompts = ["p1", "p2", "p3"]
+    responses = [["comply", "garble"], ["refuse", "comply"], ["a", "b"]]
+    scores = [[-1.0, -2.5], [0.5, -1.0], [-1.0, -1.1]]
+    pairs, stats = make_pairs(prompts, responses, scores, min_margin=0.5, min_score=0.5)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("p2", "refuse", "comply")
+    ]
+    assert stats["dropped"]["low_score"] == 1 and stats["dropped"]["low_margin"] == 1
+    unfloored, _ = make_pairs(prompts, responses, scores, min_margin=0.5)
+    assert [p["prompt"] for p in unfloored] == ["p1", "p2"]
+
+
 def test_margin_at_threshold_is_kept_and_stats_add_up():
     prompts = ["p1", "p2", "p3", "p4"]
     responses = [["a", "b"], ["c", "d"], ["e", "f"], ["g"]]

@@ -131,17 +131,21 @@ def apply_lora(model: PreTrainedModel, lora: dict) -> Any:
 
     Args:
         model: the base model.
-        lora: {rank, alpha, dropout=0.0, target_modules=None (peft's default for the architecture)}.
+        lora: {rank, alpha, dropout=0.0, target_modules=None}: module names, or ["all-linear"] (what
+            recipes default to) for every linear layer but the output head, as QLoRA (Dettmers et al.
+            2023) recommends; None is peft's default for the architecture (q_proj, v_proj on Llama),
+            which plans compiled before that default keep.
     Returns:
         A `peft.PeftModel`.
     """
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.get("target_modules")
     config = LoraConfig(
         r=int(lora["rank"]),
         lora_alpha=lora["alpha"],
         lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=lora.get("target_modules"),
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

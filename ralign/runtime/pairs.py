@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 CHOOSERS = ("best", "random")
 REJECTERS = ("worst", "random")
-DROP_REASONS = ("too_few", "tie", "same_text", "low_margin")
+DROP_REASONS = ("too_few", "tie", "same_text", "low_margin", "low_score")
 
 
 def _pick(how: str, candidates: list[int], scores: Sequence[float], rng: random.Random) -> int:
@@ -27,6 +27,7 @@ def make_pairs(
     chosen: str = "best",
     rejected: str = "worst",
     min_margin: float = 0.0,
+    min_score: float | None = None,
     seed: int = 0,
     finished: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[dict], dict]:
@@ -44,6 +45,9 @@ def make_pairs(
         chosen: "best" or "random".
         rejected: "worst" or "random".
         min_margin: pairs whose margin is below this are dropped.
+        min_score: pairs whose chosen answer scores below this are dropped: two bad answers make
+            a pair that teaches the lesser evil (e.g. a more fluent compliance with a harmful
+            request over a garbled one).
         seed: seeds the "random" selectors.
         finished: optional, aligned with `responses`: False for an answer cut off by the length
             limit; the pair then carries "chosen_finished" and "rejected_finished".
@@ -51,7 +55,7 @@ def make_pairs(
         (pairs, stats): pairs as dicts with prompt, chosen, rejected, margin; stats with
         "prompts", "pairs" and "dropped" (a count for every reason in DROP_REASONS: "too_few" =
         under two responses, "tie" = equal scores, "same_text" = identical text after stripping
-        whitespace, "low_margin" = margin below `min_margin`).
+        whitespace, "low_margin" = margin below `min_margin`, "low_score" = chosen below `min_score`).
     """
     if chosen not in CHOOSERS:
         raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
@@ -90,6 +94,8 @@ def make_pairs(
             dropped["same_text"] += 1
         elif margin < min_margin:
             dropped["low_margin"] += 1
+        elif min_score is not None and marks[hi] < min_score:
+            dropped["low_score"] += 1
         else:
             pair = {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo], "margin": margin}
             if done is not None:

@@ -347,12 +347,13 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         chosen=p["chosen"],
         rejected=p["rejected"],
         min_margin=p["min_margin"],
+        min_score=p.get("min_score"),
         seed=ctx.seed,
         finished=[finished_flags(r) for r in records],
     )
     if not made:
         raise StepError(
-            f"{ctx.where}: no preference pair survived ({', '.join(f'{k}: {v}' for k, v in stats['dropped'].items() if v)}); lower min_margin or sample more answers"
+            f"{ctx.where}: no preference pair survived ({', '.join(f'{k}: {v}' for k, v in stats['dropped'].items() if v)}); lower min_margin or min_score, or sample more answers"
         )
     write_jsonl(ctx.out / "pairs.jsonl", made)
     return {
