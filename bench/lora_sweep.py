@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"lora-sweep-{dt.date.today()}{'-' + args.tag if args.tag else ''}.json"
     rows: list[dict] = []
+    gpu = eff.gpu_name()  # a child process that imports torch: once, not per run
     started = time.perf_counter()
     for seed in args.seeds:
         for name in names:
@@ -90,16 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("all linear,") and shared.is_dir() and not run_dir.exists():
                 eff.start_from(shared, run_dir)
             t = time.perf_counter()
-            cmd = [
-                sys.executable,
-                "-m",
-                "ralign",
-                "execute",
-                str(recipe),
-                "--run-dir",
-                str(run_dir),
-            ]
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            eff.ralign("execute", str(recipe), "--run-dir", str(run_dir))
             rows.append(
                 {
                     "name": name,
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: {rows[-1]['after']}", flush=True)
             result = {
                 "command": " ".join(["python", "bench/lora_sweep.py", *(argv or sys.argv[1:])]),
-                "gpu": eff.gpu_name(),
+                "gpu": gpu,
                 "seconds": round(time.perf_counter() - started, 1),
                 "rows": rows,
             }
