@@ -107,11 +107,18 @@ def small(text: str) -> str:
 
 
 RANK = "  rank quality { judge = policy, template = tpl.rank_listwise, orders = 2 }\n"
-SFT = '  train sft { on = "best", min_score = 0.5, drop_context = true, lr = 2e-4, epochs = 2, batch_size = 8 }\n'
-DPO = (
-    '  pairs { chosen = "best", rejected = "worst", min_margin = 1.0 }\n'
-    "  train dpo { beta = 0.1, lr = 2e-4, epochs = 2, batch_size = 8 }\n"
-)
+
+
+def distill_lines(text: str, *kinds: str) -> str:
+    """The lines of the `distill` phase that start with one of `kinds` ("train sft", "pairs", ...),
+    so the SFT-only and DPO-only rows keep the quickstart's own settings."""
+    match = re.search(r"^phase distill \{\n(.*?)^\}\n", text, flags=re.M | re.S)
+    if match is None:
+        raise ValueError("no phase 'distill' in the recipe")
+    lines = [x for x in match.group(1).splitlines(keepends=True) if x.strip().startswith(kinds)]
+    if len(lines) != len(kinds):
+        raise ValueError(f"the distill phase has no single line for each of {kinds}")
+    return "".join(lines)
 
 
 def lora_targets(text: str, targets: str) -> str:
@@ -138,8 +145,8 @@ def variants(base: str) -> dict[str, str]:
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": judge("quality"),
         "agree(rank, rules)": judge("agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"),
-        "SFT only": replace_phase(base, "distill", SFT),
-        "DPO only": replace_phase(base, "distill", DPO),
+        "SFT only": replace_phase(base, "distill", distill_lines(base, "train sft")),
+        "DPO only": replace_phase(base, "distill", distill_lines(base, "pairs", "train dpo")),
         "no context": no_context,
         "LoRA on all linear layers": lora_targets(base, '["all-linear"]'),
         "2 rounds": set_attr(base, "recipe", "rounds", "2"),

@@ -29,20 +29,14 @@ _spec = importlib.util.spec_from_file_location("efficacy", HERE / "efficacy.py")
 eff = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(eff)  # type: ignore[union-attr]
 
-SFT_LR = "drop_context = true, lr = 2e-4"
-DPO_LR = "train dpo { beta = 0.1, lr = 2e-4"
-
 
 def variants(base: str) -> dict[str, str]:
     """Name -> recipe text; "all linear" first among those that share its samples."""
     base = eff.set_attr(base, "sample", "batch_size", "128")
     al = eff.lora_targets(base, '["all-linear"]')
-    assert SFT_LR in al and DPO_LR in al, "the quickstart's SFT/DPO lines changed"
 
     def lrs(sft: str, dpo: str) -> str:
-        return al.replace(SFT_LR, f"drop_context = true, lr = {sft}").replace(
-            DPO_LR, f"train dpo {{ beta = 0.1, lr = {dpo}"
-        )
+        return eff.set_attr(eff.set_attr(al, "train sft", "lr", sft), "train dpo", "lr", dpo)
 
     return {
         "q,v (the quickstart)": base,

@@ -69,6 +69,23 @@ def test_every_variant_compiles_and_changes_the_plan(eff, tmp_path, scale):
     assert len(set(hashes.values())) == len(hashes), hashes
 
 
+def test_single_step_rows_keep_the_quickstarts_training_settings(eff, tmp_path):
+    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
+    rows = eff.variants(text)
+    plans = {}
+    for name in ("quickstart (rules, SFT+DPO)", "SFT only", "DPO only"):
+        path = tmp_path / f"{len(plans)}.ralign"
+        path.write_text(rows[name])
+        plans[name] = {s.id: s for s in compile_file(path).steps}
+    full, sft, dpo = plans.values()
+    assert sft["r1/distill/train.sft"].params == full["r1/distill/train.sft"].params
+    assert dpo["r1/distill/train.dpo"].params == full["r1/distill/train.dpo"].params
+    assert dpo["r1/distill/pairs"].params == full["r1/distill/pairs"].params
+    assert "r1/distill/train.dpo" not in sft and "r1/distill/train.sft" not in dpo
+    with pytest.raises(ValueError, match="no single line"):
+        eff.distill_lines(text, "revise")
+
+
 def test_lora_targets_replaces_the_list(eff):
     text = 'lora = { rank = 16, targets = ["q_proj", "v_proj"] }'
     assert (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,26 @@ def test_compile_writes_build_plan_by_default(tmp_path: Path) -> None:
     assert data["recipe"] == "quickstart" and data["format"] == "ralign-plan/1"
     assert data["recipe_dir"] == "../recipes"  # data paths resolve relative to the plan file
     assert f"plan hash {data['hash'][:16]}" in run.stdout
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`ralign compile r.ralign | head -1`: the reader leaves early; no traceback, SIGPIPE's status."""
+    exe = shutil.which("ralign") or str(Path(sys.executable).with_name("ralign"))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        run = subprocess.run(
+            [exe, "compile", str(RECIPES / "quickstart.ralign"), "-o", str(tmp_path / "p.json")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert run.returncode == 141
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert (tmp_path / "p.json").is_file()  # the plan was written before the report was printed
 
 
 def test_compile_output_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
