@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -63,6 +65,34 @@ def test_sorted_batching_matches_one_by_one_greedy(tiny_models, arch):
     assert all(r[0] == r[1] for r in batched)  # greedy: the K copies are identical
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_prompts_encoded_once_sample_what_k_copies_sample(tiny_models, arch, monkeypatch):
+    """Each prompt's KV cache is computed once and repeated for its K samples; the answers are
+    token for token those of generate(num_return_sequences=K), which encodes every copy."""
+    import ralign.runtime.generation as gen
+
+    model, tok = tiny_models(arch)
+    kw = dict(per_prompt=3, temperature=1.0, max_new_tokens=8, seed=5, batch_size=6)
+    encoded = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps the signature, which says how the model takes a cache
+    def counting(self, *args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            encoded.append(tuple(ids.shape))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    shared = gen.sample_completions(model, tok, PROMPTS, **kw)
+    prefills = [b for b, w in encoded if w > 1]
+    assert prefills == [2, 2, 1]  # 5 prompts, 2 a batch (6 rows / 3 samples), each encoded once
+    monkeypatch.setattr(gen, "_cache_keyword", lambda model: None)  # generate()'s own copies
+    copies = gen.sample_completions(model, tok, PROMPTS, **kw)
+    assert shared == copies
+    assert len({c.text for row in shared for c in row}) > len(PROMPTS)  # really sampled
+
+
 def test_left_padding_and_length_sorted_batches(tiny_models, monkeypatch):
     model, tok = tiny_models("llama")
     calls = []
@@ -76,12 +106,14 @@ def test_left_padding_and_length_sorted_batches(tiny_models, monkeypatch):
     sample(
         model, tok, PROMPTS, per_prompt=2, temperature=1.0, max_new_tokens=3, seed=0, batch_size=4
     )
-    assert [ids.shape[0] for ids, _ in calls] == [2, 2, 1]  # 4 rows per call = 2 prompts x 2
+    # 4 rows per call = 2 prompts x 2 samples, each prompt's rows side by side (its cache is shared)
+    assert [ids.shape[0] for ids, _ in calls] == [4, 4, 2]
+    assert all(torch.equal(ids[0::2], ids[1::2]) for ids, _ in calls)
     lengths = [
         len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in PROMPTS
     ]
     seen = [int(n) for _, mask in calls for n in mask.sum(1)]
-    assert seen == sorted(lengths)  # shortest prompts share the first batch
+    assert seen[0::2] == sorted(lengths)  # shortest prompts share the first batch
     for ids, mask in calls:
         assert bool(mask[:, -1].all())  # every row ends on a real token: padding is on the left
         assert bool((ids[mask == 0] == tok.pad_token_id).all())
