@@ -45,10 +45,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from ralign.compile import compile_file
 
     src = _existing(args.file)
-    out = Path(args.output) if args.output else Path("build") / f"{src.stem}.plan.json"
-    plan = compile_file(src, _roots(args), plan_path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(plan.dumps(), encoding="utf-8")
+    out = Path(args.output) if args.output else None
+    plan = compile_file(src, _roots(args), plan_path=out or Path("build") / "x.plan.json")
+    out = out or Path("build") / f"{plan.recipe}.plan.json"  # named like its run dir, runs/<recipe>
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a folder; give the plan file's name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(plan.dumps(), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write the plan to {out}: {exc.strerror or exc}") from None
     rounds = {s.round for s in plan.steps}
     print(f"compiled {src} -> {out}")
     print(
@@ -118,16 +124,47 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ralign.runtime.executor import evaluate_command
+    """`ralign eval`: evaluate one model on one data set and print the headline numbers."""
+    from accelerate import Accelerator
 
-    return evaluate_command(
-        model=args.model,
-        data=args.data,
-        task=args.task,
-        limit=args.limit,
-        device=args.device,
-        output=args.output,
-    )
+    from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
+    from ralign.runtime.data import dataset_file
+    from ralign.runtime.evaluate import eval_items, flatten_eval, run_eval
+    from ralign.runtime.models import ModelSpec, load_model
+    from ralign.tables import text_table
+
+    acc = Accelerator(cpu=args.device == "cpu")
+    file = dataset_file({"path": args.data}, Path.cwd())
+    if file is None or not file.exists():
+        raise UsageError(f"--data {args.data}: no such file or built-in set")
+    dtype = "float32" if acc.device.type == "cpu" else "bfloat16"
+    model, tok = load_model(ModelSpec(path=args.model, dtype=dtype), acc.device)
+    model.eval()
+    result = run_eval(args.task, model, tok, eval_items(args.task, file, args.limit))
+    figures = [(k, f"{v:.4f}") for k, v in sorted(flatten_eval(result).items())]
+    print(text_table(["metric", "value"], figures, rule=False))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ralign.report import build_comparison, build_report, save_page
+
+    if args.compare and args.run_dir:
+        raise UsageError("report: give either RUN_DIR or --compare RUN_A RUN_B, not both")
+    if args.compare:
+        run_a, run_b = (Path(p) for p in args.compare)
+        page, default = build_comparison(run_a, run_b), run_a / "compare.html"
+    elif args.run_dir:
+        page, default = build_report(Path(args.run_dir)), Path(args.run_dir) / "report.html"
+    else:
+        raise UsageError(
+            "report: give RUN_DIR, or --compare RUN_A RUN_B (see `ralign report --help`)"
+        )
+    out = save_page(page, Path(args.output) if args.output else default)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("-o", "--output", help="write the results as JSON here")
     v.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser(
+        "report",
+        help="a run as one self-contained HTML page of plots and tables",
+        description="write a run's report (default RUN_DIR/report.html), or compare two runs",
+    )
+    rp.add_argument(
+        "run_dir", nargs="?", metavar="RUN_DIR", help="the --run-dir of `ralign execute`"
+    )
+    rp.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="overlay two runs (default file RUN_A/compare.html)",
+    )
+    rp.add_argument("-o", "--output", metavar="FILE", help="where to write the HTML page")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

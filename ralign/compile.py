@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ralign import nodes as n
@@ -39,5 +40,5 @@ def compile_file(
     plan = lower(check(load(path, roots, parser_kind)))
     if plan_path is not None:
         rel = os.path.relpath(path.resolve().parent, plan_path.resolve().parent)
-        plan = Plan(**{**plan.__dict__, "recipe_dir": Path(rel).as_posix()})
+        plan = replace(plan, recipe_dir=Path(rel).as_posix())
     return plan

@@ -40,6 +40,9 @@ class Diagnostic:
         return "\n".join(out)
 
 
+MAX_SHOWN = 100  # diagnostics printed in full; the rest are counted
+
+
 class RalignError(Exception):
     """Base of every error ralign reports; `str()` is what the user sees."""
 
@@ -58,9 +61,11 @@ class RecipeError(RalignError):
 
     def __str__(self) -> str:
         ordered = sorted(self.diagnostics, key=lambda d: (d.span.file, d.span.line, d.span.column))
-        body = "\n".join(d.render(self.sources) for d in ordered)
+        shown = [d.render(self.sources) for d in ordered[:MAX_SHOWN]]
         n = len(ordered)
-        return f"{body}\n{n} error{'s' if n != 1 else ''}"
+        if n > MAX_SHOWN:
+            shown.append(f"... and {n - MAX_SHOWN:,} more (only the first {MAX_SHOWN} are shown)")
+        return "\n".join(shown) + f"\n{n:,} error{'s' if n != 1 else ''}"
 
 
 class TemplateError(RalignError):

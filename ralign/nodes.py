@@ -192,3 +192,42 @@ class Module:
 
     file: str
     decls: tuple[Decl, ...]
+
+
+def children(e: Expr) -> tuple[Expr, ...]:
+    """The direct sub-expressions of an expression (a call's function name included)."""
+    match e:
+        case Call(func=f, args=a):
+            return (f, *a)
+        case Unary(operand=x):
+            return (x,)
+        case Binary(left=a, right=b):
+            return (a, b)
+        case ListExpr(items=items):
+            return items
+        case MapExpr(entries=entries):
+            return tuple(a.value for a in entries)
+    return ()
+
+
+def refs(exprs: tuple[Expr, ...] | list[Expr]) -> list[Ref]:
+    """Every name the expressions mention, called functions included (iterative: no depth limit)."""
+    out: list[Ref] = []
+    stack = list(exprs)
+    while stack:
+        e = stack.pop()
+        if isinstance(e, Ref):
+            out.append(e)
+        stack.extend(children(e))
+    return out
+
+
+def bodies(decl: object) -> list[Expr]:
+    """The expressions of a let, def or reward (nothing for other declarations)."""
+    if isinstance(decl, Let):
+        return [decl.value]
+    if isinstance(decl, Def):
+        return [decl.body]
+    if isinstance(decl, Reward):
+        return [e for r in decl.rules for e in (r.value, r.when) if e is not None]
+    return []

@@ -1,15 +1,17 @@
-"""What each declaration and step kind accepts: attribute types, defaults, ranges, and data flow.
+"""What each declaration and step kind is: its attributes (type, default, range), data flow and outputs.
 
-This table is the single source for the checker, the plan's defaults and the
-language reference (docs/language.md is tested against it).
+This table is the single source that the checker, the lowering, the runtime and the language
+reference (docs/language.md, tested against it) read. A new step kind is one `StepKind` record
+here, one function in `ralign/runtime/steps.py`, and one section in the docs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-# Attribute value kinds (what the checker accepts for each).
+# Attribute value types (what the checker accepts for each).
 INT, NUMBER, STRING, BOOL = "int", "number", "string", "bool"
 MODEL, DATASET, TEMPLATE, TEXTS, DATA = "model", "dataset", "template", "texts", "data"
 EXPR_BOOL, EXPR_NUMBER, LORA = "expr:bool", "expr:number", "lora"
@@ -17,9 +19,9 @@ EXPR_BOOL, EXPR_NUMBER, LORA = "expr:bool", "expr:number", "lora"
 
 @dataclass(frozen=True)
 class Attr:
-    """One attribute: its kind, default (None: optional, absent), bounds and meaning."""
+    """One attribute: its value type, default (None: optional, absent), bounds and meaning."""
 
-    kind: str
+    type: str
     doc: str
     default: Any = None
     required: bool = False
@@ -30,22 +32,15 @@ class Attr:
 
 
 @dataclass(frozen=True)
-class Kind:
-    """A declaration or step kind: its attributes, and (steps) what it consumes and produces."""
+class Block:
+    """A declaration's block (`recipe`, `model`, `dataset`, `evaluate`): what it is and takes."""
 
     doc: str
     attrs: dict[str, Attr]
-    consumes: tuple[str, ...] = ()
-    produces: tuple[str, ...] = ()
-    named: str = "no"  # "no", "optional", "required" (a step's NAME after its kind)
-    template_vars: dict[str, tuple[str, ...]] = field(
-        default_factory=dict
-    )  # attr -> variables provided
-    open_attrs: str | None = None  # kind of any further attribute (score: each is an expression)
 
 
-def _positive(doc: str, default: Any, kind: str = NUMBER) -> Attr:
-    return Attr(kind, doc, default, min=0, min_open=True)
+def _positive(doc: str, default: Any, type_: str = NUMBER) -> Attr:
+    return Attr(type_, doc, default, min=0, min_open=True)
 
 
 LORA_ATTRS: dict[str, Attr] = {
@@ -62,8 +57,8 @@ LORA_ATTRS: dict[str, Attr] = {
     ),
 }
 
-DECLS: dict[str, Kind] = {
-    "recipe": Kind(
+DECLS: dict[str, Block] = {
+    "recipe": Block(
         "the recipe: how many rounds of the phases to run, and the seed",
         {
             "rounds": Attr(
@@ -81,7 +76,7 @@ DECLS: dict[str, Kind] = {
             ),
         },
     ),
-    "model": Kind(
+    "model": Block(
         "a causal language model: Hugging Face id, local folder, or built-in `ralign:NAME`",
         {
             "path": Attr(STRING, "hub id, local folder, or `ralign:smollm2-135m`", required=True),
@@ -97,7 +92,7 @@ DECLS: dict[str, Kind] = {
             ),
         },
     ),
-    "dataset": Kind(
+    "dataset": Block(
         "prompts: a `.jsonl`/`.json`/`.csv`/`.parquet` file, `hf:org/name[:split]`, or built-in `ralign:NAME`",
         {
             "path": Attr(
@@ -109,7 +104,7 @@ DECLS: dict[str, Kind] = {
             "limit": Attr(INT, "use at most this many records (the first ones)", min=1),
         },
     ),
-    "evaluate": Kind(
+    "evaluate": Block(
         "an evaluation of the policy, before round 1 and after each round (or only at the end)",
         {
             "data": Attr(
@@ -134,10 +129,136 @@ DECLS: dict[str, Kind] = {
     ),
 }
 
+# ---- step kinds ---------------------------------------------------------------------------------
+
+# A step's plan inputs are slots, in order: "dataset" (its `from`), "prompts", "responses" and
+# "pairs" (made earlier in the round), "score" (each score it reads: `score:NAME`), and the models
+# "policy", "judge" and "reference". What it makes is one of these data, stored as ARTIFACTS names.
+ARTIFACTS: dict[str, str] = {
+    "prompts": "prompts.jsonl",
+    "responses": "responses.jsonl",
+    "pairs": "pairs.jsonl",
+    "score": "score.{name}.jsonl",
+    "policy": "model",
+    "metrics": "result.json",
+}
+MODEL_SLOTS = ("policy", "judge", "reference")
+
+
+@dataclass(frozen=True)
+class Flow:
+    """What the steps so far in a round have made (the checker's state as it walks a round).
+
+    `have` maps "prompts", "responses", "revised" and "pairs" to where they were made (absent: not
+    yet); `scores` lists the round's scores in the order they were made, with where.
+    """
+
+    have: Mapping[str, Any] = field(default_factory=dict)
+    scores: tuple[tuple[str, Any], ...] = ()
+    context: bool = False  # the round's answers were sampled with a `context` template
+
+    def made(self, what: str, where: Any) -> Flow:
+        return replace(self, have={**self.have, what: where})
+
+
+Inputs = Callable[[Mapping[str, Any]], tuple[str, ...]]
+After = Callable[[Flow, Mapping[str, Any], Any], Flow]
+Rules = Callable[[Mapping[str, Any], Flow], list[str]]
+
+
+def _always(*slots: str) -> Inputs:
+    return lambda params: slots
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """Everything about one step kind: its attributes, data flow, template variables and outputs.
+
+    Args:
+        name: as written in a phase (`sample`, `train sft`).
+        doc: one line for the docs and messages.
+        attrs: its attributes.
+        inputs: its plan input slots given its checked parameters (see ARTIFACTS above).
+        makes: the data it makes: "prompts", "responses", "score", "pairs", "policy" or "metrics".
+        template_vars: template attribute -> the variables a render provides.
+        mode_vars: `mode` value -> variables provided instead (rank's pointwise judge).
+        named: "no" or "required": whether `KIND NAME { ... }` names it (a rank names its score).
+        open_attrs: the type of any further attribute (`score`: each attribute is an expression).
+        hint: how to fix a round that lacks the data it needs.
+        score_use: for kinds that read one score (`by`): what they do with it, for messages.
+        after: how it changes the round's flow beyond adding what it makes.
+        rules: further checks of its parameters against the round's flow; returns messages.
+        trains: whether it updates the policy.
+        in_phase: False for `evaluate`, which is declared on its own and lowered into steps.
+    """
+
+    name: str
+    doc: str
+    attrs: dict[str, Attr]
+    inputs: Inputs
+    makes: str
+    template_vars: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    mode_vars: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    named: str = "no"
+    open_attrs: str | None = None
+    hint: str = "add a `sample` step before it"
+    score_use: str | None = None
+    after: After | None = None
+    rules: Rules | None = None
+    trains: bool = False
+    in_phase: bool = True
+
+    @property
+    def keyword(self) -> str:
+        """The word a phase starts the step with (`train` for both training kinds)."""
+        return self.name.split()[0]
+
+    def provides(self, attr: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The variables a render of template attribute `attr` gets."""
+        return self.mode_vars.get(params.get("mode", ""), self.template_vars[attr])
+
+    def artifact(self, name: str | None = None) -> str:
+        """The file (or folder) in a step's folder that holds what it makes."""
+        return ARTIFACTS[self.makes].format(name=name)
+
+
+def _fresh_answers(flow: Flow, params: Mapping[str, Any], where: Any) -> Flow:
+    """New answers: the round's scores, pairs and revisions belong to the old ones."""
+    have = {k: v for k, v in flow.have.items() if k not in ("revised", "pairs")}
+    return Flow({**have, "responses": where}, (), "context" in params)
+
+
+def _revised(flow: Flow, params: Mapping[str, Any], where: Any) -> Flow:
+    return flow.made("revised", where)
+
+
+def _sft_inputs(params: Mapping[str, Any]) -> tuple[str, ...]:
+    scored = params.get("on") == "best" or (params.get("on") == "all" and "min_score" in params)
+    return ("responses", "policy", "score") if scored else ("responses", "policy")
+
+
+def _sft_rules(params: Mapping[str, Any], flow: Flow) -> list[str]:
+    out = []
+    if params.get("on") == "revised" and "revised" not in flow.have:
+        out.append(
+            '`train sft` with on = "revised" needs revised answers, but no `revise` step comes before it in the round'
+        )
+    if "min_score" in params and params.get("on") == "revised":
+        out.append(
+            '`min_score` needs scored answers: use it with on = "best" or "all", not "revised"'
+        )
+    if params.get("drop_context") and not flow.context:
+        out.append(
+            "`drop_context = true` needs a `sample` step with a `context` template before it"
+        )
+    return out
+
+
 _T = Attr(NUMBER, "sampling temperature (0 = greedy)", 1.0, min=0, max=10)
 
-STEPS: dict[str, Kind] = {
-    "generate": Kind(
+STEPS: dict[str, StepKind] = {
+    "generate": StepKind(
+        "generate",
         "self-instruct: the policy writes new prompts, few-shot from a dataset",
         {
             "from": Attr(DATASET, "the seed prompts shown as examples", required=True),
@@ -152,10 +273,12 @@ STEPS: dict[str, Kind] = {
             "top_p": Attr(NUMBER, "nucleus sampling mass", 1.0, min=0, max=1, min_open=True),
             "max_new_tokens": Attr(INT, "longest prompt to write, in tokens", 48, min=1),
         },
-        produces=("prompts",),
+        inputs=_always("dataset", "policy"),
+        makes="prompts",
         template_vars={"template": ("examples",)},
     ),
-    "dedupe": Kind(
+    "dedupe": StepKind(
+        "dedupe",
         "drop near-duplicate prompts (MiniLM embedding cosine when installed, else word n-gram Jaccard)",
         {
             "max_similarity": Attr(
@@ -165,16 +288,20 @@ STEPS: dict[str, Kind] = {
                 STRING, "similarity measure", "auto", choices=("auto", "embedding", "jaccard")
             ),
         },
-        consumes=("prompts",),
-        produces=("prompts",),
+        inputs=_always("prompts"),
+        makes="prompts",
+        hint="add a `generate` step before it, or filter the dataset you sample from",
     ),
-    "filter": Kind(
+    "filter": StepKind(
+        "filter",
         "keep the prompts where an expression over `prompt` holds",
         {"keep": Attr(EXPR_BOOL, "a bool expression over `prompt`", required=True)},
-        consumes=("prompts",),
-        produces=("prompts",),
+        inputs=_always("prompts"),
+        makes="prompts",
+        hint="add a `generate` step before it, or filter the dataset you sample from",
     ),
-    "sample": Kind(
+    "sample": StepKind(
+        "sample",
         "the policy answers each prompt several times",
         {
             "from": Attr(DATASET, "answer this dataset instead of the round's prompts"),
@@ -188,11 +315,14 @@ STEPS: dict[str, Kind] = {
             ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
-        consumes=("prompts",),
-        produces=("responses",),
+        inputs=lambda p: ("dataset" if "from" in p else "prompts", "policy"),
+        makes="responses",
         template_vars={"context": ("prompt",)},
+        hint="add a `generate` step before it, or give it a dataset: `sample { from = NAME }`",
+        after=_fresh_answers,
     ),
-    "revise": Kind(
+    "revise": StepKind(
+        "revise",
         "critique and revise each answer against principles, `times` passes",
         {
             "template": Attr(
@@ -209,11 +339,13 @@ STEPS: dict[str, Kind] = {
             ),
             "max_new_tokens": Attr(INT, "longest critique or revision, in tokens", 128, min=1),
         },
-        consumes=("responses",),
-        produces=("responses", "revised"),
+        inputs=_always("responses", "policy"),
+        makes="responses",
+        after=_revised,
         template_vars={"template": ("prompt", "response", "principle", "critique", "stage")},
     ),
-    "rank": Kind(
+    "rank": StepKind(
+        "rank",
         "in-context self-ranking: the judge model ranks each prompt's answers; the result is a score named by the step",
         {
             "judge": Attr(
@@ -249,19 +381,22 @@ STEPS: dict[str, Kind] = {
             ),
             "batch_size": Attr(INT, "judge prompts per forward pass", 16, min=1),
         },
-        consumes=("responses",),
-        produces=("score",),
+        inputs=_always("responses", "judge"),
+        makes="score",
         named="required",
         template_vars={"template": ("prompt", "responses", "labels")},
+        mode_vars={"pointwise": ("prompt", "response", "scale")},
     ),
-    "score": Kind(
+    "score": StepKind(
+        "score",
         "combine ranks and rewards into scores; each attribute defines one (usually `total`)",
         {},
-        consumes=("responses",),
-        produces=("score",),
+        inputs=_always("responses", "score"),
+        makes="score",
         open_attrs=EXPR_NUMBER,
     ),
-    "pairs": Kind(
+    "pairs": StepKind(
+        "pairs",
         "preference pairs per prompt from a score",
         {
             "chosen": Attr(
@@ -282,10 +417,12 @@ STEPS: dict[str, Kind] = {
                 STRING, "the score to use (default: `total` if defined, else the latest score)"
             ),
         },
-        consumes=("score",),
-        produces=("pairs",),
+        inputs=_always("responses", "score"),
+        makes="pairs",
+        score_use="build pairs by",
     ),
-    "train sft": Kind(
+    "train sft": StepKind(
+        "train sft",
         "supervised self-distillation on the best (or revised) answers; loss on answer tokens only",
         {
             "on": Attr(STRING, "what to train on", "best", choices=("best", "revised", "all")),
@@ -306,10 +443,14 @@ STEPS: dict[str, Kind] = {
             "epochs": Attr(INT, "passes over the examples", 1, min=1, max=100),
             "batch_size": Attr(INT, "examples per optimizer step", 8, min=1),
         },
-        consumes=("responses",),
-        produces=("policy",),
+        inputs=_sft_inputs,
+        makes="policy",
+        score_use="pick the best answer by",
+        trains=True,
+        rules=_sft_rules,
     ),
-    "train dpo": Kind(
+    "train dpo": StepKind(
+        "train dpo",
         "Direct Preference Optimization on the pairs (Rafailov et al. 2023)",
         {
             "beta": _positive("strength of the KL anchor to the reference", 0.1),
@@ -323,20 +464,32 @@ STEPS: dict[str, Kind] = {
                 choices=("round_start", "base"),
             ),
         },
-        consumes=("pairs",),
-        produces=("policy",),
+        inputs=_always("pairs", "policy", "reference"),
+        makes="policy",
+        hint='add a `pairs { chosen = "best", rejected = "worst" }` step before it',
+        trains=True,
     ),
 }
 
-TRAIN_METHODS = tuple(k.split()[1] for k in STEPS if k.startswith("train "))
-STEP_KINDS = tuple(sorted({k.split()[0] for k in STEPS}))
+# `evaluate` is declared on its own (not in a phase) and lowered into steps of this kind.
+STEPS["evaluate"] = StepKind(
+    "evaluate",
+    DECLS["evaluate"].doc,
+    DECLS["evaluate"].attrs,
+    inputs=_always("policy"),
+    makes="metrics",
+    in_phase=False,
+)
 
-# What each use provides to a pointwise rank template (the others use Kind.template_vars).
-POINTWISE_VARS = ("prompt", "response", "scale")
+TRAIN_METHODS = tuple(k.split()[1] for k in STEPS if k.startswith("train "))
+STEP_KINDS = tuple(sorted({k.split()[0] for k, v in STEPS.items() if v.in_phase}))
+
+# What a pointwise rank template is given (its record's `mode_vars`; the docs test reads this name).
+POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
 
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.
-BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini")
+BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini", "evals/behavior")
 BUILTIN_MODELS = (
     "smollm2-135m",
     "tiny-llama",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 
@@ -19,9 +20,12 @@ class Source:
         text = path.read_text(encoding="utf-8")
         return cls(name=name or path.name, text=text, path=path)
 
+    @cached_property
+    def lines(self) -> list[str]:
+        return self.text.split("\n")  # as the parser counts lines (not at form feeds or U+2028)
+
     def line(self, n: int) -> str:
-        lines = self.text.split("\n")  # as the parser counts lines (not at form feeds or U+2028)
-        return lines[n - 1] if 1 <= n <= len(lines) else ""
+        return self.lines[n - 1] if 1 <= n <= len(self.lines) else ""
 
 
 @dataclass(frozen=True)

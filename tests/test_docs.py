@@ -272,8 +272,8 @@ def test_attribute_table_matches_schema(kind: str) -> None:
             assert same_value(documented, spec.default), (
                 f"{kind}.{name}: the default is {spec.default!r}; the docs say {default!r}"
             )
-        assert typ.startswith(TYPE_WORDS[spec.kind]), (
-            f"{kind}.{name}: the type column should start with {TYPE_WORDS[spec.kind]!r}, not {typ!r}"
+        assert typ.startswith(TYPE_WORDS[spec.type]), (
+            f"{kind}.{name}: the type column should start with {TYPE_WORDS[spec.type]!r}, not {typ!r}"
         )
         bounds = range_text(spec)
         assert bounds is None or bounds in typ, (

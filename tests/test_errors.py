@@ -213,7 +213,7 @@ def test_a_short_chain_is_fine(tmp_path: Path) -> None:
     path.write_text(
         "".join(f"let a{i} = a{i + 1} + 1\n" for i in range(50)) + "let a50 = 1\n", encoding="utf-8"
     )
-    assert "chain.ralign:a0" in check_file(path).programs["lets"]
+    assert "chain.ralign:a0" in check_file(path).programs.lets
 
 
 def test_symlink_out_of_the_roots_is_refused(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_symlink_out_of_the_roots_is_refused(tmp_path: Path) -> None:
     recipe.write_text('import "./link.ralign"\nlet x = link.secret\n', encoding="utf-8")
     with pytest.raises(RecipeError, match="outside the import roots"):
         check_file(recipe)
-    assert check_file(recipe, roots=(outside,)).programs["lets"]
+    assert check_file(recipe, roots=(outside,)).programs.lets
 
 
 @pytest.mark.parametrize("separator", ["\f", "\u2028"])

@@ -259,8 +259,12 @@ def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     result = json.loads((folder / "result.json").read_text())
     answers = [r for rows in result["examples"].values() for r in rows]
     assert len(answers) == result["n"] == 8
-    values = Programs(plan.programs).score(
-        step.exprs["reward"], [{"prompt": r["prompt"], "response": r["answer"]} for r in answers]
+    values = (
+        Programs(plan.programs)
+        .score(
+            step.exprs["reward"], [{"prompt": r["prompt"], "response": r["answer"]} for r in answers]
+        )
+        .values
     )
     got = json.loads((folder / "metrics.json").read_text())["mean_reward"]
     assert got == pytest.approx(sum(values) / len(values), abs=1e-9)
@@ -456,7 +460,7 @@ def line_of(recipe: Path, text: str) -> int:
             id="a record lacks the field",
         ),
         pytest.param(
-            "", "1e-3", "r1/learn/sample", "dataset 'questions' is empty", id="empty dataset"
+            "", "1e-3", "r1/learn/sample", "{data}: the dataset has no records", id="empty dataset"
         ),
         pytest.param(
             QUESTIONS,

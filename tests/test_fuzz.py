@@ -1,16 +1,20 @@
 """Fuzzing the front end: whatever the text, compiling returns a Plan or raises RalignError, nothing else.
 
-Four sources of input, about 1,100 per run: well-typed recipes generated from the grammar's
-shapes (these must compile, twice to the same hash, and their programs must evaluate to
-finite numbers), loosely shaped recipes that are often wrong, mutations of the shipped
-recipes and libraries, and arbitrary text and bytes. Each input gets one second.
+Five sources of input, about 1,100 per run (`RALIGN_FUZZ=10000 pytest tests/test_fuzz.py` for the
+nightly 10,000): well-typed recipes generated from the grammar's shapes (these must compile, twice
+to the same hash, and their programs must evaluate to finite numbers), loosely shaped recipes that
+are often wrong, mutations of the shipped recipes and libraries, arbitrary text and bytes, and
+attacks: reward programs and templates built to exhaust memory or time, which must end within two
+seconds, with a value or a ralign error. Each input gets one second (attacks two).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
+import time
 from functools import cache
 from pathlib import Path
 
@@ -25,8 +29,11 @@ from ralign.plan import Plan
 from ralign.rewards.evaluate import Programs
 
 REPO = Path(__file__).resolve().parents[1]
-# Examples per run of each property: about 1,100 inputs in all.
-N_VALID, N_LOOSE, N_MUTATED, N_ARBITRARY = 200, 300, 300, 300
+# Examples per run of each property: about 1,100 inputs in all, or RALIGN_FUZZ in the same shares.
+TOTAL = int(os.environ.get("RALIGN_FUZZ", "1100"))
+N_VALID, N_LOOSE, N_MUTATED, N_ARBITRARY, N_ATTACK = (
+    max(1, TOTAL * share // 1100) for share in (200, 250, 250, 250, 150)
+)
 FUZZ = settings(
     deadline=1000,
     database=None,
@@ -349,7 +356,7 @@ def test_valid_recipes_compile_and_evaluate(text: str, workdir: Path) -> None:
     assert plan is not None, f"a well-typed recipe failed to compile:\n{text}\n{_error(path)}"
     assert compile_file(path).hash == plan.hash
     programs = Programs(plan.programs)
-    for qname in plan.programs["rewards"]:
+    for qname in plan.programs.rewards:
         for rec in RECORDS:
             assert math.isfinite(programs.reward_value(qname, dict(rec)))
     for step in plan.steps:
@@ -357,7 +364,8 @@ def test_valid_recipes_compile_and_evaluate(text: str, workdir: Path) -> None:
             continue
         records = [dict(r, **{k: 0.5 * i for k in ("k0", "k1")}) for i, r in enumerate(RECORDS)]
         if step.kind == "score":
-            assert all(math.isfinite(v) for v in programs.score(step.exprs["total"], records))
+            scored = programs.score(step.exprs["total"], records)
+            assert all(math.isfinite(v) for v in scored.values)
         if step.kind == "filter":
             assert len(programs.holds(step.exprs["keep"], records)) == len(records)
 
@@ -704,5 +712,102 @@ def test_arbitrary_input_never_crashes(data: str | bytes, workdir: Path) -> None
     attempt(workdir / "arbitrary.ralign", data)
 
 
+# ---- (d) attacks on memory and time ---------------------------------------------------------
+
+GROW = st.sampled_from(
+    ["{x} + {x}", "lower({x}) + upper({x})", "trim({x} + {x})", 'if(words({x}) > 1, {x} + {x}, "")']
+)
+
+
+@st.composite
+def exhausting_reward(draw: st.DrawFn) -> str:
+    """A library whose reward doubles a text through lets or nested defs, or feeds builtins
+    numbers that overflow, many times over."""
+    depth = draw(st.integers(1, 60))
+    shape = draw(st.sampled_from(["lets", "defs", "numbers", "calls"]))
+    if shape == "lets":
+        grow = draw(GROW)
+        body = 'let t0 = "ab"\n' + "".join(
+            f"let t{i} = {grow.format(x=f't{i - 1}')}\n" for i in range(1, depth + 1)
+        )
+        value = f"words(t{depth})"
+    elif shape == "defs":
+        body = f"def d(x) = {draw(GROW).format(x='x')}\n"
+        value = "words(" + "d(" * depth + "response" + ")" * depth + ")"
+    elif shape == "numbers":
+        big = "exp(700)" + " * exp(700)" * draw(st.integers(0, 3))
+        body = ""
+        value = draw(
+            st.sampled_from(
+                [
+                    "1 when repeats(response, {b})",
+                    "{b} - {b}",
+                    "log({b}) * {b}",
+                    "sqrt({b}) / ({b} - {b})",
+                    "clamp({b}, -{b}, {b})",
+                ]
+            )
+        ).format(b=big)
+    else:
+        body = ""
+        value = "words(" + "lower(upper(" * depth + "response" + "))" * depth + ")"
+    return f"{body}reward r {{\n  rule attack = {value}\n}}\n"
+
+
+TEMPLATE_ATTACKS = st.sampled_from(
+    [
+        "{% for i in range(N) %}{{ prompt }}{% endfor %}",
+        "{{ prompt * N }}",
+        "{{ (prompt ~ prompt) * N }}",
+        "{% set s = namespace(t=prompt) %}{% for i in range(N) %}{% set s.t = s.t ~ s.t %}{% endfor %}{{ s.t }}",
+        "{{ prompt.center(N) }}",
+        "{{ (prompt|length) ** N }}",
+        "{{ ((prompt|length) * N)|round(-N) }}",
+        "{% for a in range(N) %}{% for b in range(N) %}x{% endfor %}{% endfor %}",
+        "{{ range(N)|list|join(prompt) }}",
+        "{{ prompt|replace('', prompt * 100) }}",
+        "{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}",
+        "{{ prompt.encode().ljust(N)|length }}",
+    ]
+)
+
+
+@settings(FUZZ, max_examples=N_ATTACK, deadline=None)
+@given(text=exhausting_reward(), size=st.integers(0, 3000), response=st.text(max_size=40))
+def test_exhausting_rewards_end_fast_with_a_value_or_an_error(
+    text: str, size: int, response: str, workdir: Path
+) -> None:
+    from ralign.rewards.evaluate import explain
+
+    path = workdir / "attack.ralign"
+    path.write_text(text, encoding="utf-8")
+    started = time.perf_counter()
+    try:
+        report = explain(check_file(path), "r", prompt="p", response=response + " w" * size)
+        assert math.isfinite(report["total"])
+    except RalignError as exc:
+        assert str(exc)
+    assert time.perf_counter() - started < 2.0, text[:300]
+
+
+@settings(FUZZ, max_examples=N_ATTACK, deadline=None)
+@given(
+    template=TEMPLATE_ATTACKS,
+    n=st.sampled_from([10, 10**3, 10**6, 10**9, 10**18]),
+    prompt=st.text(max_size=30),
+)
+def test_exhausting_templates_end_fast_with_text_or_an_error(
+    template: str, n: int, prompt: str
+) -> None:
+    from ralign.templates import render
+
+    started = time.perf_counter()
+    try:
+        render(template.replace("N", str(n)), {"prompt": prompt})
+    except RalignError as exc:
+        assert str(exc)
+    assert time.perf_counter() - started < 2.0, (template, n)
+
+
 def test_fuzz_budget_is_at_least_a_thousand() -> None:
-    assert N_VALID + N_LOOSE + N_MUTATED + N_ARBITRARY >= 1000
+    assert N_VALID + N_LOOSE + N_MUTATED + N_ARBITRARY + 2 * N_ATTACK >= 1000

@@ -226,9 +226,9 @@ def test_defaults_are_filled_in(quickstart: Plan) -> None:
 def test_plan_carries_the_programs_it_uses(quickstart: Plan) -> None:
     score = quickstart.step("r1/judge/score")
     assert set(score.exprs) == {"total"}
-    rewards = set(quickstart.programs["rewards"])
+    rewards = set(quickstart.programs.rewards)
     assert {"quickstart.ralign:style", "std/hhh:rules", "std/hhh:helpful"} <= rewards
-    assert "std/hhh:refuses" in quickstart.programs["defs"]
+    assert "std/hhh:refuses" in quickstart.programs.defs
     template_keys = set(quickstart.templates)
     assert set(quickstart.step("r1/judge/rank.quality").templates.values()) <= template_keys
 
@@ -325,16 +325,16 @@ def test_a_built_in_data_set_is_hashed_by_content(
     tmp_path: Path, quickstart: Plan, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An upgrade that edits a built-in set must not reuse steps cached from the old one.
-    from ralign.runtime import builtin_data
+    from ralign import inputs
 
-    real = builtin_data.resolve_dataset
+    real = inputs.resolve_dataset
     seeds = tmp_path / "hhh.jsonl"
     seeds.write_text(
         real("seeds/hhh").read_text(encoding="utf-8").replace("neighbour", "neighbor", 1),
         encoding="utf-8",
     )
     monkeypatch.setattr(
-        builtin_data, "resolve_dataset", lambda name: seeds if name == "seeds/hhh" else real(name)
+        inputs, "resolve_dataset", lambda name: seeds if name == "seeds/hhh" else real(name)
     )
     changed = compile_file(QUICKSTART)
     assert changed.step("r1/sample/sample").hash != quickstart.step("r1/sample/sample").hash

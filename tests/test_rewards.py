@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ralign import ir
 from ralign.cli import main
 from ralign.compile import check_file
 from ralign.errors import RecipeError, UsageError
@@ -278,8 +279,9 @@ def test_programs_score_and_hold_batches(tmp_path: Path) -> None:
     )
     programs = Programs(checked.programs)
     records = [{"prompt": "", "response": "a"}, {"prompt": "", "response": "a a a a"}]
-    assert programs.score(["reward", "lib.ralign:r"], records) == [0.5, 3.0]
-    assert programs.holds(["def", "lib.ralign:wordy", [["var", "response"]]], records) == [
+    assert programs.score(ir.RewardRef("lib.ralign:r"), records).values == [0.5, 3.0]
+    wordy = ir.DefCall("lib.ralign:wordy", (ir.Var("response"),))
+    assert programs.holds(wordy, records) == [
         False,
         True,
     ]
@@ -390,16 +392,14 @@ def test_agree_weights_belong_to_the_batch_just_scored() -> None:
     """A score step's learned weights never include another step's (a resumed run must match)."""
     from ralign.rewards.evaluate import Programs
 
-    def agree_of(*names: str) -> list:
-        return ["agree", [["var", n] for n in names]]
+    def agree_of(*names: str) -> ir.Agree:
+        return ir.Agree(tuple(ir.Var(n) for n in names))
 
     records = [{"a": float(i), "b": float(i) + (i % 3), "c": float((7 * i) % 5)} for i in range(40)]
-    programs = Programs({"lets": {}, "defs": {}, "rewards": {}})
-    programs.score(agree_of("a", "b", "c"), records)
-    first = programs.agree_weights
+    programs = Programs(ir.EMPTY)
+    first = programs.score(agree_of("a", "b", "c"), records).agree_weights
     assert len(first) == 1 and len(first[0]) == 3
-    programs.score(agree_of("a", "b"), records)  # another step, another agree node
-    assert len(programs.agree_weights) == 1 and len(programs.agree_weights[0]) == 2
-    fresh = Programs({"lets": {}, "defs": {}, "rewards": {}})
-    fresh.score(agree_of("a", "b"), records)
-    assert fresh.agree_weights == programs.agree_weights
+    second = programs.score(agree_of("a", "b"), records).agree_weights  # another agree node
+    assert len(second) == 1 and len(second[0]) == 2
+    fresh = Programs(ir.EMPTY)
+    assert fresh.score(agree_of("a", "b"), records).agree_weights == second

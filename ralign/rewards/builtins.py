@@ -16,6 +16,9 @@ from typing import Any
 # Types of the expression language.
 NUMBER, BOOL, TEXT, REGEX, LIST = "number", "bool", "text", "regex", "list"
 TYPES = (NUMBER, BOOL, TEXT, REGEX, LIST)
+MAX_TEXT = (
+    1_000_000  # characters: the longest text an expression may build (checked and at run time)
+)
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,10 @@ def overlap(a: str, b: str) -> float:
 @builtin("text number", BOOL, 'repeats("a b a b", 2)')
 def repeats(text: str, n: float) -> bool:
     """Whether some sequence of `n` consecutive words occurs at least twice (case-insensitive)."""
-    size = max(1, int(n))
     toks = _tokens(text)
+    if not n < len(toks):  # also NaN and +infinity: no run that long can repeat
+        return False
+    size = 1 if n < 1 else int(n)  # also -infinity
     seen: set[tuple[str, ...]] = set()
     for i in range(len(toks) - size + 1):
         gram = tuple(toks[i : i + size])

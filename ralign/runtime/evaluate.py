@@ -503,3 +503,35 @@ def run_eval(
     result = EVALUATORS[name](model, tokenizer, data, **opts)
     result.setdefault("eval", name)
     return result
+
+
+def eval_items(task: str, file: Path, limit: int | None) -> list[Any]:
+    """The items an evaluation scores: HHH rows, or behavior prompts (only the held-out ones of
+    a set that marks splits, as the built-in seed sets do), the first `limit` of them."""
+    if task == "hhh":
+        items: list[Any] = load_hhh(file)
+    else:
+        from ralign.runtime.behavior import load_prompts
+
+        items = load_prompts(file)
+        if any("split" in r for r in items):
+            items = [r for r in items if r.get("split") == "heldout"]
+    return items[:limit] if limit else items
+
+
+def flatten_eval(result: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluation result: every {value, ...} rate, overall and per subset."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            if "value" in node and isinstance(node["value"], (int, float)):
+                out[prefix] = float(node["value"])
+                return
+            for k, v in node.items():
+                if k in ("examples", "items"):
+                    continue
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", {k: v for k, v in result.items() if k not in ("examples", "items")})
+    return out

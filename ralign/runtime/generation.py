@@ -17,6 +17,9 @@ from ralign.runtime.torchutil import device_of, eval_mode, padding_id
 
 Progress = Callable[[int, int], None]
 
+DEFAULT_MAX_LENGTH = 2048  # a model whose config states no context length
+CHARS_PER_TOKEN_BOUND = 32  # no real text averages more characters per token than this
+
 SELF_INSTRUCT_DROPS = ("empty", "too_short", "too_long", "truncated", "seed_duplicate", "duplicate")
 # A list marker at the start of a line: "-", "*", "•", "1.", "1)", "(1)", "#1", "Q:"/"Instruction:".
 _MARKER = re.compile(
@@ -34,11 +37,17 @@ class Completion:
         text: the new tokens decoded without special tokens, stripped.
         finished: whether the model stopped with an end-of-sequence token (not the length limit).
         tokens: how many tokens were generated (the end token included).
+        prompt_too_long: the text was not continued at all (`text` is "", `tokens` 0): it is longer
+            than the model's context leaves room for (see `generate`).
     """
 
     text: str
     finished: bool
     tokens: int
+    prompt_too_long: bool = False
+
+
+TOO_LONG = Completion("", False, 0, prompt_too_long=True)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -90,8 +99,15 @@ def generate(
     add_special_tokens: bool = False,
     sort_by_length: bool = True,
     progress: Progress | None = None,
+    max_length: int | None = None,
 ) -> list[list[Completion]]:
     """Continue each text n times, batched by token length with left padding and the KV cache.
+
+    Over-long texts are dropped, not truncated: a text is not continued when its token count
+    exceeds `max_length - max_new_tokens`, or, without tokenizing it, when it has more than
+    32 x that many characters. Its result is n `TOO_LONG` completions (`prompt_too_long` set, no
+    text, no tokens). The other texts are batched and sampled exactly as if the dropped ones had
+    never been passed (same batches, same draws, same tokens).
 
     Args:
         model: a causal LM with `.generate`.
@@ -108,7 +124,10 @@ def generate(
         sort_by_length: batch texts of similar token length together (False: batch them in input
             order, as a plain loop would; for benchmarks). Results come back in input order either
             way; greedy outputs are the same, sampled ones differ (the sampler's draws move).
-        progress: called as progress(texts_done, tokens_generated) after each batch.
+        progress: called as progress(texts_done, tokens_generated) after each batch (and once
+            for the dropped texts, with 0 tokens).
+        max_length: the most tokens of text plus continuation; default the model config's
+            `max_position_embeddings` (or `n_positions`), else 2048.
     Returns:
         Per text, n Completions in the input order.
     """
@@ -118,13 +137,11 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     greedy = temperature == 0
     rows = 1 if greedy else n
-    encoded = [
-        list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts
-    ]
+    budget = (max_length if max_length is not None else _max_positions(model)) - max_new_tokens
+    encoded = [_encode_within(tokenizer, t, budget, add_special_tokens) for t in texts]
+    kept = [i for i, ids in enumerate(encoded) if ids is not None]
     # Shortest first: similar lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(texts)), key=lambda i: (len(encoded[i]), i))
-    if not sort_by_length:
-        order = list(range(len(texts)))
+    order = sorted(kept, key=lambda i: (len(encoded[i] or ()), i)) if sort_by_length else kept
     per_batch = max(1, batch_size // rows)
     cfg = _config(
         model,
@@ -137,22 +154,18 @@ def generate(
     eos = set(_eos_ids(model, tokenizer))
     pad = padding_id(tokenizer)
     device = device_of(model)
-    results: list[list[Completion]] = [[] for _ in texts]
+    results: list[list[Completion]] = [[] if ids is not None else [TOO_LONG] * n for ids in encoded]
+    if progress is not None and len(kept) < len(texts):
+        progress(len(texts) - len(kept), 0)
 
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.no_grad(), eval_mode(model):
         torch.manual_seed(seed)
         for start in range(0, len(order), per_batch):
             idx = order[start : start + per_batch]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)  # [B, T]
-            mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
-            for b, i in enumerate(idx):
-                input_ids[b, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-                mask[b, width - len(encoded[i]) :] = 1
+            input_ids, mask = _left_padded([encoded[i] or [] for i in idx], pad)  # [B, T] each
             out = _generate_rows(model, input_ids.to(device), mask.to(device), cfg, rows)
-            # out: [B * rows, T + new]
-            new = out[:, width:].tolist()
+            new = out[:, input_ids.shape[1] :].tolist()  # out: [B * rows, T + new]
             generated = 0
             for b, i in enumerate(idx):
                 for r in range(rows):
@@ -165,6 +178,39 @@ def generate(
             if progress is not None:
                 progress(len(idx), generated)
     return results
+
+
+def _left_padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, [B, T] each, padded on the left to the longest row."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, ids in enumerate(batch):
+        input_ids[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[b, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def _max_positions(model) -> int:
+    """The model's context length from its config, else DEFAULT_MAX_LENGTH."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+def _encode_within(tokenizer, text: str, budget: int, add_special_tokens: bool) -> list[int] | None:
+    """The text's token ids, or None when they are more than `budget`.
+
+    A text of more than CHARS_PER_TOKEN_BOUND x budget characters is None without being tokenized:
+    a hostile megabyte prompt costs a length check, not a tokenizer pass.
+    """
+    if budget < 1 or len(text) > CHARS_PER_TOKEN_BOUND * budget:
+        return None
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids if len(ids) <= budget else None
 
 
 def _cache_keyword(model) -> str | None:
@@ -250,6 +296,7 @@ def sample_completions(
     context: Sequence[str | None] | None = None,
     sort_by_length: bool = True,
     progress: Progress | None = None,
+    max_length: int | None = None,
 ) -> list[list[Completion]]:
     """Sample responses to prompts, each wrapped as a user turn with the chat template.
 
@@ -267,16 +314,20 @@ def sample_completions(
             wrap instead of the bare prompt; None or "" entries fall back to the prompt.
         sort_by_length: batch prompts of similar token length together (see `generate`).
         progress: called as progress(prompts_done, tokens_generated) after each batch.
+        max_length: as `generate`'s: an over-long prompt gets K `TOO_LONG` completions. One
+            certainly too long by its characters is never even formatted.
     Returns:
         Per prompt, K Completions (text: new tokens only, special tokens skipped, stripped; and
         whether each ended on its own).
     """
     if context is not None and len(context) != len(prompts):
         raise ValueError(f"context has {len(context)} entries for {len(prompts)} prompts")
-    texts = [
-        format_prompt(tokenizer, context[i] if context is not None and context[i] else p)
-        for i, p in enumerate(prompts)
+    chosen = [
+        context[i] if context is not None and context[i] else p for i, p in enumerate(prompts)
     ]
+    budget = (max_length if max_length is not None else _max_positions(model)) - max_new_tokens
+    kept = [i for i, text in enumerate(chosen) if len(text) <= CHARS_PER_TOKEN_BOUND * budget]
+    texts = [format_prompt(tokenizer, chosen[i]) for i in kept]
     done = generate(
         model,
         tokenizer,
@@ -291,8 +342,14 @@ def sample_completions(
         add_special_tokens=not getattr(tokenizer, "chat_template", None),
         sort_by_length=sort_by_length,
         progress=progress,
+        max_length=max_length,
     )
-    return done
+    out = [[TOO_LONG] * per_prompt for _ in prompts]
+    for i, row in zip(kept, done, strict=True):
+        out[i] = row
+    if progress is not None and len(kept) < len(prompts):
+        progress(len(prompts) - len(kept), 0)
+    return out
 
 
 def _norm(text: str) -> str:

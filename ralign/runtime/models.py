@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ralign.errors import RalignError, did_you_mean
+from ralign.errors import RalignError, TemplateError, did_you_mean
+from ralign.templates import render_chat
 
 DTYPES: dict[str, Any] = {
     "float32": torch.float32,
@@ -113,17 +114,44 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[Any
         (model, tokenizer); the tokenizer pads on the left (for generation) and always has a pad token.
     """
     path = resolve_path(spec.path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    _check_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Weights load from safetensors only: a pickled checkpoint can run code when it is read,
+        # and a model folder is untrusted input. No remote code either (Transformers' default).
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RalignError(f"cannot load the model {spec.path}: {_first_line(exc)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[spec.dtype])
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
     return model, tokenizer
+
+
+def _check_folder(path: str) -> None:
+    """A local model folder exists and holds safetensors weights (never pickles)."""
+    folder = Path(path)
+    if path.startswith(("/", "./", "../", "~")) and not folder.is_dir():
+        raise RalignError(f"no model folder at {path}")
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        found = f" (it has {', '.join(pickles)})" if pickles else ""
+        raise RalignError(
+            f"model folder {path} has no .safetensors weights{found}: ralign loads only safetensors, "
+            "because reading pickled weights can run code"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def apply_lora(model: PreTrainedModel, lora: dict) -> Any:
@@ -163,17 +191,34 @@ def is_peft(model: Any) -> bool:
 def format_prompt(tokenizer: Any, prompt: str) -> str:
     """The text a model sees for `prompt`: a user turn plus generation prompt, or plain text + newline.
 
+    The chat template comes with the model folder, so it is as untrusted as a recipe: it renders
+    in ralign's template sandbox, with the same limits, not with Transformers' unbudgeted one
+    (the text is the same as `apply_chat_template(..., tokenize=False, add_generation_prompt=True)`).
+
     Args:
         tokenizer: its chat template, if any, decides the format.
         prompt: the user's message.
     Returns:
         The formatted prompt string (not tokenized).
+    Raises:
+        TemplateError: the chat template fails or passes a limit; the message names the model.
     """
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt + "\n"
+    where = f"the chat template of model '{getattr(tokenizer, 'name_or_path', '') or '?'}'"
+    try:
+        text = tokenizer.get_chat_template()
+        return render_chat(
+            text,
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            **tokenizer.special_tokens_map,
         )
-    return prompt + "\n"
+    except ValueError as exc:  # several templates and none named "default"
+        raise TemplateError(f"{where}: {exc}") from None
+    except TemplateError as exc:
+        line = getattr(exc, "line", None)
+        raise type(exc)(f"{where}{f' (line {line})' if line else ''}: {exc}") from None
 
 
 def save_final(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

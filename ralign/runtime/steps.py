@@ -8,16 +8,18 @@ model/ (a Hugging Face folder) for training steps.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ralign import ir
 from ralign.errors import StepError
 from ralign.runtime.data import write_jsonl
 from ralign.templates import render
 
 if TYPE_CHECKING:
-    from ralign.runtime.executor import StepContext
+    from ralign.runtime.context import StepContext
 
 StepFn = Callable[["StepContext"], dict[str, Any]]
 STEP_FUNCTIONS: dict[str, StepFn] = {}
@@ -128,27 +130,35 @@ def sample(ctx: StepContext) -> dict[str, Any]:
             batch_size=p["batch_size"],
             context=[contexts[i] for i in idx],
             progress=ctx.progress(len(idx), "prompts"),
+            max_length=ctx.max_length,
         )
 
     done = ctx.sharded(len(prompts), run_shard)
+    # A prompt longer than the policy's max_length (less the answer's tokens) is dropped, counted.
+    kept = [k for k, row in enumerate(done) if not row[0].prompt_too_long]
+    if not kept:
+        raise ctx.fail(
+            f"every prompt is longer than the policy's max_length = {ctx.max_length} tokens allows"
+        )
     write_jsonl(
         ctx.out / "responses.jsonl",
         (
             {
-                "prompt": x,
-                "context": c,
-                "responses": [a.text for a in row],
-                "finished": [a.finished for a in row],
+                "prompt": prompts[k],
+                "context": contexts[k],
+                "responses": [a.text for a in done[k]],
+                "finished": [a.finished for a in done[k]],
             }
-            for x, c, row in zip(prompts, contexts, done, strict=True)
+            for k in kept
         ),
     )
-    words = [len(a.text.split()) for row in done for a in row]
+    words = [len(a.text.split()) for k in kept for a in done[k]]
     return {
-        "prompts": len(prompts),
+        "prompts": len(kept),
         "responses": len(words),
         "mean_words": sum(words) / max(1, len(words)),
-        "cut_off": sum(not a.finished for row in done for a in row),
+        "cut_off": sum(not a.finished for k in kept for a in done[k]),
+        "dropped_too_long": len(prompts) - len(kept),
     }
 
 
@@ -316,20 +326,23 @@ def score(ctx: StepContext) -> dict[str, Any]:
                 }
             )
     metrics: dict[str, Any] = {}
-    for name, ir in ctx.step.exprs.items():
-        values = ctx.programs.score(ir, flat)
-        it = iter(values)
+    for name, expr in ctx.step.exprs.items():
+        scored = ctx.programs.score(expr, flat)
+        it = iter(scored.values)
         grouped = [[next(it) for _ in r["responses"]] for r in records]
         write_jsonl(
             ctx.out / f"score.{name}.jsonl",
             ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, grouped, strict=True)),
         )
-        metrics[f"mean_{name}"] = sum(values) / max(1, len(values))
-        for k, weights in enumerate(ctx.programs.agree_weights):
+        metrics[f"mean_{name}"] = sum(scored.values) / max(1, len(scored.values))
+        agrees = [n for n in ir.walk(expr) if isinstance(n, ir.Agree)]
+        for k, (node, weights) in enumerate(zip(agrees, scored.agree_weights, strict=True)):
             prefix = ("" if name == "total" else f"{name}.") + f"agree{k or ''}"
-            for source, w in enumerate(weights):
-                metrics[f"{prefix}_weight_{source}"] = w
-            ctx.log(f"{name}: agree weights " + ", ".join(f"{w:.3f}" for w in weights))
+            labels = ir.labels(node.sources)
+            for label, w in zip(labels, weights, strict=True):
+                metrics[f"{prefix}_weight_{label}"] = w
+            shown = ", ".join(f"{label} {w:.3f}" for label, w in zip(labels, weights, strict=True))
+            ctx.log(f"{name}: agree weights {shown}")
     return metrics
 
 
@@ -466,43 +479,29 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
 
 @step("evaluate")
 def evaluate(ctx: StepContext) -> dict[str, Any]:
-    from ralign.runtime.evaluate import run_eval
+    from ralign.runtime.data import dataset_file
+    from ralign.runtime.evaluate import eval_items, flatten_eval, run_eval
 
     p = ctx.params
     model, tok = ctx.model("policy")
-    data = ctx.eval_data()
+    path = p["data"].get("path", "")
+    file = dataset_file({"path": path}, ctx.run.recipe_dir) if path else None
+    if file is None:
+        raise ctx.fail(f"evaluation data '{path}' must be a local file or a built-in ralign: set")
     opts: dict[str, Any] = {"batch_size": p["batch_size"]}
-    if p["task"] == "behavior":
-        opts["max_new_tokens"] = p["max_new_tokens"]
-    if "reward" in ctx.step.exprs:  # the reward needs every answer, not just the examples
-        opts["details"] = True
-    result = run_eval(p["task"], model, tok, data, **opts)
-    if "reward" in ctx.step.exprs:
-        records = result.pop("records")
+    if p["task"] == "behavior":  # every answer is kept, in answers.jsonl (the report reads them)
+        opts.update(max_new_tokens=p["max_new_tokens"], details=True)
+    result = run_eval(p["task"], model, tok, eval_items(p["task"], file, p.get("limit")), **opts)
+    records = result.pop("records", None)
+    if records is not None:
+        write_jsonl(ctx.out / "answers.jsonl", records)
+    if "reward" in ctx.step.exprs and records is not None:
         values = ctx.programs.score(
             ctx.step.exprs["reward"],
             [{"prompt": r["prompt"], "response": r["answer"]} for r in records],
-        )
+        ).values
         result["mean_reward"] = {"value": sum(values) / len(values), "n": len(values)}
     (ctx.out / "result.json").write_text(
-        __import__("json").dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
+        json.dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
     )
     return flatten_eval(result)
-
-
-def flatten_eval(result: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of an evaluation result: every {value, ...} rate, overall and per subset."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            if "value" in node and isinstance(node["value"], (int, float)):
-                out[prefix] = float(node["value"])
-                return
-            for k, v in node.items():
-                if k in ("examples", "items"):
-                    continue
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", {k: v for k, v in result.items() if k not in ("examples", "items")})
-    return out
