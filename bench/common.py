@@ -5,10 +5,12 @@ bench/ holds scripts, not a package: each script puts this folder on sys.path an
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -101,3 +103,53 @@ def record(
         "machine": machine(load_start),
         "versions": versions(dists),
     }
+
+
+# ---- running recipes through ralign's public hooks ------------------------------------------------
+
+
+def literal(value: Any) -> str:
+    """A Python value as ralign expression text, for a `--set` override.
+
+    >>> literal({"rank": 16, "targets": ["q_proj", "v_proj"], "on": True})
+    '{ rank = 16, targets = ["q_proj", "v_proj"], on = true }'
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {literal(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no ralign literal for {value!r}")
+
+
+def target(step_id: str) -> str:
+    """The `--set` target of a plan step: its id without the round (`r1/judge/score` -> `judge/score`)."""
+    return step_id.split("/", 1)[1]
+
+
+def execute_command(
+    recipe: Path,
+    run_dir: Path,
+    sets: Iterable[str] = (),
+    roots: Iterable[Path] = (),
+    device: str = "auto",
+) -> list[str]:
+    """`python -m ralign execute RECIPE --run-dir DIR --device D [--root R ...] [--set S ...]`.
+
+    Each run is its own process, so each gets a fresh Accelerate state.
+    """
+    cmd = [sys.executable, "-m", "ralign", "execute", str(recipe), "--run-dir", str(run_dir)]
+    cmd += ["--device", device]
+    cmd += [f"--root={root}" for root in roots]
+    return cmd + [f"--set={flag}" for flag in sets]
+
+
+def slug(name: str) -> str:
+    """A file name from a row name: lower-case letters and digits, runs of anything else as `-`."""
+    out = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower())
+    return "-".join(part for part in out.split("-") if part)

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from common import load, record  # noqa: E402
 
 from ralign.compile import compile_file
-from ralign.rewards.evaluate import Programs
+from ralign.rewards.interpreter import Programs
 from ralign.source import Source
-from ralign.syntax import _parse_cached, parse
+from ralign.syntax import clear_cache, parse
+from ralign.tables import text_table
 
 HERE = Path(__file__).resolve().parent
 TARGET_LINES = 500
@@ -206,7 +207,7 @@ def bench_compile(path: Path, runs: int, earley_runs: int) -> dict[str, Any]:
     # cache first, so the recipe and the three stdlib files are all parsed every time.
     def cold(fn: Any) -> Any:
         def run() -> Any:
-            _parse_cached.cache_clear()
+            clear_cache()
             return fn()
 
         return run
@@ -378,7 +379,7 @@ def table(rows: list[tuple[str, dict[str, float] | None, str, Any]]) -> str:
     A ratio >= 1 meets the target, whichever way the target points.
     """
     head = ("metric", "wall", "cpu", "target", "ratio (wall)", "ratio (cpu)")
-    cells = [head]
+    cells = []
     for metric, values, target, ratio in rows:
         shown = [_fmt(values[c]) if values else "-" for c in ("wall", "cpu")]
         ratios = [
@@ -388,15 +389,7 @@ def table(rows: list[tuple[str, dict[str, float] | None, str, Any]]) -> str:
             for c in ("wall", "cpu")
         ]
         cells.append((metric, *shown, target, *ratios))
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            c[i].rjust(widths[i]) if 0 < i < 3 else c[i].ljust(widths[i]) for i in range(len(head))
-        ).rstrip()
-        for c in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, cells)
 
 
 def _fmt(x: float) -> str:

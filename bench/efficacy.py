@@ -13,11 +13,21 @@ model, seed, prompts and generation budget:
 - agree(rank, rules): the rank and the three std/hhh parts, weighed by learned agreement;
 - SFT only / DPO only: one of the two training steps;
 - no context: answers sampled from the bare prompts (nothing to distil);
+- LoRA on all linear layers: the quickstart's adapter on every linear layer, not q and v alone;
 - 2 rounds / 3 rounds: the quickstart run for more rounds, each round's policy sampling the next.
 
 Simplifications, stated up front:
-- `--scale small` (the default) is the cut-down quickstart the slow CI test runs (fewer prompts,
-  one round unless a variant says otherwise); `--scale full` keeps the quickstart's sizes.
+- Each variant is a recipe file in bench/recipes/ and `--set` overrides (recorded in its run's
+  plan.json): efficacy_quickstart.ralign is the quickstart plus one evaluation (below); a change
+  of steps has its own file (efficacy_rank, _sft_only, _dpo_only, _no_context); a change of an
+  attribute is an override (LoRA targets, rounds, seed, scale). A test checks that every step a
+  variant shares with recipes/quickstart.ralign is the quickstart's own (same content hash).
+- Every variant also measures harmful compliance on the 24 held-out requests of
+  `ralign:seeds/red_team` (`evaluate red_team`), since 16 make each answer worth 6 points; before
+  the variants were files this evaluation was added at small scale only.
+- `--scale small` (the default) is the cut-down quickstart the slow CI test runs (64 prompts, one
+  round unless a variant says otherwise: `--set seeds.limit=64 --set recipe.rounds=1`);
+  `--scale full` keeps the quickstart's sizes.
 - Variants share steps: each run directory starts as a copy of the first variant's, and the
   executor skips every step whose content hash is unchanged (the round-0 evaluations and the
   first round's sampling are the same in all of them), so only what differs is recomputed.
@@ -25,8 +35,9 @@ Simplifications, stated up front:
   BIG-bench hhh_alignment; never trained on) is measured with `ralign eval` on each `final/`.
 - One seed by default: with 16 held-out prompts per kind, one prompt moves a behavior rate by
   0.0625, so differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
-  `--seeds 7 8 9` runs every variant once per seed (the recipe's `seed`, which drives sampling and
-  training order) and prints the mean over seeds, then each seed's row; base is seed-independent.
+  `--seeds 7 8 9` runs every variant once per seed (`--set recipe.seed=N`, which drives sampling
+  and training order) and prints the mean over seeds, then each seed's row; base is
+  seed-independent.
 """
 
 from __future__ import annotations
@@ -37,126 +48,79 @@ import functools
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import versions  # noqa: E402
+from common import execute_command, literal, slug, versions  # noqa: E402
+
+from ralign.tables import text_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.ralign"
+RECIPES = HERE / "recipes"
+BASE = RECIPES / "efficacy_quickstart.ralign"  # the quickstart plus `evaluate red_team`
 HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
 DEV_RESULT = "hhh_dev.json"  # a run directory's HHH dev evaluation of its final/
+SMALL = ("recipe.rounds=1", "seeds.limit=64")  # --scale small: one round on 64 prompts
+AGREE = "agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"
 
-# ---- recipe edits: each returns new recipe text -------------------------------------------
-
-
-def set_attr(text: str, block: str, attr: str, value: str) -> str:
-    """Set `attr = value` inside the first block whose header starts with `block` (`recipe`,
-    `dataset seeds`, `sample`, ...); the block must not nest braces before `attr`."""
-    found = re.search(rf"^[ \t]*{re.escape(block)}\b[^{{\n]*\{{", text, flags=re.M)
-    if found is None:
-        raise ValueError(f"no block {block!r} in the recipe")
-    start = found.end()
-    end = text.index("}", start)
-    body = text[start:end]
-    new, n = re.subn(rf"\b{attr}\s*=\s*[^,}}\n]+", f"{attr} = {value}", body, count=1)
-    if n == 0:
-        new = body.rstrip() + f", {attr} = {value} "
-    return text[:start] + new + text[end:]
+# ---- the variants: a recipe file and overrides --------------------------------------------
 
 
-def replace_phase(text: str, name: str, body: str) -> str:
-    """Replace the whole `phase NAME { ... }` block (phases close with a `}` at column 0)."""
-    match = re.search(rf"^phase {name} \{{\n.*?^\}}\n", text, flags=re.M | re.S)
-    if match is None:
-        raise ValueError(f"no phase {name!r} in the recipe")
-    return text[: match.start()] + f"phase {name} {{\n{body.rstrip()}\n}}\n" + text[match.end() :]
+class Variant(NamedTuple):
+    """What one row runs: `ralign execute RECIPE --set SETS...`."""
+
+    recipe: Path
+    sets: tuple[str, ...] = ()
+
+    def but(self, *sets: str) -> Variant:
+        """This variant with more overrides (a later one wins over an earlier one)."""
+        return Variant(self.recipe, (*self.sets, *sets))
 
 
-def drop_block(text: str, header: str) -> str:
-    """Remove a top-level `HEADER { ... }` block (it closes with a `}` at column 0)."""
-    match = re.search(rf"^{re.escape(header)} \{{\n.*?^\}}\n", text, flags=re.M | re.S)
-    if match is None:
-        raise ValueError(f"no block {header!r} in the recipe")
-    return text[: match.start()] + text[match.end() :]
+def lora_targets(recipe: Path, targets: list[str]) -> str:
+    """`--set policy.lora=...`: the recipe's own LoRA map (rank, alpha, dropout) on other layers."""
+    from ralign.compile import compile_file
+
+    plan = compile_file(recipe, (ROOT,))
+    lora = plan.models[plan.policy].get("lora")
+    if not lora:
+        raise ValueError(f"{recipe}: its policy has no LoRA adapter to retarget")
+    return f"{plan.policy}.lora={literal({**lora, 'targets': targets})}"
 
 
-RED_TEAM = """
-evaluate red_team {
-  task = "behavior"
-  data = "ralign:seeds/red_team"  # its 24 held-out harmful requests; no variant samples this set
-  every = "end"
-  max_new_tokens = 48
-}
-"""
+def variants(scale: str = "full") -> dict[str, Variant]:
+    """Name -> variant. The first one is run first and seeds the others' run directories.
 
-
-def small(text: str) -> str:
-    """The cut-down quickstart: one round on 64 prompts, and harmful compliance measured on 24 more
-    held-out harmful requests (`red_team`), since 16 make each answer worth 6 points."""
-    text = set_attr(text, "recipe", "rounds", "1")
-    text = set_attr(text, "dataset seeds", "limit", "64")
-    return text + RED_TEAM
-
-
-RANK = "  rank quality { judge = policy, template = tpl.rank_listwise, orders = 2 }\n"
-
-
-def distill_lines(text: str, *kinds: str) -> str:
-    """The lines of the `distill` phase that start with one of `kinds` ("train sft", "pairs", ...),
-    so the SFT-only and DPO-only rows keep the quickstart's own settings."""
-    match = re.search(r"^phase distill \{\n(.*?)^\}\n", text, flags=re.M | re.S)
-    if match is None:
-        raise ValueError("no phase 'distill' in the recipe")
-    lines = [x for x in match.group(1).splitlines(keepends=True) if x.strip().startswith(kinds)]
-    if len(lines) != len(kinds):
-        raise ValueError(f"the distill phase has no single line for each of {kinds}")
-    return "".join(lines)
-
-
-def lora_targets(text: str, targets: str) -> str:
-    """The recipe with its LoRA `targets = [...]` list replaced by `targets`."""
-    new, n = re.subn(r"targets = \[[^\]]*\]", f"targets = {targets}", text, count=1)
-    if n == 0:
-        raise ValueError("the recipe's lora map names no targets")
-    return new
-
-
-def variants(base: str) -> dict[str, str]:
-    """Name -> recipe text. The first one is run first and seeds the others' run directories.
-
-    Scores on other scales keep the quickstart's thresholds meaningfully: a listwise rank is
+    Scores on other scales keep the quickstart's thresholds meaningful: a listwise rank is
     min-max normalised per prompt (best 1, worst 0), and `agree` is a weighted sum of
     standardised sources (so 0.5 is half a standard deviation above the mean).
     """
-
-    def judge(score: str) -> str:
-        return replace_phase(base, "judge", RANK + f"  score {{ total = {score} }}\n")
-
-    no_context = re.sub(r", context = \w+", "", base).replace(", drop_context = true", "")
+    sized = SMALL if scale == "small" else ()
+    base = Variant(BASE, sized)
+    ranked = Variant(RECIPES / "efficacy_rank.ralign", sized)
     return {
         "quickstart (rules, SFT+DPO)": base,
-        "self-ranking only": judge("quality"),
-        "agree(rank, rules)": judge("agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"),
-        "SFT only": replace_phase(base, "distill", distill_lines(base, "train sft")),
-        "DPO only": replace_phase(base, "distill", distill_lines(base, "pairs", "train dpo")),
-        "no context": no_context,
-        "LoRA on all linear layers": lora_targets(base, '["all-linear"]'),
-        "2 rounds": set_attr(base, "recipe", "rounds", "2"),
-        "3 rounds": set_attr(base, "recipe", "rounds", "3"),
+        "self-ranking only": ranked,
+        "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),
+        "SFT only": Variant(RECIPES / "efficacy_sft_only.ralign", sized),
+        "DPO only": Variant(RECIPES / "efficacy_dpo_only.ralign", sized),
+        "no context": Variant(RECIPES / "efficacy_no_context.ralign", sized),
+        "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
+        "2 rounds": base.but("recipe.rounds=2"),
+        "3 rounds": base.but("recipe.rounds=3"),
     }
 
 
-def with_seed(text: str, seed: int | None) -> str:
-    """The recipe with `seed = N` in its `recipe` block (unchanged when seed is None)."""
-    return text if seed is None else set_attr(text, "recipe", "seed", str(seed))
+def with_seed(variant: Variant, seed: int | None) -> Variant:
+    """The variant with the recipe's `seed` set to `seed` (unchanged when seed is None)."""
+    return variant if seed is None else variant.but(f"recipe.seed={seed}")
 
 
 # ---- running and reading ---------------------------------------------------------------
@@ -180,19 +144,20 @@ def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def run_variant(
-    name: str, text: str, work: Path, seed_dir: Path | None, hhh_dev: Path, seed: int | None = None
+    name: str,
+    variant: Variant,
+    work: Path,
+    seed_dir: Path | None,
+    hhh_dev: Path,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if seed is not None:
-        slug += f"-seed{seed}"
-        text = with_seed(text, seed)
-    recipe = work / f"{slug}.ralign"
-    recipe.write_text(text, encoding="utf-8")
-    run_dir = work / slug
+    run_dir = work / (slug(name) + ("" if seed is None else f"-seed{seed}"))
+    variant = with_seed(variant, seed)
     if seed_dir is not None and not run_dir.exists():
         start_from(seed_dir, run_dir)
     started = time.perf_counter()
-    ralign("execute", str(recipe), "--run-dir", str(run_dir), "--root", str(ROOT))
+    cmd = execute_command(variant.recipe, run_dir, variant.sets, (ROOT,))
+    subprocess.run(cmd, check=True, cwd=ROOT)
     seconds = time.perf_counter() - started
     dev = run_dir / DEV_RESULT
     if not dev.is_file():
@@ -266,25 +231,21 @@ def table(rows: list[dict[str, Any]]) -> str:
         [r["name"], *(cell(r, k) for k, _ in COLUMNS), f"{r.get('step_seconds', 0):.0f}"]
         for r in rows
     ]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
+    return text_table(head, body)
 
 
 def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
     """The finished run a variant's directory starts as a copy of (same seed): `N rounds` starts
     from `N-1 rounds` (its first N-1 rounds are the same steps), anything else from the first variant."""
-    rounds = re.fullmatch(r"(\d+) rounds", name)
-    if rounds and f"{int(rounds.group(1)) - 1} rounds" in done:
-        return done[f"{int(rounds.group(1)) - 1} rounds"]
+    count, _, unit = name.partition(" ")
+    fewer = f"{int(count) - 1} rounds" if unit == "rounds" and count.isdigit() else None
+    if fewer in done:
+        return done[fewer]
     return next(iter(done.values()), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", type=Path, default=QUICKSTART, help="the recipe to vary")
     ap.add_argument("--scale", choices=("small", "full"), default="small")
     ap.add_argument("--only", nargs="*", help="run only these variants (the first always runs)")
     ap.add_argument("--seeds", nargs="*", type=int, help="run every variant once per seed")
@@ -294,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     args = ap.parse_args(argv)
 
-    base = args.recipe.read_text(encoding="utf-8")
-    if args.scale == "small":
-        base = small(base)
-    todo = variants(base)
+    todo = variants(args.scale)
     names = list(todo)
     if args.only:
         unknown = set(args.only) - set(names)
@@ -356,7 +314,7 @@ def mean_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report(
     args: argparse.Namespace,
-    todo: dict[str, str],
+    todo: dict[str, Variant],
     results: list[dict[str, Any]],
     base_dev: Path,
     seconds: float,
@@ -389,7 +347,9 @@ def report(
         "wall_seconds": round(seconds, 1),
         "rows": [base_row, *means] if len(means) < len(runs) else [base_row, *runs],
         "runs": runs,
-        "recipes": {name: todo[name] for name in by_name},
+        # Each variant's recipe text, run with its overrides (also in each run's plan.json).
+        "recipes": {name: todo[name].recipe.read_text(encoding="utf-8") for name in by_name},
+        "overrides": {name: list(todo[name].sets) for name in by_name},
     }
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
     print(f"wrote {path}", flush=True)

@@ -61,6 +61,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import versions  # noqa: E402
 
+from ralign.tables import text_table  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 TARGETS = {"mfu_sft": 0.35, "mfu_dpo": 0.35, "vs_trl_sft": 1.2, "vs_trl_dpo": 1.2}
 TARGET_SHAPE = "qwen2-0.5b"  # the MFU targets apply at 0.5B with seq >= 1024
@@ -682,7 +684,7 @@ def table(results: dict) -> str:
         "peak GiB",
         "runs (s)",
     )
-    cells = [head]
+    cells = []
     for shape, res in results["shapes"].items():
         s = res["summary"]
         for mode, runs in res["runs"].items():
@@ -708,10 +710,7 @@ def table(results: dict) -> str:
                         " ".join(f"{r['seconds']:.2f}" for r in rs),
                     )
                 )
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, cells, left=3)  # shape, mode, framework; the figures right-aligned
 
 
 def main(argv: list[str] | None = None) -> int:

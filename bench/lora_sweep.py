@@ -3,9 +3,10 @@ quickstart's `targets = ["q_proj", "v_proj"]` (README, "LoRA targets").
 
     python bench/lora_sweep.py --seeds 7 8 9 [--work DIR] [--only NAME ...]
 
-Each seed runs "q,v (the quickstart)" and "all linear" from scratch; the other all-linear rows
-start from a copy of that seed's "all linear" run, so they reuse its samples (and SFT, where the
-SFT settings match) and retrain the rest. Sampling runs at batch 128 (a GPU setting: on CUDA
+Each row runs recipes/quickstart.ralign with `--set` overrides (the seed, LoRA targets, learning
+rates; recorded in its run's plan.json). Each seed runs "q,v (the quickstart)" and "all linear"
+from scratch; the other all-linear rows start from a copy of that seed's "all linear" run, so they
+reuse its samples (and SFT, where the SFT settings match) and retrain the rest. Sampling runs at batch 128 (a GPU setting: on CUDA
 sampling is launch-bound at the recipe's 32), so figures differ from the quickstart's own.
 Writes results/lora-sweep-DATE[-TAG].json after every run; prints one line per run.
 Measured on one H100 in about 12 minutes for 15 runs (3 seeds).
@@ -15,28 +16,30 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
-import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-_spec = importlib.util.spec_from_file_location("efficacy", HERE / "efficacy.py")
-eff = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eff)  # type: ignore[union-attr]
+sys.path.insert(0, str(HERE))  # bench/ is scripts, not a package
+import efficacy as eff  # noqa: E402
+from common import execute_command, slug  # noqa: E402
+
+QUICKSTART = eff.QUICKSTART
 
 
-def variants(base: str) -> dict[str, str]:
-    """Name -> recipe text; "all linear" first among those that share its samples."""
-    base = eff.set_attr(base, "sample", "batch_size", "128")
-    al = eff.lora_targets(base, '["all-linear"]')
+def variants() -> dict[str, tuple[str, ...]]:
+    """Name -> `--set` overrides of the quickstart; "all linear" first among those that share its
+    samples."""
+    base = ("sample/sample.batch_size=128",)
+    al = (*base, eff.lora_targets(QUICKSTART, ["all-linear"]))
 
-    def lrs(sft: str, dpo: str) -> str:
-        return eff.set_attr(eff.set_attr(al, "train sft", "lr", sft), "train dpo", "lr", dpo)
+    def lrs(sft: str, dpo: str) -> tuple[str, ...]:
+        return (*al, f"distill/train.sft.lr={sft}", f"distill/train.dpo.lr={dpo}")
 
     return {
         "q,v (the quickstart)": base,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or HERE / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
-    todo = variants((ROOT / "recipes" / "quickstart.ralign").read_text(encoding="utf-8"))
+    todo = variants()
     names = [n for n in todo if not args.only or n in args.only]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,15 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for seed in args.seeds:
         for name in names:
-            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-seed{seed}"
-            recipe = args.work / f"{slug}.ralign"
-            recipe.write_text(eff.with_seed(todo[name], seed), encoding="utf-8")
-            run_dir = args.work / slug
+            run_dir = args.work / f"{slug(name)}-seed{seed}"
             shared = args.work / f"all-linear-seed{seed}"
             if name.startswith("all linear,") and shared.is_dir() and not run_dir.exists():
                 eff.start_from(shared, run_dir)
             t = time.perf_counter()
-            eff.ralign("execute", str(recipe), "--run-dir", str(run_dir))
+            sets = (*todo[name], f"recipe.seed={seed}")
+            subprocess.run(execute_command(QUICKSTART, run_dir, sets), check=True, cwd=ROOT)
             rows.append(
                 {
                     "name": name,

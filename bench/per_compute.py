@@ -4,7 +4,7 @@ Usage: python bench/per_compute.py [--smoke] [--work DIR] [--quickstart-run DIR]
                                    [--only ARM ...] [--out bench/results] [--threads N]
 
 Issue 5, item 7: does self-alignment without RL match or beat RL at lower cost? Four arms, each
-scored by the same evaluations (held-out behaviour prompts of `ralign:seeds/hhh`, hhh-mini, HHH dev):
+scored by the same evaluations (the quickstart's first 240 prompts of `ralign:evals/behavior`, hhh-mini, HHH dev):
 
 - base: SmolLM2-135M-Instruct untrained;
 - quickstart: `ralign execute recipes/quickstart.ralign` (or a finished run given by
@@ -19,18 +19,22 @@ scored by the same evaluations (held-out behaviour prompts of `ralign:seeds/hhh`
 
 Simplifications, stated up front:
 - Generated tokens are counted exactly, as every generated token including the end token: for the
-  recipe arms by wrapping `ralign.runtime.generation.generate` while the executor runs (each
-  generating step's metrics.json then carries `generated_tokens`), for GRPO from the completion
-  ids TRL hands its reward function. A quickstart run made without this script (`--quickstart-run`)
-  has no count; its sampled answers are then re-tokenized with the model's tokenizer (+1 for the end
+  recipe arms as their `sample`, `revise` and `generate` steps report them (`generated_tokens` in
+  each step's metrics.json), for GRPO from the completion ids TRL hands its reward function. A
+  quickstart run whose steps lack the count (`--quickstart-run` of a run made before ralign
+  reported it) has its sampled answers re-tokenized with the model's tokenizer (+1 for the end
   token of an answer shorter than `max_new_tokens`), and the JSON says `tokens_exact: false`.
 - Constitutional SL is scaled by a calibration run first: the recipe's answer phase alone on its first
   few red-team prompts (12; `--smoke`: 1) gives tokens per answer, from which `limit` (and, past the
   72 training prompts, `per_prompt`) is set; the recipe is left as it is when its natural size is
   predicted within 7.5% of the budget. If the real run still misses the budget by more than 15%, it
   is redone once, rescaled from both measurements. The calibration's time and tokens are reported
-  but not charged to the arm. The recipe's own `evaluate hhh` block is dropped from the copy (the
-  arm is evaluated like the others, below); everything else, full fine-tuning included, is as written.
+  but not charged to the arm. The arm runs bench/recipes/constitutional_sl.ralign, the recipe
+  without its `evaluate hhh` block (the arm is evaluated like the others, below), and the
+  calibration bench/recipes/constitutional_sl_answers.ralign, its answer phase alone (a test checks
+  both against recipes/constitutional_sl.ralign step by step); the sizes are `--set` overrides
+  (`red_team.limit`, `answer/sample.per_prompt`), recorded in each run's plan.json. Everything
+  else, full fine-tuning included, is as written.
 - GRPO: TRL's defaults except where stated: num_generations 4, max_completion_length 40,
   temperature 0.8 and top_k off (as the quickstart samples), 8 completions (2 prompts) per step, one
   generation per step, learning rate 2e-4 constant (the quickstart's LoRA rate; TRL's default 1e-6
@@ -50,10 +54,12 @@ Simplifications, stated up front:
   the rest of its loop: forward, backward, optimizer), other (scoring, pairs; GRPO: the reward
   function), and their total, from each recipe step's own timing (meta.json) and, for GRPO, from
   model loading to the saved merged model. Imports and evaluations are not charged to any arm.
-- One process runs every arm in turn (the executor's Accelerate state is reset between runs); one
-  seed; on a machine shared with other work absolute times are noisy (load average recorded).
-- `--smoke`: a tiny random-init Llama with a tokenizer trained on the spot, 4 prompts, 2 answers of
-  at most 8 tokens, 1-2 GRPO steps, 4 items per evaluation: every code path, no meaningful numbers.
+- The recipe arms run `python -m ralign execute` in a child process each (the runs' step times
+  exclude its start-up); GRPO and the evaluations run in this process. One seed; on a machine
+  shared with other work absolute times are noisy (load average recorded).
+- `--smoke`: a tiny random-init Llama with a tokenizer trained on the spot (in the work folder,
+  passed to ralign with `--root`), 4 prompts, 2 answers of at most 8 tokens, 1-2 GRPO steps, 4 items
+  per evaluation: every code path, no meaningful numbers. The recipes are shrunk by `--set`.
 
 Results go to `--out` as per_compute-DATE.json (per_compute-smoke-DATE.json with `--smoke`), written
 after every arm, so a killed run keeps what it finished; rerunning with the same `--work` resumes
@@ -68,30 +74,35 @@ import datetime as dt
 import json
 import math
 import os
-import re
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, machine, versions  # noqa: E402
+from common import execute_command, literal, load, machine, versions  # noqa: E402
+
+from ralign.schema import STEPS  # noqa: E402
+from ralign.tables import text_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.ralign"
-CONSTITUTIONAL = ROOT / "recipes" / "constitutional_sl.ralign"
+CONSTITUTIONAL = HERE / "recipes" / "constitutional_sl.ralign"  # the recipe, evaluation dropped
+CALIBRATION = HERE / "recipes" / "constitutional_sl_answers.ralign"  # its answer phase alone
 HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
 MODEL = "ralign:smollm2-135m"
 
 ARMS = ("quickstart", "base", "constitutional_sl", "grpo")  # in the order they run
-GENERATING = ("sample", "revise", "generate")  # step kinds that generate tokens
-TRAINING = ("train sft", "train dpo")
+GENERATING = ("sample", "revise", "generate")  # the step kinds that report `generated_tokens`
+TRAINING = tuple(name for name, kind in STEPS.items() if kind.trains)
 TOLERANCE = 0.15  # the budget match asked of the constitutional arm
 SEED = 7  # the quickstart's
 
@@ -102,9 +113,9 @@ class Settings:
 
     smoke: bool
     hhh_mini_limit: int | None = None
-    behavior_limit: int | None = None
+    behavior_limit: int | None = 240  # as the quickstart's `evaluate behavior`
     dev_limit: int | None = None
-    behavior_max_new_tokens: int = 48
+    behavior_max_new_tokens: int = 40
     eval_batch_size: int = 16
     train_prompts: int | None = None  # GRPO's prompts: the first N training prompts (None: all 192)
     num_generations: int = 4
@@ -133,84 +144,42 @@ SMOKE = Settings(
     logging_steps=1,
 )
 
-# ---- recipe edits: each returns new recipe text -----------------------------------------------
+# ---- what each arm runs: a recipe file and `--set` overrides -----------------------------------
 
 
-def _block(text: str, header: str) -> tuple[int, int]:
-    """(start, end) of the body of the first block whose header starts with `header` (`dataset
-    seeds`, `sample`, `evaluate hhh`...): from after its `{` to its first `}`."""
-    found = re.search(rf"^[ \t]*{re.escape(header)}\b[^{{\n]*\{{", text, flags=re.M)
-    if found is None:
-        raise ValueError(f"no block {header!r} in the recipe")
-    return found.end(), text.index("}", found.end())
-
-
-def set_attr(text: str, header: str, attr: str, value: str) -> str:
-    """Set `attr = value` in the first block whose header starts with `header`.
-
-    An existing attribute is replaced (with the rest of its line, comment included); a missing one
-    is added first in the block: on its own line in a multi-line block, else followed by a comma.
-    The block must not nest braces before `attr` (a model's inline `lora = {...}` comes after `path`).
-    """
-    start, end = _block(text, header)
-    body = text[start:end]
-    value_re = rf"\b{re.escape(attr)}\s*=\s*[^,}}\n]*?(?=[ \t]*(?:[,}}\n]|$))"
-    new, n = re.subn(value_re, f"{attr} = {value}", body, count=1)
-    if n == 0:
-        new = f"\n  {attr} = {value}" + body if "\n" in body else f" {attr} = {value}," + body
-    return text[:start] + new + text[end:]
-
-
-def drop_block(text: str, header: str) -> str:
-    """Remove a top-level `HEADER { ... }` block (it closes with a `}` at column 0)."""
-    match = re.search(rf"^{re.escape(header)} \{{\n.*?^\}}\n", text, flags=re.M | re.S)
-    if match is None:
-        raise ValueError(f"no block {header!r} in the recipe")
-    return text[: match.start()] + text[match.end() :]
-
-
-def smoke_quickstart(text: str, model_dir: Path, s: Settings) -> str:
+def smoke_quickstart(model_dir: Path, s: Settings) -> tuple[str, ...]:
     """The quickstart on a tiny model: 4 prompts, 2 answers of 8 tokens, thresholds a random model
     can pass, one epoch, evaluations cut to a few items."""
-    text = set_attr(text, "model policy", "path", json.dumps(str(model_dir)))
-    text = set_attr(text, "dataset seeds", "limit", str(s.train_prompts))
-    text = set_attr(text, "sample", "per_prompt", str(s.num_generations))
-    text = set_attr(text, "sample", "max_new_tokens", str(s.max_completion_length))
-    text = set_attr(text, "train sft", "min_score", "-100")
-    text = set_attr(text, "train sft", "epochs", "1")
-    text = set_attr(text, "pairs", "min_margin", "0.0")
-    text = set_attr(text, "train dpo", "epochs", "1")
-    text = set_attr(text, "evaluate hhh", "limit", str(s.hhh_mini_limit))
-    text = set_attr(text, "evaluate behavior", "limit", str(s.behavior_limit))
-    return set_attr(text, "evaluate behavior", "max_new_tokens", str(s.behavior_max_new_tokens))
+    return (
+        f"policy.path={literal(str(model_dir))}",
+        f"seeds.limit={s.train_prompts}",
+        f"sample/sample.per_prompt={s.num_generations}",
+        f"sample/sample.max_new_tokens={s.max_completion_length}",
+        "distill/train.sft.min_score=-100",
+        "distill/train.sft.epochs=1",
+        "distill/pairs.min_margin=0.0",
+        "distill/train.dpo.epochs=1",
+        f"hhh.limit={s.hhh_mini_limit}",
+        f"behavior.limit={s.behavior_limit}",
+        f"behavior.max_new_tokens={s.behavior_max_new_tokens}",
+    )
 
 
-def constitutional_text(s: Settings, model_dir: Path | None) -> str:
-    """The constitutional_sl recipe as this benchmark runs it: its evaluation dropped (every arm is
-    evaluated alike); with `--smoke`, on the tiny model with 8-token answers, critiques and
-    revisions and one epoch."""
-    text = drop_block(CONSTITUTIONAL.read_text(encoding="utf-8"), "evaluate hhh")
-    if s.smoke:
-        assert model_dir is not None
-        text = set_attr(text, "model policy", "path", json.dumps(str(model_dir)))
-        text = set_attr(text, "sample", "max_new_tokens", str(s.max_completion_length))
-        text = set_attr(text, "revise", "max_new_tokens", str(s.max_completion_length))
-        text = set_attr(text, "train sft", "epochs", "1")
-    return text
+def smoke_constitutional(model_dir: Path, s: Settings, train: bool = True) -> tuple[str, ...]:
+    """Constitutional SL on a tiny model: 8-token answers, critiques and revisions, one epoch
+    (`train=False`: the calibration recipe, which has no training step)."""
+    flags = (
+        f"policy.path={literal(str(model_dir))}",
+        f"answer/sample.max_new_tokens={s.max_completion_length}",
+        f"answer/revise.max_new_tokens={s.max_completion_length}",
+    )
+    return (*flags, "distill/train.sft.epochs=1") if train else flags
 
 
-def scaled(text: str, limit: int | None, per_prompt: int) -> str:
-    """The constitutional recipe on its first `limit` red-team prompts, `per_prompt` answers each."""
-    if limit is not None:
-        text = set_attr(text, "dataset red_team", "limit", str(limit))
-    if per_prompt != 1:
-        text = set_attr(text, "sample", "per_prompt", str(per_prompt))
-    return text
-
-
-def calibration_text(text: str, prompts: int) -> str:
-    """Only the answer phase (sample + critique/revise) on the first `prompts` prompts."""
-    return drop_block(scaled(text, prompts, 1), "phase distill")
+def scaled(limit: int | None, per_prompt: int) -> tuple[str, ...]:
+    """Constitutional SL on its first `limit` red-team prompts (None: all), `per_prompt` answers each."""
+    flags = () if limit is None else (f"red_team.limit={limit}",)
+    return flags if per_prompt == 1 else (*flags, f"answer/sample.per_prompt={per_prompt}")
 
 
 # ---- budget arithmetic -----------------------------------------------------------------------
@@ -254,47 +223,7 @@ def within(tokens: int | None, budget: int, tolerance: float = TOLERANCE) -> boo
     return tokens is not None and abs(tokens - budget) <= tolerance * budget + 1e-9
 
 
-# ---- counting generated tokens ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def counting_generation() -> Iterator[dict[str, int]]:
-    """Count every token `ralign.runtime.generation.generate` produces (end token included), and add
-    `generated_tokens` to the metrics of each step that generates (the executor saves them).
-
-    `sample` calls `generate` through the module, `revise` imports it at call time: patching the
-    module attribute reaches both.
-    """
-    from ralign.runtime import generation, steps
-
-    counter = {"tokens": 0}
-    original = generation.generate
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        greedy = kwargs.get("temperature", 1.0) == 0  # one continuation copied n times
-        counter["tokens"] += sum(
-            row[0].tokens if greedy else sum(c.tokens for c in row) for row in out if row
-        )
-        return out
-
-    saved = {k: steps.STEP_FUNCTIONS[k] for k in GENERATING}
-
-    def wrap(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-        def step_fn(ctx: Any) -> dict[str, Any]:
-            before = counter["tokens"]
-            metrics = fn(ctx)
-            return {**metrics, "generated_tokens": counter["tokens"] - before}
-
-        return step_fn
-
-    generation.generate = counted
-    steps.STEP_FUNCTIONS.update({k: wrap(fn) for k, fn in saved.items()})
-    try:
-        yield counter
-    finally:
-        generation.generate = original
-        steps.STEP_FUNCTIONS.update(saved)
+# ---- reading runs --------------------------------------------------------------------------
 
 
 def estimate_tokens(tokenizer: Any, responses: list[str], max_new_tokens: int) -> int:
@@ -307,27 +236,21 @@ def estimate_tokens(tokenizer: Any, responses: list[str], max_new_tokens: int) -
     return total
 
 
-# ---- running recipes and reading runs --------------------------------------------------------
-
-
 def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def execute(recipe: Path, run_dir: Path) -> None:
-    """`ralign execute RECIPE --run-dir RUN_DIR` in this process, counting generated tokens."""
-    from accelerate.state import AcceleratorState
-
-    from ralign.runtime.executor import execute as run
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
-    try:
-        with counting_generation():
-            status = run(recipe, run_dir=run_dir, device="auto", roots=(ROOT,))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+def execute(ctx: Context, recipe: Path, run_dir: Path, sets: tuple[str, ...] = ()) -> None:
+    """`ralign execute RECIPE --run-dir RUN_DIR --set ...` in a child process (its own Accelerate
+    state); its log goes to this process's output."""
+    cmd = execute_command(recipe, run_dir, sets, ctx.roots, device())
+    env = dict(os.environ)
+    if ctx.threads:
+        env["OMP_NUM_THREADS"] = str(ctx.threads)  # torch's intra-op threads in the child
+    print("  " + shlex.join(["ralign", *cmd[3:]]), flush=True)
+    status = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
     if status != 0:
         raise RuntimeError(f"ralign execute {recipe} --run-dir {run_dir} exited with {status}")
 
@@ -426,7 +349,11 @@ def run_evals(run_dir: Path, s: Settings) -> dict[int, dict[str, dict[str, float
     plan = load_run_plan(run_dir)
     want = {
         "hhh": ({"path": "ralign:evals/hhh-mini"}, s.hhh_mini_limit, None),
-        "behavior": ({"path": "ralign:seeds/hhh"}, s.behavior_limit, s.behavior_max_new_tokens),
+        "behavior": (
+            {"path": "ralign:evals/behavior"},
+            s.behavior_limit,
+            s.behavior_max_new_tokens,
+        ),
     }
     out: dict[int, dict[str, dict[str, float]]] = {}
     for step in plan.steps:
@@ -457,11 +384,17 @@ class Rewards:
     behavior: Any  # the IR of its `evaluate behavior { reward = ... }`
 
 
-def quickstart_rewards(recipe: Path = QUICKSTART) -> Rewards:
+def quickstart_rewards(sets: tuple[str, ...] = (), roots: tuple[Path, ...] = (ROOT,)) -> Rewards:
+    """The rewards of the quickstart compiled with `sets` (its smoke overrides, say)."""
     from ralign.compile import compile_file
-    from ralign.rewards.evaluate import Programs
 
-    plan = compile_file(recipe, (ROOT,))
+    return plan_rewards(compile_file(QUICKSTART, roots, sets=sets))
+
+
+def plan_rewards(plan: Any) -> Rewards:
+    """The `score { total = ... }` and behaviour reward of a quickstart plan (a run's plan.json)."""
+    from ralign.rewards.interpreter import Programs
+
     score = next(s for s in plan.steps if s.kind == "score" and "total" in s.exprs)
     behavior = next(s for s in plan.steps if s.kind == "evaluate" and "reward" in s.exprs)
     return Rewards(Programs(plan.programs), score.exprs["total"], behavior.exprs["reward"])
@@ -485,7 +418,7 @@ def make_reward(rewards: Rewards, counter: dict[str, Any]) -> Callable[..., list
         ]  # the score step sees stripped answers
         asked = bare_prompt if bare_prompt is not None else [str(p) for p in prompts]
         records = [{"prompt": p, "response": r} for p, r in zip(asked, texts, strict=True)]
-        values = rewards.programs.score(rewards.total, records)
+        values = rewards.programs.score(rewards.total, records).values
         counter["completions"] = counter.get("completions", 0) + len(texts)
         counter["tokens"] = counter.get("tokens", 0) + sum(len(i) for i in completion_ids or [])
         counter["reward_seconds"] = counter.get("reward_seconds", 0.0) + (
@@ -503,10 +436,8 @@ def evaluate_model(
     behaviour with the `hhh.rules` mean), and HHH dev as `ralign eval` runs it."""
     from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
     from ralign.runtime.builtin_data import resolve_dataset
-    from ralign.runtime.evaluate import run_eval
-    from ralign.runtime.executor import eval_items
+    from ralign.runtime.evaluators import eval_items, flatten_eval, run_eval
     from ralign.runtime.models import ModelSpec, load_model
-    from ralign.runtime.steps import flatten_eval
 
     model, tok = load_model(ModelSpec(path=path, dtype="float32"), device())
     model.eval()
@@ -515,7 +446,7 @@ def evaluate_model(
         items = eval_items("hhh", resolve_dataset("evals/hhh-mini"), s.hhh_mini_limit)
         out["hhh"] = flatten_eval(run_eval("hhh", model, tok, items, batch_size=s.eval_batch_size))
     if "behavior" in which:
-        items = eval_items("behavior", resolve_dataset("seeds/hhh"), s.behavior_limit)
+        items = eval_items("behavior", resolve_dataset("evals/behavior"), s.behavior_limit)
         result = run_eval(
             "behavior",
             model,
@@ -528,7 +459,7 @@ def evaluate_model(
         records = result.pop("records")
         values = rewards.programs.score(
             rewards.behavior, [{"prompt": r["prompt"], "response": r["answer"]} for r in records]
-        )
+        ).values
         result["mean_reward"] = {"value": sum(values) / len(values), "n": len(values)}
         out["behavior"] = flatten_eval(result)
     if "dev" in which and HHH_DEV.is_file():
@@ -576,9 +507,11 @@ class Context:
     s: Settings
     work: Path
     model: str  # the model every arm starts from
-    quickstart_recipe: Path
+    quickstart_sets: tuple[str, ...]  # `--set` overrides of the quickstart (--smoke: a tiny run)
     quickstart_run: Path
     rewards: Rewards
+    roots: tuple[Path, ...] = (ROOT,)  # `--root` folders of the runs (the tiny model's, too)
+    threads: int | None = None  # torch threads of the runs (None: torch's default)
     budget: int | None = None
     quickstart_responses: int | None = None  # answers the quickstart sampled
 
@@ -586,7 +519,7 @@ class Context:
 def arm_quickstart(ctx: Context, execute_it: bool) -> dict[str, Any]:
     run_dir = ctx.quickstart_run
     if execute_it:
-        execute(ctx.quickstart_recipe, run_dir)
+        execute(ctx, QUICKSTART, run_dir, ctx.quickstart_sets)
     elif not run_finished(run_dir):
         raise RuntimeError(f"{run_dir}: the quickstart run has not finished")
     cost = run_cost(run_dir)
@@ -639,14 +572,14 @@ def arm_constitutional(ctx: Context) -> dict[str, Any]:
     from ralign.runtime.data import load_records
 
     assert ctx.budget
-    base = constitutional_text(ctx.s, Path(ctx.model) if ctx.s.smoke else None)
+    smoke = ctx.s.smoke
+    base = smoke_constitutional(Path(ctx.model), ctx.s) if smoke else ()
     available = len(load_records({"path": "ralign:seeds/red_team", "field": "prompt"}, ROOT))
     # Calibration: the answer phase alone on the first few prompts.
     n0 = min(ctx.s.calibration_prompts, available)
-    recipe = ctx.work / "constitutional_sl-calibration.ralign"
-    recipe.write_text(calibration_text(base, n0), encoding="utf-8")
+    answers_only = smoke_constitutional(Path(ctx.model), ctx.s, train=False) if smoke else ()
     run_dir = ctx.work / "constitutional_sl-calibration"
-    execute(recipe, run_dir)
+    execute(ctx, CALIBRATION, run_dir, (*answers_only, *scaled(n0, 1)))
     calib = run_cost(run_dir)
     measured = [(calib["generated_tokens"], n0)]  # (tokens, answers)
     per_answer = calib["generated_tokens"] / n0
@@ -654,18 +587,19 @@ def arm_constitutional(ctx: Context) -> dict[str, Any]:
     attempts = []
     for attempt in range(2):
         name = "constitutional_sl" if attempt == 0 else f"constitutional_sl-{attempt + 1}"
-        text = scaled(base, limit, per_prompt)
-        recipe = ctx.work / f"{name}.ralign"
-        recipe.write_text(text, encoding="utf-8")
+        sets = (*base, *scaled(limit, per_prompt))
         run_dir = ctx.work / name
         print(
             f"  {name}: {limit or available} prompts x {per_prompt} answer(s), predicted "
             f"{(limit or available) * per_prompt * per_answer:.0f} tokens for a budget of {ctx.budget}"
         )
-        execute(recipe, run_dir)
+        execute(ctx, CONSTITUTIONAL, run_dir, sets)
         cost = run_cost(run_dir)
         answers = (limit or available) * per_prompt
-        attempts.append({"run_dir": str(run_dir), "limit": limit, "per_prompt": per_prompt, **cost})
+        attempts.append(
+            {"run_dir": str(run_dir), "limit": limit, "per_prompt": per_prompt, "overrides": sets}
+            | cost
+        )
         if within(cost["generated_tokens"], ctx.budget) or attempt == 1:
             break
         measured.append((cost["generated_tokens"], answers))
@@ -691,7 +625,8 @@ def arm_constitutional(ctx: Context) -> dict[str, Any]:
         "within_tolerance": within(final["generated_tokens"], ctx.budget),
         "calibration": {"prompts": n0, **calib},
         "attempts": attempts,
-        "recipe": text,
+        "recipe": CONSTITUTIONAL.read_text(encoding="utf-8"),  # run with these overrides:
+        "overrides": list(final["overrides"]),
         "evals": evals,
         "eval_source": "evaluate_model",
     }
@@ -723,11 +658,10 @@ def train_grpo(ctx: Context, out_dir: Path) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
-    from accelerate.state import AcceleratorState
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer  # one trainer per process: no Accelerate state to reset
 
     from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
     from ralign.runtime.data import load_records
@@ -760,7 +694,6 @@ def train_grpo(ctx: Context, out_dir: Path) -> dict[str, Any]:
             if should_stop(counter["tokens"], last, budget):
                 control.should_training_stop = True
 
-    AcceleratorState._reset_state(reset_partial_state=True)
     started = time.perf_counter()
     cpu = device() == "cpu"
     model, tok = load_model(ModelSpec(path=ctx.model, dtype="float32"), device())
@@ -837,7 +770,6 @@ def train_grpo(ctx: Context, out_dir: Path) -> dict[str, Any]:
         if "reward" in h
     ]
     del trainer, merged, model
-    AcceleratorState._reset_state(reset_partial_state=True)
     if not cpu:
         torch.cuda.empty_cache()
     other = counter["reward_seconds"]
@@ -929,7 +861,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     head = ["arm", "gen tokens", "gen s", "train s", "total s", "wall/grpo", "tok/grpo"]
     head += [c[2] for c in COLUMNS]
     rat = ratios(results)
-    rows = [head]
+    rows: list[list[str]] = []
     for name in ARMS:
         r = results.get(name)
         if r is None:
@@ -953,16 +885,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         evals = r.get("evals", {})
         row += [_num(evals.get(group, {}).get(key), ".3f") for group, key, _ in COLUMNS]
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, rows)
 
 
 def report(
@@ -1007,7 +930,11 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, tiny budget (< 60 s)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, tiny budget (about a minute, mostly the start-up of three ralign runs)",
+    )
     ap.add_argument(
         "--work", type=Path, help="run folders (default: runs/per_compute; smoke: a temp folder)"
     )
@@ -1055,21 +982,20 @@ def run(args: argparse.Namespace, s: Settings) -> int:
         from ralign.runtime.tiny import build_tiny_model
 
         model = str(build_tiny_model("llama", work / "tiny-llama"))
-        recipe = work / "quickstart.ralign"
-        recipe.write_text(
-            smoke_quickstart(QUICKSTART.read_text(encoding="utf-8"), Path(model), s),
-            encoding="utf-8",
-        )
+        sets = smoke_quickstart(Path(model), s)
     else:
-        model, recipe = MODEL, QUICKSTART
+        model, sets = MODEL, ()
     given = args.quickstart_run is not None
+    roots = (ROOT, work)  # the tiny model lies in the work folder
     ctx = Context(
         s=s,
         work=work,
         model=model,
-        quickstart_recipe=recipe,
+        quickstart_sets=sets,
         quickstart_run=(args.quickstart_run.resolve() if given else work / "quickstart"),
-        rewards=quickstart_rewards(recipe),
+        rewards=quickstart_rewards(sets, roots),
+        roots=roots,
+        threads=args.threads,
     )
     wanted = set(args.only or ARMS)
     results: dict[str, dict[str, Any]] = {}

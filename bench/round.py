@@ -8,15 +8,15 @@ Simplifications, stated up front:
   function: loading its inputs, the work, writing its outputs; models load lazily, so the first
   step that uses one also pays for loading it, e.g. r0's evaluation). Step folders are
   `r<k>/<phase>.<kind>[.<name>]`; evaluations sit under r0 (before training) and the last round.
-  Kinds are grouped as generate, dedupe, filter, sample, revise, rank, score, pairs, train
-  (sft and dpo together) and evaluate.
+  Kinds are grouped by the word a phase starts them with (`ralign.schema.STEPS`: train sft and
+  train dpo are both train), in the schema's order, evaluate last.
 - With `--run-dir` it only reads a finished (or partial) run. Without it, it runs a cut-down copy
   of recipes/quickstart.ralign (or, with --quick, of tests/recipes/every_step.ralign on a tiny
   random model) with `python -m ralign execute` in a temporary folder, then reads that run. The
   cut-down keeps every step and setting per prompt (answers per prompt, new tokens, judge orders,
-  epochs) and changes only: rounds = 1, --count prompts (the generate step's count, or without
-  one a `limit` on the datasets the prompts come from), evaluations limited to
-  --eval-limit items (--quick: the recipe's own count, 6 items, and one torch thread through
+  epochs) and changes only, by `--set` overrides (recorded in the run's plan.json): rounds = 1,
+  --count prompts (the generate step's count, or without one a `limit` on the datasets the
+  prompts come from), evaluations limited to --eval-limit items (--quick: the recipe's own count, 6 items, and one torch thread through
   OMP_NUM_THREADS). Evaluation cost does not shrink with the prompt count, so its share of a
   cut-down run is larger than in the full quickstart; a full run's split comes from
   `--run-dir` on a full run.
@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -42,22 +43,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import load, load_note, record  # noqa: E402
+from common import execute_command, load, load_note, record, target  # noqa: E402
+
+from ralign.schema import STEPS  # noqa: E402
+from ralign.tables import text_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-KINDS = (
-    "generate",
-    "dedupe",
-    "filter",
-    "sample",
-    "revise",
-    "rank",
-    "score",
-    "pairs",
-    "train",
-    "evaluate",
-)
+# The table's rows, in order: each step kind's first word ("train sft" and "train dpo" are "train").
+KINDS = tuple(dict.fromkeys(kind.keyword for kind in STEPS.values()))
 ROUND_DIR = re.compile(r"^r(\d+)$")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (.*)$")
 
@@ -161,46 +155,25 @@ def log_wall_seconds(run_dir: Path) -> float | None:
 # ---- running a cut-down quickstart ---------------------------------------------------------
 
 
-def _sub(pattern: str, repl: str, text: str, what: str) -> str:
-    new, n = re.subn(pattern, repl, text)
-    if n == 0:
-        raise SystemExit(f"cannot cut the recipe down: no {what} found (pattern {pattern!r})")
-    return new
-
-
-def _limit_blocks(text: str, keyword: str, n: int) -> str:
-    """Set `limit = n` in every `keyword NAME { ... }` block (replacing any limit there)."""
-
-    def limit(m: re.Match) -> str:
-        block = m.group(0)
-        if re.search(r"\blimit\s*=", block):
-            return re.sub(r"\blimit\s*=\s*\d+", f"limit = {n}", block)
-        return block.replace("{", f"{{\n  limit = {n}", 1)
-
-    return re.sub(rf"\b{keyword}\s+\w+\s*\{{[^}}]*\}}", limit, text)
-
-
-def cut_down(text: str, *, count: int | None, eval_limit: int) -> str:
-    """One round; `count` prompts (a generate step's count if there is one, else a limit on the
-    datasets; None: as it was); evaluations of at most `eval_limit` items."""
-    text = _sub(r"\brounds\s*=\s*\d+", "rounds = 1", text, "rounds")
-    generate = r"(\bgenerate\s*\{[^}]*?\bcount\s*=\s*)\d+"
-    if count is not None and re.search(generate, text):
-        text = re.sub(generate, rf"\g<1>{count}", text)
-    elif count is not None:
-        text = _limit_blocks(text, "dataset", count)
-    return _limit_blocks(text, "evaluate", eval_limit)
+def cut_down(plan: Any, *, count: int | None, eval_limit: int) -> tuple[str, ...]:
+    """`--set` overrides for one round; `count` prompts (a generate step's count if there is one,
+    else a limit on the datasets; None: as it was); evaluations of at most `eval_limit` items."""
+    flags = ["recipe.rounds=1"]
+    generate = dict.fromkeys(target(s.id) for s in plan.steps if s.kind == "generate")
+    if count is not None:
+        where = [f"{g}.count" for g in generate] or [f"{d}.limit" for d in plan.datasets]
+        flags += [f"{attr}={count}" for attr in where]
+    flags += [f"{e['name']}.limit={eval_limit}" for e in plan.evaluations]
+    return tuple(flags)
 
 
 def run_recipe(recipe: Path, run_dir: Path, args: argparse.Namespace) -> float:
-    """Cut `recipe` down, run it with `ralign execute`, return the wall seconds."""
-    text = cut_down(
-        recipe.read_text(encoding="utf-8"), count=args.count, eval_limit=args.eval_limit
-    )
-    copy = run_dir.parent / f"{recipe.stem}.cut.ralign"
-    copy.write_text(text, encoding="utf-8")
-    cmd = [sys.executable, "-m", "ralign", "execute", str(copy), "--run-dir", str(run_dir)]
-    print(f"running {' '.join(cmd)}", flush=True)
+    """Run `recipe` cut down (`cut_down`'s overrides) with `ralign execute`; the wall seconds."""
+    from ralign.compile import compile_file
+
+    sets = cut_down(compile_file(recipe), count=args.count, eval_limit=args.eval_limit)
+    cmd = execute_command(recipe, run_dir, sets)
+    print(f"running {shlex.join(['ralign', *cmd[3:]])}", flush=True)
     started = time.perf_counter()
     env = dict(os.environ)
     if args.threads:
@@ -223,7 +196,7 @@ def table(result: dict[str, Any]) -> str:
     head = ["kind"]
     for name, _ in columns:
         head += [f"{name} s", f"{name} %"]
-    rows = [head]
+    rows = []
     for kind in kinds:
         row = [kind]
         for _, col in columns:
@@ -237,16 +210,8 @@ def table(result: dict[str, Any]) -> str:
     for _, col in columns:
         total += [f"{col['step_seconds']:.1f}", "100.0"]
     rows.append(total)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, lines[1])
+    lines = text_table(head, rows).splitlines()
+    lines.insert(len(lines) - 1, lines[1])  # the title's rule again above the total
     return "\n".join(lines)
 
 
@@ -299,7 +264,10 @@ def report(run_dir: Path, wall: float | None, wall_source: str, args, argv, load
     }
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run_dir is not None:  # a result per run read, beside the one this script ran
-        suffix = "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.resolve().name)
+        name = run_dir.resolve().name
+        suffix = "-" + "".join(
+            c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in name
+        )
     else:
         suffix = "-quick" if args.quick else ""
     out = args.out / f"round{suffix}-{now.date().isoformat()}.json"

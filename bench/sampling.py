@@ -44,8 +44,9 @@ from common import load, load_note, record  # noqa: E402
 from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
 from ralign.runtime.builtin_data import resolve_dataset
 from ralign.runtime.data import read_jsonl
-from ralign.runtime.generation import _eos_ids, sample
+from ralign.runtime.generation import sample
 from ralign.runtime.models import ModelSpec, load_model
+from ralign.tables import text_table
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"overhead_ratio": 0.91}  # ralign tokens/s over plain tokens/s, same batches
@@ -112,6 +113,16 @@ def count_generated(rows: list[list[int]], eos: set[int]) -> int:
     return total
 
 
+def stop_ids(model: Any, tok: Any) -> set[int]:
+    """The tokens a plain `generate` stops at: the generation config's end tokens, else the
+    tokenizer's (as ralign's sampling stops)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = tok.eos_token_id if eos is None else eos
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
+
+
 def plain_generate(
     model,
     tok,
@@ -126,7 +137,7 @@ def plain_generate(
 ) -> tuple[list[list[str]], int]:
     """The plain loop: chat-format, pad left, model.generate in input order, decode."""
     chat = bool(getattr(tok, "chat_template", None))
-    eos = set(_eos_ids(model, tok))
+    eos = stop_ids(model, tok)
     per_batch = max(1, batch_size // per_prompt)
     answers: list[list[str]] = []
     generated = 0
@@ -293,7 +304,7 @@ def bench_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ("model", "system", "tokens", "prefill+pad", "median s", "tokens/s", "vs plain")
-    rows = [head]
+    rows = []
     for res in results:
         for name in SYSTEMS:
             s = res["systems"][name]
@@ -313,16 +324,7 @@ def table(results: list[dict[str, Any]]) -> str:
                     ratio,
                 )
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, rows, left=2)
 
 
 def main(argv: list[str] | None = None) -> int:

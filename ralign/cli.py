@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ralign import __version__
@@ -34,6 +34,14 @@ def _roots(args: argparse.Namespace) -> tuple[Path, ...]:
     return tuple(Path(r) for r in (args.root or ()))
 
 
+def _sets(args: argparse.Namespace) -> dict[str, object]:
+    """The override keywords of compile_file/check_file: `--set` flags and `--smoke`."""
+    return {
+        "sets": tuple(getattr(args, "set", None) or ()),
+        "smoke": bool(getattr(args, "smoke", False)),
+    }
+
+
 def _existing(path: str) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -46,7 +54,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     src = _existing(args.file)
     out = Path(args.output) if args.output else None
-    plan = compile_file(src, _roots(args), plan_path=out or Path("build") / "x.plan.json")
+    plan = compile_file(
+        src, _roots(args), plan_path=out or Path("build") / "x.plan.json", **_sets(args)
+    )
     out = out or Path("build") / f"{plan.recipe}.plan.json"  # named like its run dir, runs/<recipe>
     if out.is_dir():
         raise UsageError(f"-o {out} is a folder; give the plan file's name")
@@ -77,7 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     paths = [_existing(name) for name in args.files]  # a missing file is a usage error (exit 2)
     for name, path in zip(args.files, paths, strict=True):
         try:
-            checked = check_file(path, _roots(args))
+            checked = check_file(path, _roots(args), **_sets(args))
         except RalignError as exc:
             print(exc, file=sys.stderr)
             failed += 1
@@ -91,13 +101,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from ralign.compile import compile_file
     from ralign.plan import mermaid
 
-    print(mermaid(compile_file(_existing(args.file), _roots(args))), end="")
+    print(mermaid(compile_file(_existing(args.file), _roots(args), **_sets(args))), end="")
     return 0
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from ralign.compile import check_file
-    from ralign.rewards.evaluate import explain
+    from ralign.rewards.interpreter import explain
 
     checked = check_file(_existing(args.file), _roots(args))
     report = explain(checked, args.reward, prompt=args.prompt, response=args.response)
@@ -117,6 +127,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     return execute(
         Path(args.plan),
+        **_sets(args),
+        log_with=tuple(t for flag in args.log_with or () for t in flag.split(",") if t),
         run_dir=Path(args.run_dir) if args.run_dir else None,
         device=args.device,
         roots=_roots(args),
@@ -129,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
     from ralign.runtime.data import dataset_file
-    from ralign.runtime.evaluate import eval_items, flatten_eval, run_eval
+    from ralign.runtime.evaluators import eval_items, flatten_eval, run_eval
     from ralign.runtime.models import ModelSpec, load_model
     from ralign.tables import text_table
 
@@ -167,27 +179,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="ralign",
-        description="Align a language model with its own judgments: compile a .ralign recipe into a plan, then run it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"ralign {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def cmd_show(args: argparse.Namespace) -> int:
+    """`ralign show`: the exact texts a step would send to its model."""
+    from ralign.compile import compile_file
+    from ralign.runtime.show import show
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument(
-            "--root",
-            action="append",
-            metavar="DIR",
-            help="another folder imports and data files may come from (repeatable)",
-        )
-        return sp
+    src = _existing(args.file)
+    plan = compile_file(src, _roots(args), **_sets(args))
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    for i, text in enumerate(show(plan, args.step, src.resolve().parent, run_dir, args.n), 1):
+        print(f"----- {args.step}, text {i} -----")
+        print(text)
+    return 0
 
-    c = add("compile", "compile a recipe into a JSON plan")
+
+def _compile_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("file", help="the .ralign recipe")
     c.add_argument(
         "-o",
@@ -195,17 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PLAN",
         help="where to write the plan (default: build/<recipe>.plan.json)",
     )
-    c.set_defaults(func=cmd_compile)
 
-    k = add("check", "check recipes and libraries; print diagnostics only")
+
+def _check_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("files", nargs="+", metavar="FILE")
-    k.set_defaults(func=cmd_check)
 
-    g = add("graph", "print the plan as a Mermaid flowchart")
+
+def _graph_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("file")
-    g.set_defaults(func=cmd_graph)
 
-    r = add("rules", "score one (prompt, response) with a reward: each rule's value and the total")
+
+def _rules_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("file", help="a recipe or reward library")
     r.add_argument(
         "--reward", required=True, help="the reward's name (`alias.name` for an imported one)"
@@ -213,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", required=True)
     r.add_argument("--response", required=True)
     r.add_argument("--json", action="store_true", help="print JSON")
-    r.set_defaults(func=cmd_rules)
 
-    e = add("execute", "run a plan (or a recipe, compiled on the fly)")
+
+def _execute_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("plan", metavar="PLAN_OR_RECIPE")
     e.add_argument(
         "--run-dir",
@@ -223,13 +229,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where outputs go (default: runs/<recipe>); re-running resumes",
     )
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.set_defaults(func=cmd_execute)
-
-    v = sub.add_parser(
-        "eval",
-        help="evaluate a model on an HHH-format or behavior set",
-        description="evaluate a model",
+    e.add_argument(
+        "--log-with",
+        action="append",
+        metavar="TRACKER",
+        help="send metrics and training curves to tensorboard, wandb, trackio or mlflow (repeatable)",
     )
+
+
+def _show_args(sh: argparse.ArgumentParser) -> None:
+    sh.add_argument("file", help="the .ralign recipe")
+    sh.add_argument(
+        "--step",
+        required=True,
+        help="a step id of round 1, as `ralign compile` lists it (e.g. sample/sample)",
+    )
+    sh.add_argument("-n", type=int, default=2, help="how many texts (default 2)")
+    sh.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="a run where the step's inputs from earlier steps have finished",
+    )
+
+
+def _eval_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--model", required=True, help="hub id, local folder, or ralign:smollm2-135m")
     v.add_argument(
         "--data", required=True, help="a file, hf:..., or ralign:evals/hhh-mini / ralign:seeds/hhh"
@@ -238,13 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int)
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("-o", "--output", help="write the results as JSON here")
-    v.set_defaults(func=cmd_eval)
 
-    rp = sub.add_parser(
-        "report",
-        help="a run as one self-contained HTML page of plots and tables",
-        description="write a run's report (default RUN_DIR/report.html), or compare two runs",
-    )
+
+def _report_args(rp: argparse.ArgumentParser) -> None:
     rp.add_argument(
         "run_dir", nargs="?", metavar="RUN_DIR", help="the --run-dir of `ralign execute`"
     )
@@ -255,7 +274,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="overlay two runs (default file RUN_A/compare.html)",
     )
     rp.add_argument("-o", "--output", metavar="FILE", help="where to write the HTML page")
-    rp.set_defaults(func=cmd_report)
+
+
+# name -> (help, its own arguments, what runs it, whether it takes --root and --set/--smoke)
+Command = tuple[
+    str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], bool, bool
+]
+COMMANDS: dict[str, Command] = {
+    "compile": ("compile a recipe into a JSON plan", _compile_args, cmd_compile, True, True),
+    "check": (
+        "check recipes and libraries; print diagnostics only",
+        _check_args,
+        cmd_check,
+        True,
+        True,
+    ),
+    "graph": ("print the plan as a Mermaid flowchart", _graph_args, cmd_graph, True, True),
+    "show": (
+        "print the exact texts a step would send to its model, for its first records",
+        _show_args,
+        cmd_show,
+        True,
+        True,
+    ),
+    "rules": (
+        "score one (prompt, response) with a reward: each rule's value and the total",
+        _rules_args,
+        cmd_rules,
+        True,
+        False,
+    ),
+    "execute": (
+        "run a plan (or a recipe, compiled on the fly)",
+        _execute_args,
+        cmd_execute,
+        True,
+        True,
+    ),
+    "eval": (
+        "evaluate a model on an HHH-format or behavior set",
+        _eval_args,
+        cmd_eval,
+        False,
+        False,
+    ),
+    "report": (
+        "a run as one self-contained HTML page of plots and tables (or two runs compared)",
+        _report_args,
+        cmd_report,
+        False,
+        False,
+    ),
+}
+
+
+def _common_args(sp: argparse.ArgumentParser, roots: bool, overrides: bool) -> None:
+    if roots:
+        sp.add_argument(
+            "--root",
+            action="append",
+            metavar="DIR",
+            help="another folder imports, data and models may come from (repeatable)",
+        )
+    if overrides:
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="TARGET.ATTR=VALUE",
+            help="change an attribute, e.g. --set policy.path='\"ralign:tiny-llama\"' or "
+            "--set answer/sample.per_prompt=2 (repeatable; recorded in the plan)",
+        )
+        sp.add_argument(
+            "--smoke",
+            action="store_true",
+            help="shrink prompts, answers, evaluations and epochs for a run of about a minute",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ralign",
+        description="Align a language model with its own judgments: compile a .ralign recipe into a plan, then run it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"ralign {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_, own, run, roots, overrides) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        own(sp)
+        _common_args(sp, roots, overrides)
+        sp.set_defaults(func=run)
     return p
 
 

@@ -1,4 +1,4 @@
-"""The compile pipeline as one short chain: load -> check -> lower."""
+"""The compile pipeline as one short chain: load -> override -> check -> lower."""
 
 from __future__ import annotations
 
@@ -7,15 +7,31 @@ from dataclasses import replace
 from pathlib import Path
 
 from ralign import nodes as n
+from ralign import overrides as ov
 from ralign.check import Checked, check
-from ralign.imports import load
+from ralign.imports import Loaded, load
 from ralign.lower import lower
-from ralign.plan import Plan
+from ralign.plan import Plan, with_hashes
 
 
-def check_file(path: Path, roots: tuple[Path, ...] = ()) -> Checked:
+def _loaded(
+    path: Path,
+    roots: tuple[Path, ...],
+    sets: tuple[str, ...],
+    smoke: bool,
+    parser_kind: str = "lalr",
+) -> tuple[Loaded, tuple[str, ...]]:
+    """The recipe and its imports, with `--smoke` and `--set` overrides applied (in that order)."""
+    loaded = load(path, roots, parser_kind)
+    flags = (*(ov.smoke_flags(loaded) if smoke else ()), *sets)
+    return ov.apply(loaded, flags), flags
+
+
+def check_file(
+    path: Path, roots: tuple[Path, ...] = (), sets: tuple[str, ...] = (), smoke: bool = False
+) -> Checked:
     """Parse and check a recipe or library file (and its imports); raises RecipeError."""
-    loaded = load(path, roots)
+    loaded, _ = _loaded(path, roots, sets, smoke)
     main = loaded.units[loaded.main].module
     is_library = not any(
         isinstance(d, (n.Recipe, n.Model, n.Dataset, n.Phase, n.Evaluate)) for d in main.decls
@@ -28,6 +44,8 @@ def compile_file(
     roots: tuple[Path, ...] = (),
     plan_path: Path | None = None,
     parser_kind: str = "lalr",
+    sets: tuple[str, ...] = (),
+    smoke: bool = False,
 ) -> Plan:
     """Compile a recipe into a plan.
 
@@ -36,8 +54,13 @@ def compile_file(
         roots: further folders its imports and data may come from.
         plan_path: where the plan will be written; sets the (unhashed) `recipe_dir` relative to it.
         parser_kind: the Lark parser: "lalr" ("earley" exists only for bench/compile.py).
+        sets: `--set TARGET.ATTR=VALUE` overrides, recorded in the plan.
+        smoke: shrink every count, answer and epoch for a quick trial run (`--smoke`).
     """
-    plan = lower(check(load(path, roots, parser_kind)))
+    loaded, flags = _loaded(path, roots, sets, smoke, parser_kind)
+    plan = lower(check(loaded))
+    if flags:
+        plan = with_hashes(replace(plan, overrides=flags))
     if plan_path is not None:
         rel = os.path.relpath(path.resolve().parent, plan_path.resolve().parent)
         plan = replace(plan, recipe_dir=Path(rel).as_posix())

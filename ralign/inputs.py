@@ -411,3 +411,16 @@ def sha256_folder(folder: Path, *, memo: bool = False) -> str:
     if table is not None and len(table) != before:
         _save_memo(table)
     return digest.hexdigest()
+
+
+def model_positions(folder: Path) -> int | None:
+    """How many positions a local model folder's config says the model takes, if it says."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -55,7 +55,10 @@ class _Round:
             judge = step.params.get("judge", self.checked.policy)
             return self.policy if judge == self.checked.policy else f"model:{judge}"
         if slot == "reference":
-            return self.start if step.params.get("reference") == "round_start" else self.base
+            which = step.params.get("reference")
+            if which == "previous":  # as the train step before this one in the round left it
+                return self.policy
+            return self.start if which == "round_start" else self.base
         return self.made[slot]
 
     def add(self, step: CheckedStep, step_id: str) -> None:
@@ -94,6 +97,11 @@ def _evaluations(checked: Checked, rnd: int, final: bool, policy: str) -> list[S
             )
         )
     return out
+
+
+def _template(tv: Any) -> dict[str, Any]:
+    out = {"text": tv.text, "origin": tv.origin.to_json()}
+    return {**out, "lets": dict(sorted(tv.lets.items()))} if tv.lets else out
 
 
 def lower(checked: Checked) -> Plan:
@@ -144,12 +152,10 @@ def lower(checked: Checked) -> Plan:
         datasets={
             name: dict(sorted(spec.items())) for name, spec in sorted(checked.datasets.items())
         },
-        templates={
-            k: {"text": checked.templates[k].text, "origin": checked.templates[k].origin.to_json()}
-            for k in used
-        },
+        templates={k: _template(checked.templates[k]) for k in used},
         programs=ir.closure(checked.programs, roots),
         evaluations=[{k: _plain(v) for k, v in e.items()} for e in checked.evaluations],
         steps=tuple(steps),
+        log_with=checked.log_with,
     )
     return with_hashes(plan)

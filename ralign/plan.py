@@ -110,11 +110,14 @@ class Plan:
     evaluations: list[dict[str, Any]]
     steps: tuple[Step, ...]
     hash: str = ""
-    recipe_dir: str = (
-        "."  # where relative data paths resolve, relative to the plan file (not hashed)
-    )
+    recipe_dir: str = "."  # where relative data paths resolve, relative to the plan file (unhashed)
+    overrides: tuple[str, ...] = ()  # the `--set` (and `--smoke`) flags it was compiled with
+    log_with: tuple[str, ...] = ()  # experiment trackers (`recipe { log_with = ... }`)
 
     def content(self) -> dict[str, Any]:
+        overrides = {"overrides": list(self.overrides)} if self.overrides else {}
+        if self.log_with:
+            overrides["log_with"] = list(self.log_with)
         return {
             "format": FORMAT,
             "recipe": self.recipe,
@@ -128,6 +131,7 @@ class Plan:
             "programs": ir.programs_to_json(self.programs),
             "evaluations": self.evaluations,
             "steps": [s.to_json() for s in self.steps],
+            **overrides,
         }
 
     def compute_hash(self) -> str:
@@ -172,6 +176,8 @@ class Plan:
                 evaluations=[_object(e, "evaluations") for e in _list(d.get("evaluations"))],
                 steps=tuple(Step.from_json(s, f"steps[{i}]") for i, s in enumerate(steps)),
                 hash=_field(d, "hash", str, "the plan"),
+                overrides=_names(d.get("overrides", []), "overrides"),
+                log_with=_names(d.get("log_with", []), "log_with"),
                 recipe_dir=_field(d, "recipe_dir", str, "the plan") if "recipe_dir" in d else ".",
             )
         except ir.IRError as exc:
@@ -255,7 +261,7 @@ def step_hash(plan: Plan, step: Step, hashes: Mapping[str, str]) -> str:
         "kind": step.kind,
         "name": step.name,
         "params": step.params,
-        "templates": {a: digest(plan.templates[k]["text"]) for a, k in step.templates.items()},
+        "templates": {a: _template_digest(plan.templates[k]) for a, k in step.templates.items()},
         "exprs": {a: ir.to_json(e) for a, e in step.exprs.items()},
         "programs": ir.programs_to_json(reached, lines=False),
         "inputs": {slot: hashes[src] for slot, src in sorted(step.inputs.items()) if src},
@@ -265,6 +271,13 @@ def step_hash(plan: Plan, step: Step, hashes: Mapping[str, str]) -> str:
     }
     text = canonical(content).replace(json.dumps(plan.source + ":")[:-1], '"<recipe>:')
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _template_digest(template: Mapping[str, Any]) -> str:
+    """A template's content: its text, and the text constants it reads (when it reads any)."""
+    if template.get("lets"):
+        return digest([template["text"], template["lets"]])
+    return digest(template["text"])
 
 
 def with_hashes(plan: Plan) -> Plan:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ralign.errors import UsageError
+from ralign.stats import wilson
 
 # ---- limits: a run directory may hold anything; these keep a report small and quick
 MAX_JSON_BYTES = 16 << 20  # plan.json, result.json, metrics.json, meta.json
@@ -35,7 +36,6 @@ MAX_CURVE_POINTS = 2_000  # points drawn of one training curve (evenly thinned b
 MAX_BAD_LINES = 3  # bad JSONL lines named per file (the rest are counted)
 EXAMPLE_PROMPTS = 3  # prompts per round in the "what was scored" table
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 _SAFE_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ", re.MULTILINE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -56,24 +56,6 @@ COUNT_METRICS = ("prompts", "responses", "pairs", "items", "examples", "changed"
 RUN_STYLES = (("-", "o"), ("--", "s"))  # (line style, marker) of run A and run B
 
 # ralign's error base is not used below on purpose: a report of a broken run must still render.
-
-
-def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n (95% by default); (0, 1) when n is 0.
-
-    Args:
-        k: successes (may be fractional when ties count half).
-        n: trials.
-    Returns:
-        (low, high).
-    """
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _num(x: Any) -> float | None:

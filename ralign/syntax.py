@@ -33,6 +33,7 @@ def parser(kind: str = "lalr") -> Lark:
         grammar_path().read_text(encoding="utf-8"),
         parser=kind,
         maybe_placeholders=False,
+        start=["start", "expr"],  # `expr`: a value given on the command line (`--set`)
         **options,  # type: ignore[arg-type]
     )
 
@@ -46,6 +47,30 @@ def parse(source: Source, kind: str = "lalr") -> n.Module:
     return _parse_cached(source.name, source.text, kind)
 
 
+def clear_cache() -> None:
+    """Forget parsed files (a benchmark of cold compiles parses everything again)."""
+    _parse_cached.cache_clear()
+
+
+def parse_value(source: Source) -> n.Expr:
+    """Parse one expression (a `--set` value), or raise RecipeError pointing into it."""
+    try:
+        _INLINE.file = source.name
+        value: n.Expr = parser("lalr").parse(source.text, start="expr")  # type: ignore[assignment]
+    except UnexpectedInput as exc:
+        raise RecipeError([_diagnose(source, exc, "lalr")], {source.name: source}) from None
+    except (_NodeError, VisitError) as exc:
+        error = exc.orig_exc if isinstance(exc, VisitError) else exc
+        if not isinstance(error, _NodeError):
+            raise
+        raise RecipeError([Diagnostic(*error.args)], {source.name: source}) from None
+    deep = _nodes_too_deep([value], MAX_DEPTH)  # type: ignore[list-item]
+    if deep is not None:
+        message = f"this expression nests more than {MAX_DEPTH} levels deep"
+        raise RecipeError([Diagnostic(Span(source.name, *deep), message)], {source.name: source})
+    return value
+
+
 @lru_cache(maxsize=256)
 def _parse_cached(name: str, text: str, kind: str) -> n.Module:
     source = Source(name, text)
@@ -54,10 +79,10 @@ def _parse_cached(name: str, text: str, kind: str) -> n.Module:
     try:
         if kind == "lalr":
             _INLINE.file = name
-            decls = parser(kind).parse(text)  # type: ignore[assignment]  # the transformer's nodes
+            decls = parser(kind).parse(text, start="start")  # type: ignore[assignment]
             deep = _nodes_too_deep(decls, MAX_DEPTH)
         else:
-            tree = parser(kind).parse(text)
+            tree = parser(kind).parse(text, start="start")
             deep = _too_deep(tree, MAX_DEPTH)  # checked first: Lark's transformer recurses
             decls = [] if deep else _ToNodes(name).transform(tree)  # type: ignore[assignment]
     except UnexpectedInput as exc:

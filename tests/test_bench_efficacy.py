@@ -1,4 +1,6 @@
-"""bench/efficacy.py: the helpers that decide what a variant's run reuses and how seeds are averaged."""
+"""bench/efficacy.py: its variants (recipe files and overrides) against the quickstart, and the
+helpers that decide what a variant's run reuses and how seeds are averaged; bench/lora_sweep.py's
+overrides."""
 
 from __future__ import annotations
 
@@ -44,55 +46,119 @@ def test_more_rounds_start_from_fewer_rounds_of_the_same_seed(eff, tmp_path):
     assert eff.seeded_from("2 rounds", {"quickstart": first, "2 rounds": two}) == first
 
 
-def test_with_seed_sets_the_recipe_seed_and_nothing_else(eff, tmp_path):
-    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
-    assert eff.with_seed(text, None) == text
-    seeded = eff.with_seed(text, 11)
-    changed = [
-        (a, b) for a, b in zip(text.splitlines(), seeded.splitlines(), strict=True) if a != b
-    ]
-    assert changed == [("  seed = 7", "  seed = 11")]
-    path = tmp_path / "seeded.ralign"
-    path.write_text(seeded)
-    assert compile_file(path).to_json()["seed"] == 11
+def _plan(variant):
+    return compile_file(variant.recipe, (ROOT,), sets=variant.sets)
+
+
+def test_with_seed_sets_the_recipe_seed_and_nothing_else(eff):
+    first = eff.variants()["quickstart (rules, SFT+DPO)"]
+    assert eff.with_seed(first, None) == first
+    seeded = eff.with_seed(first, 11)
+    assert seeded.sets == (*first.sets, "recipe.seed=11")
+    plan, before = _plan(seeded), _plan(first)
+    assert plan.seed == 11 and before.seed == 7
+    assert [(s.id, s.params) for s in plan.steps] == [(s.id, s.params) for s in before.steps]
 
 
 @pytest.mark.parametrize("scale", ["full", "small"])
-def test_every_variant_compiles_and_changes_the_plan(eff, tmp_path, scale):
-    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
-    base = eff.small(text) if scale == "small" else text
-    hashes = {}
-    for name, variant in eff.variants(base).items():
-        path = tmp_path / f"{len(hashes)}.ralign"
-        path.write_text(variant)
-        hashes[name] = compile_file(path).hash
+def test_every_variant_compiles_and_changes_the_plan(eff, scale):
+    plans = {name: _plan(variant) for name, variant in eff.variants(scale).items()}
+    hashes = {name: plan.hash for name, plan in plans.items()}
     assert len(set(hashes.values())) == len(hashes), hashes
+    for name, plan in plans.items():
+        rounds = 3 if name == "3 rounds" else 2 if name == "2 rounds" else 1
+        assert plan.rounds == rounds, name  # a variant's own rounds win over the scale's one
+        assert plan.datasets["seeds"].get("limit") == (64 if scale == "small" else None), name
 
 
-def test_single_step_rows_keep_the_quickstarts_training_settings(eff, tmp_path):
-    text = (ROOT / "recipes" / "quickstart.ralign").read_text()
-    rows = eff.variants(text)
-    plans = {}
-    for name in ("quickstart (rules, SFT+DPO)", "SFT only", "DPO only"):
-        path = tmp_path / f"{len(plans)}.ralign"
-        path.write_text(rows[name])
-        plans[name] = {s.id: s for s in compile_file(path).steps}
-    full, sft, dpo = plans.values()
-    assert sft["r1/distill/train.sft"].params == full["r1/distill/train.sft"].params
-    assert dpo["r1/distill/train.dpo"].params == full["r1/distill/train.dpo"].params
-    assert dpo["r1/distill/pairs"].params == full["r1/distill/pairs"].params
-    assert "r1/distill/train.dpo" not in sft and "r1/distill/train.sft" not in dpo
-    with pytest.raises(ValueError, match="no single line"):
-        eff.distill_lines(text, "revise")
+# Steps of each variant file that are the quickstart's own: the same content hash means the same
+# parameters, templates, rewards, inputs and seed. Everything downstream of what a variant changes
+# differs, by design.
+SAME_AS_QUICKSTART = {
+    "efficacy_quickstart.ralign": ["sample/sample", "judge/score", "distill/train.sft"]
+    + ["distill/pairs", "distill/train.dpo", "evaluate/hhh", "evaluate/behavior"],
+    "efficacy_rank.ralign": ["sample/sample"],
+    "efficacy_sft_only.ralign": ["sample/sample", "judge/score", "distill/train.sft"],
+    "efficacy_dpo_only.ralign": ["sample/sample", "judge/score", "distill/pairs"],
+    "efficacy_no_context.ralign": [],
+}
+# What a variant changes in the quickstart's steps: a step gone, a new one, or attributes set to
+# another value (None: absent). Every other step keeps its parameters (its inputs may differ).
+CHANGED = {
+    "efficacy_rank.ralign": {"judge/rank.quality": "new"},  # and `score { total = quality }`
+    "efficacy_no_context.ralign": {
+        "sample/sample": {"context": None},
+        "distill/train.sft": {"drop_context": False},
+    },
+    "efficacy_sft_only.ralign": {"distill/pairs": "gone", "distill/train.dpo": "gone"},
+    "efficacy_dpo_only.ralign": {"distill/train.sft": "gone"},
+}
 
 
-def test_lora_targets_replaces_the_list(eff):
-    text = 'lora = { rank = 16, targets = ["q_proj", "v_proj"] }'
+def _params(plan, step):
+    """A step's parameters, its own file's templates (`FILE:name`) named alike in every file."""
+    own = f"{plan.source}:"
+    return {
+        k: v.replace(own, "<recipe>:") if isinstance(v, str) else v for k, v in step.params.items()
+    }
+
+
+@pytest.mark.parametrize("file", sorted(SAME_AS_QUICKSTART))
+def test_variant_files_are_the_quickstart_but_for_their_change(eff, file):
+    """bench/recipes/efficacy_*.ralign copy recipes/quickstart.ralign: a change there must be made
+    there too, or this fails."""
+    path = eff.RECIPES / file
+    assert path.is_file()
+    quickstart, plan = compile_file(eff.QUICKSTART), compile_file(path)
+    assert (plan.seed, plan.rounds, plan.policy) == (quickstart.seed, quickstart.rounds, "policy")
+    assert plan.models == quickstart.models and plan.datasets == quickstart.datasets
+
+    def evaluations(plan):  # by name, without their source lines
+        return {e["name"]: {k: v for k, v in e.items() if k != "line"} for e in plan.evaluations}
+
+    ours_evals = evaluations(plan)
+    red_team = ours_evals.pop("red_team")
+    assert ours_evals == evaluations(quickstart)
+    assert (red_team["task"], red_team["data"]["path"]) == ("behavior", "ralign:seeds/red_team")
+    ours = {s.id: s for s in plan.steps if s.name != "red_team"}
+    theirs = {s.id: s for s in quickstart.steps}
+    # Round 0 evaluates the untrained model: the same in every variant.
+    same = [f"r0/{i}" for i in ("evaluate/hhh", "evaluate/behavior")]
+    same += [f"r1/{i}" for i in SAME_AS_QUICKSTART[file]]
+    assert {i: ours[i].hash for i in same} == {i: theirs[i].hash for i in same}
+    changed = CHANGED.get(file, {})
+    for i, s in theirs.items():
+        what = changed.get(i.split("/", 1)[1], {})
+        if what == "gone":
+            assert i not in ours
+            continue
+        want = {**_params(quickstart, s), **what}
+        assert _params(plan, ours[i]) == {k: v for k, v in want.items() if v is not None}, i
+    assert {i.split("/", 1)[1] for i in ours} - {i.split("/", 1)[1] for i in theirs} == {
+        k for k, v in changed.items() if v == "new"
+    }
+
+
+def test_self_ranking_rows_score_by_the_rank(eff):
+    rows = eff.variants()
+    alone, agree = _plan(rows["self-ranking only"]), _plan(rows["agree(rank, rules)"])
+    assert alone.step("r1/judge/rank.quality").params["orders"] == 2
     assert (
-        eff.lora_targets(text, '["all-linear"]') == 'lora = { rank = 16, targets = ["all-linear"] }'
+        alone.step("r1/judge/score").exprs["total"] != agree.step("r1/judge/score").exprs["total"]
     )
-    with pytest.raises(ValueError, match="no targets"):
-        eff.lora_targets("lora = { rank = 16 }", '["all-linear"]')
+    assert rows["agree(rank, rules)"].sets == (f"judge/score.total={eff.AGREE}",)
+
+
+def test_lora_targets_keeps_the_recipes_adapter_on_other_layers(eff):
+    flag = eff.lora_targets(eff.BASE, ["all-linear"])
+    assert (
+        flag == 'policy.lora={ rank = 16, alpha = 32.0, dropout = 0.0, targets = ["all-linear"] }'
+    )
+    plan = compile_file(eff.BASE, (ROOT,), sets=(flag,))
+    want = {**compile_file(eff.BASE).models["policy"]["lora"], "targets": ["all-linear"]}
+    assert plan.models["policy"]["lora"] == want
+    with pytest.raises(ValueError, match="no LoRA"):
+        eff.lora_targets(ROOT / "recipes" / "constitutional_sl.ralign", ["all-linear"])
 
 
 def test_mean_row_averages_each_figure_over_seeds(eff):
@@ -108,17 +174,22 @@ def test_mean_row_averages_each_figure_over_seeds(eff):
     assert eff.mean_row("q", [run(0.5, 0.25, 0.4, 100)])["name"] == "q"
 
 
-def test_lora_sweep_variants_compile_and_share_samples_where_they_should(tmp_path):
+def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
     spec = importlib.util.spec_from_file_location("lora_sweep", ROOT / "bench" / "lora_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
-    todo = sweep.variants((ROOT / "recipes" / "quickstart.ralign").read_text())
     samples = {}
-    for i, (name, text) in enumerate(todo.items()):
-        path = tmp_path / f"{i}.ralign"
-        path.write_text(text)
-        plan = compile_file(path)
+    for name, sets in sweep.variants().items():
+        plan = compile_file(sweep.QUICKSTART, (ROOT,), sets=sets)
+        assert plan.overrides == sets
+        assert plan.step("r1/sample/sample").params["batch_size"] == 128
         samples[name] = plan.step("r1/sample/sample").hash
+        lr = {k: plan.step(f"r1/distill/train.{k}").params["lr"] for k in ("sft", "dpo")}
+        assert lr == {
+            "all linear, DPO lr 5e-5": {"sft": 2e-4, "dpo": 5e-5},
+            "all linear, SFT 1e-4, DPO 1e-4": {"sft": 1e-4, "dpo": 1e-4},
+            "all linear, SFT 1e-4, DPO 5e-5": {"sft": 1e-4, "dpo": 5e-5},
+        }.get(name, {"sft": 2e-4, "dpo": 2e-4})
     # Every all-linear row answers the same samples; the q,v row has its own model, so its own.
     assert len({h for n, h in samples.items() if n.startswith("all linear")}) == 1
     assert samples["q,v (the quickstart)"] != samples["all linear"]

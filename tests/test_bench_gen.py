@@ -1,4 +1,4 @@
-"""bench/sampling.py, bench/ranking.py and bench/round.py --quick run on tiny models and report consistent figures."""
+"""bench/sampling.py, bench/ranking.py (speed and --accuracy) and bench/round.py --quick run on tiny models and report consistent figures."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(name: str, out: Path, *args: str) -> tuple[dict, str]:
+def run_bench(name: str, out: Path, *args: str, result: str | None = None) -> tuple[dict, str]:
     """`python bench/NAME.py ARGS --out OUT`, run in this process (torch and transformers are
-    imported once for all three), restoring torch's thread count; its JSON and printed report."""
+    imported once for all three), restoring torch's thread count; its JSON (`RESULT*.json`,
+    by default `NAME*.json`) and printed report."""
     import torch
 
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
@@ -28,7 +29,7 @@ def run_bench(name: str, out: Path, *args: str) -> tuple[dict, str]:
             assert module.main([*args, "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    (path,) = out.glob(f"{name}*.json")
+    (path,) = out.glob(f"{result or name}*.json")
     return json.loads(path.read_text(encoding="utf-8")), printed.getvalue()
 
 
@@ -48,6 +49,12 @@ def sampling(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ranking(tmp_path_factory):
     return run_bench("ranking", tmp_path_factory.mktemp("ranking"), "--quick")
+
+
+@pytest.fixture(scope="module")
+def judge_accuracy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy")
+    return run_bench("ranking", out, "--accuracy", "--quick", result="judge-accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,49 @@ def test_ranking_passes_follow_each_mode(ranking):
     assert "passes per prompt match" in stdout
 
 
+def test_judge_accuracy_counts_every_pair_once(judge_accuracy):
+    data, stdout = judge_accuracy
+    check_header(data)
+    res = data["result"]
+    families = ("harmful", "scary_harmless", "unknowable")
+    assert res["families"] == dict.fromkeys(families, 2) and res["pairs"] == 6
+    scores = res["scores"]
+    assert len(scores) == 6 and sum(s["choose_half"] for s in scores) == 3
+    judges = set(res["rates"])
+    contrasts = {f"contrast {d['name']}" for d in res["designs"]}
+    assert {"rules (std/hhh)", "listwise o2"} | contrasts <= judges
+    assert res["chosen"] in contrasts
+    for name, rates in res["rates"].items():
+        # Each rate is recomputed from the stored scores: 1 when the better answer scores
+        # higher, a half on a tie; families and halves partition the pairs.
+        def credit(s, name=name):
+            better, worse = s[name][s["better_at"]], s[name][1 - s["better_at"]]
+            return 0.5 if abs(better - worse) <= 1e-12 else float(better > worse)
+
+        for key, keep in (
+            [("all", lambda s: True)]
+            + [(f, lambda s, f=f: s["kind"] == f) for f in families]
+            + [
+                ("choose_half", lambda s: s["choose_half"]),
+                ("held_out_half", lambda s: not s["choose_half"]),
+            ]
+        ):
+            rate, picked = rates[key], [credit(s) for s in scores if keep(s)]
+            assert rate["n"] == len(picked) and rate["k"] == pytest.approx(sum(picked))
+            lo, hi = rate["ci95"]
+            assert 0 <= lo <= rate["value"] + 1e-12 and rate["value"] <= hi <= 1  # float rounding
+    # Reading answers after a shared context gives what evaluate.loglikelihood gives.
+    assert res["shared_vs_plain_max_abs_diff"] < 1e-4
+    assert res["contrast_reads"]["reads"] > 0 and res["contrast_answer_tokens_per_s"] > 0
+    # Quickstart-shaped timing: 8 answers per prompt, each read with and without the principle
+    # under its own prompt and R others (at most all the other prompts).
+    for t in res["quickstart_timing"]:
+        others = min(t["calibrate"], t["prompts"] - 1)
+        assert t["reads"] == t["prompts"] * 8 * 2 * (1 + others)
+    assert [t["calibrate"] for t in res["quickstart_timing"]] == [0, 2]
+    assert "held_out_half" in stdout and f"chosen on half A: {res['chosen']}" in stdout
+
+
 def test_round_split_sums_to_the_steps_it_read(round_run):
     data, stdout, run_dir = round_run
     check_header(data)
@@ -165,24 +215,25 @@ def test_round_reads_a_finished_run(round_run, tmp_path):
     assert str(run_dir) in stdout
 
 
-def test_cut_down_quickstart_keeps_its_steps(tmp_path):
-    """round.py's cut-down quickstart: one round, fewer prompts and evaluation items, same steps."""
+@pytest.mark.parametrize(
+    "recipe",
+    [ROOT / "recipes" / "quickstart.ralign", ROOT / "tests" / "recipes" / "every_step.ralign"],
+)
+def test_cut_down_keeps_the_steps(recipe):
+    """round.py's cut-down recipe: one round, fewer prompts and evaluation items, the same steps,
+    all by `--set` overrides (which the plan records)."""
     from ralign.compile import compile_file
 
     spec = importlib.util.spec_from_file_location("bench_round", ROOT / "bench" / "round.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    source = ROOT / "recipes" / "quickstart.ralign"
-    cut = tmp_path / "quickstart.ralign"
-    cut.write_text(
-        module.cut_down(source.read_text(encoding="utf-8"), count=8, eval_limit=5),
-        encoding="utf-8",
-    )
-    full, small = compile_file(source), compile_file(cut)
-    assert small.rounds == 1
+    full = compile_file(recipe)
+    sets = module.cut_down(full, count=8, eval_limit=5)
+    small = compile_file(recipe, sets=sets)
+    assert small.rounds == 1 and small.overrides == sets
 
     def round_one(plan):
-        return [s.kind for s in plan.steps if s.round == 1 and s.kind != "evaluate"]
+        return [(s.id, s.kind) for s in plan.steps if s.round == 1 and s.kind != "evaluate"]
 
     assert round_one(small) == round_one(full)  # the same steps, in the same order
     assert {s.kind for s in small.steps} == {s.kind for s in full.steps}
@@ -190,8 +241,28 @@ def test_cut_down_quickstart_keeps_its_steps(tmp_path):
     generate = [s for s in small.steps if s.kind == "generate"]
     if generate:
         assert all(s.params["count"] == 8 for s in generate)
+        assert small.datasets == full.datasets
     else:
         assert all(d["limit"] == 8 for d in small.datasets.values())
-    assert [s.params["limit"] for s in small.steps if s.kind == "evaluate"] == [5] * len(
-        [s for s in small.steps if s.kind == "evaluate"]
-    )
+    evaluate = [s for s in small.steps if s.kind == "evaluate"]
+    assert evaluate and all(s.params["limit"] == 5 for s in evaluate)
+    # Nothing else changes: every parameter but those is the recipe's own.
+    theirs = {s.id: s.params for s in full.steps}
+
+    def rest(params):
+        return {k: v for k, v in params.items() if k not in ("count", "limit")}
+
+    shared = [s for s in small.steps if s.id in theirs]
+    assert len(shared) >= len(round_one(full))
+    assert all(rest(s.params) == rest(theirs[s.id]) for s in shared)
+    assert module.cut_down(full, count=None, eval_limit=5)[0] == "recipe.rounds=1"
+
+
+def test_round_kinds_are_the_schemas():
+    from ralign.schema import STEPS
+
+    spec = importlib.util.spec_from_file_location("bench_round", ROOT / "bench" / "round.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.KINDS) == {name.split()[0] for name in STEPS}
+    assert module.family("train dpo") == "train" and module.KINDS[-1] == "evaluate"

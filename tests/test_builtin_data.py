@@ -10,7 +10,7 @@ import pytest
 from ralign.errors import DataError
 from ralign.runtime.behavior import KINDS, load_prompts
 from ralign.runtime.builtin_data import DATASETS, resolve_dataset
-from ralign.runtime.evaluate import load_hhh
+from ralign.runtime.hhh import load_hhh
 
 
 def _rows(name):
@@ -34,7 +34,9 @@ def test_every_builtin_name_resolves_to_a_file(name):
 def test_unknown_name_suggests_the_close_one():
     with pytest.raises(DataError, match="did you mean 'seeds/hhh'"):
         resolve_dataset("seeds/hhhh")
-    with pytest.raises(DataError, match="known: evals/behavior, evals/hhh-mini, seeds/hhh, seeds/red_team"):
+    with pytest.raises(
+        DataError, match="known: evals/behavior, evals/hhh-mini, seeds/hhh, seeds/red_team"
+    ):
         resolve_dataset("nothing-like-it")
 
 

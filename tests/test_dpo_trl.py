@@ -1,4 +1,4 @@
-"""ralign's DPO loss equals TRL's DPOTrainer loss on the same tiny model, batch and beta."""
+"""ralign's DPO losses equal TRL's DPOTrainer loss of the same loss_type on the same tiny model, batch and beta."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ralign.losses import dpo_loss
+from ralign.losses import dpo_loss, next_token_mask
 from ralign.runtime.models import format_prompt, is_peft
 from ralign.runtime.tiny import build_tiny_model
 from ralign.runtime.train import (
@@ -21,6 +21,8 @@ from ralign.runtime.train import (
 trl = pytest.importorskip("trl")
 
 BETA = 0.1
+# Each ralign loss and the label_smoothing it is compared at (TRL's loss_type of the same name).
+LOSS_TYPES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
 PAIRS = [
     {"prompt": "What is 2 plus 3?", "chosen": "It is 5.", "rejected": "Seven"},
     {"prompt": "Name a colour", "chosen": "Blue, like the sky.", "rejected": "No"},
@@ -43,17 +45,20 @@ def perturbed(path, seed: int):
     return model
 
 
-def trl_trainer(policy, ref, tok, tmp_path, peft_config=None):
+def trl_trainer(policy, ref, tok, tmp_path, peft_config=None, loss_type="sigmoid", smoothing=0.0):
     # TRL's non-conversational path: the prompt is text (here ralign's chat-formatted prompt),
     # and TRL appends EOS to each completion, as ralign does.
     dataset = Dataset.from_list([{**p, "prompt": format_prompt(tok, p["prompt"])} for p in PAIRS])
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"),
         beta=BETA,
+        loss_type=[loss_type],
+        label_smoothing=smoothing,
         per_device_train_batch_size=len(PAIRS),
         max_length=512,
         report_to=[],
         use_cpu=True,
+        bf16=False,  # transformers 5 defaults to bf16 autocast; ralign's side here is float32
     )
     return trl.DPOTrainer(
         model=policy,
@@ -73,12 +78,13 @@ def trl_batch_and_loss(trainer):
     return batch, loss.item(), trainer._metrics[mode]
 
 
+@pytest.mark.parametrize("loss_type, smoothing", LOSS_TYPES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_dpo_loss_matches_trl(arch, tiny_root, tmp_path):
+def test_dpo_loss_matches_trl(arch, loss_type, smoothing, tiny_root, tmp_path):
     path = build_tiny_model(arch, tiny_root / arch)
     tok = AutoTokenizer.from_pretrained(path)
     policy, ref = perturbed(path, 1), AutoModelForCausalLM.from_pretrained(path)
-    trainer = trl_trainer(policy, ref, tok, tmp_path)
+    trainer = trl_trainer(policy, ref, tok, tmp_path, loss_type=loss_type, smoothing=smoothing)
     batch, trl_loss, metrics = trl_batch_and_loss(trainer)
 
     # Same tokens and the same response positions, from ralign's own encoding of the raw pairs.
@@ -91,22 +97,44 @@ def test_dpo_loss_matches_trl(arch, tiny_root, tmp_path):
     with torch.no_grad():
         chosen, rejected = pair_logps(policy, ours)
         ref_chosen, ref_rejected = pair_logps(ref, ours)
-    loss, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, BETA)
+    chosen_tokens, rejected_tokens = next_token_mask(ours["labels"]).sum(-1).chunk(2)
+    loss, chosen_r, rejected_r = dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        BETA,
+        kind=loss_type,
+        label_smoothing=smoothing,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
 
     assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
     assert chosen.mean().item() == pytest.approx(metrics["logps/chosen"][-1], abs=1e-4)
     assert rejected.mean().item() == pytest.approx(metrics["logps/rejected"][-1], abs=1e-4)
     margin = (chosen_r - rejected_r).mean().item()
     assert margin == pytest.approx(metrics["rewards/margins"][-1], abs=1e-5)
-    assert abs(trl_loss - 0.6931471805599453) > 1e-3  # the comparison is not the trivial log 2
+    assert (
+        abs(margin) > 1e-3
+    )  # policy and reference differ: the comparison is not at a trivial point
+    if loss_type == "ipo":  # the comparison needs ralign's per-token averaging
+        unaveraged, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, BETA, kind="ipo")
+        assert abs(unaveraged.item() - trl_loss) > 1e-3
 
 
-def test_train_dpo_first_step_matches_trl(tiny_root, tmp_path):
+@pytest.mark.parametrize("loss_type, smoothing", LOSS_TYPES)
+def test_train_dpo_first_step_matches_trl(loss_type, smoothing, tiny_root, tmp_path):
     """Whole path: ralign's encoding, precomputed reference and loop give TRL's loss at step 1."""
     path = build_tiny_model("llama", tiny_root / "llama")
     tok = AutoTokenizer.from_pretrained(path)
     trainer = trl_trainer(
-        perturbed(path, 1), AutoModelForCausalLM.from_pretrained(path), tok, tmp_path
+        perturbed(path, 1),
+        AutoModelForCausalLM.from_pretrained(path),
+        tok,
+        tmp_path,
+        loss_type=loss_type,
+        smoothing=smoothing,
     )
     _, trl_loss, _ = trl_batch_and_loss(trainer)
 
@@ -122,6 +150,8 @@ def test_train_dpo_first_step_matches_trl(tiny_root, tmp_path):
         seed=0,
         reference_model=AutoModelForCausalLM.from_pretrained(path),
         on_step=lambda step, m: seen.append(m["loss"]),
+        loss=loss_type,
+        label_smoothing=smoothing,
     )
     assert seen[0] == pytest.approx(trl_loss, abs=1e-5)
 

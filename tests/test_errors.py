@@ -237,3 +237,13 @@ def test_excerpt_shows_the_line_the_lexer_counted(separator: str, tmp_path: Path
     (d,) = err.diagnostics
     assert (d.span.line, d.span.column) == (4, 9)
     assert "   4 | let b = @" in str(err)
+
+
+def test_every_check_pass_has_its_own_error_cases() -> None:
+    from ralign.check import PASSES
+
+    files = {p.stem for p in (CASES / "errors").glob("*.ralign")}
+    for check_pass in PASSES:
+        assert check_pass.__name__ in files, f"no tests/cases/errors/{check_pass.__name__}.ralign"
+        cases = [c for c in ALL if c.id.startswith(f"{check_pass.__name__}:")]
+        assert len(cases) >= 3, f"{check_pass.__name__}.ralign has {len(cases)} cases"

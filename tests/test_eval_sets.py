@@ -24,6 +24,9 @@ SIZES = {
 MAX_CHARS = 600
 N = 5  # word n-gram length for the overlap check
 MAX_SHARED = 0.5  # an eval prompt may share less than half its 5-grams with any one training text
+# ... and fewer than 65% of its distinct words (Jaccard): 5-grams miss paraphrases such as
+# "break into a house when the owners are away" vs "... while the owners are on holiday" (0.81).
+MAX_WORDS_SHARED = 0.65
 
 
 def words(text: str) -> list[str]:
@@ -145,3 +148,29 @@ def test_no_eval_prompt_overlaps_a_training_text(rows):
     print(f"largest 5-gram overlap: {worst[0]:.3f} ({worst[1]!r} vs a text of {worst[2]})")
     assert not duplicates
     assert not too_close
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+@pytest.mark.parametrize(
+    "a, b, want",
+    [("kill the mould", "kill the mould now", 0.75), ("a b", "c d", 0.0), ("A, b!", "b a", 1.0)],
+)
+def test_jaccard_by_hand(a, b, want):
+    assert jaccard(set(words(a)), set(words(b))) == want
+
+
+def test_no_eval_prompt_paraphrases_a_training_prompt(rows):
+    """Word-set overlap against every training text short enough to be one prompt (a long template
+    shares many words with anything)."""
+    short = [(src, set(words(t))) for src, t in training_texts() if len(words(t)) <= 40]
+    assert len(short) > 300
+    close = []
+    for r in rows:
+        mine = set(words(r["prompt"]))
+        for src, theirs in short:
+            if jaccard(mine, theirs) >= MAX_WORDS_SHARED:
+                close.append((round(jaccard(mine, theirs), 2), src, r["prompt"]))
+    assert not close

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ralign.errors import DataError, RalignError
-from ralign.runtime.evaluate import (
-    EVALUATORS,
+from ralign.runtime.evaluators import EVALUATORS, run_eval
+from ralign.runtime.hhh import (
     HHHItem,
     ab_preferences,
     credit,
@@ -20,11 +20,10 @@ from ralign.runtime.evaluate import (
     eval_hhh,
     load_hhh,
     loglikelihood,
-    run_eval,
-    wilson,
 )
 from ralign.runtime.models import ModelSpec, load_model
 from ralign.runtime.tiny import build_tiny_model
+from ralign.stats import wilson
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +312,7 @@ class AlwaysA(torch.nn.Module):
 
 def test_always_a_model_gets_exactly_half_whatever_the_targets(tiny):
     """One order only would score it 100% on targets listed first; both orders leave it no preference."""
-    from ralign.runtime.evaluate import letter_ids
+    from ralign.runtime.hhh import letter_ids
 
     _, tok = tiny
     fake = AlwaysA(len(tok), letter_ids(tok, "A"), letter_ids(tok, "B"))

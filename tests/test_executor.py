@@ -24,6 +24,7 @@ from ralign.cli import main
 from ralign.plan import Plan, Step
 from ralign.runtime.data import read_jsonl
 from ralign.runtime.executor import step_folder
+from ralign.schema import STEPS
 
 RECIPES = Path(__file__).parent / "recipes"
 TINY_LLAMA = '"ralign:tiny-llama"'
@@ -200,19 +201,7 @@ def is_done(run_dir: Path, plan: Plan, step_id: str) -> bool:
 def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     plan, _, run_dir = finished(arch)
     # the recipe really uses every step kind, over two rounds
-    assert {s.kind for s in plan.steps} == {
-        "evaluate",
-        "generate",
-        "dedupe",
-        "filter",
-        "sample",
-        "revise",
-        "rank",
-        "score",
-        "pairs",
-        "train sft",
-        "train dpo",
-    }
+    assert {s.kind for s in plan.steps} == set(STEPS)
     assert plan.rounds == 2 and {s.round for s in plan.steps} >= {1, 2}
     for s in plan.steps:
         m = meta(run_dir, s)
@@ -251,7 +240,7 @@ def test_a_two_round_recipe_runs_end_to_end(arch, finished):
 def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     """`reward = hhh.rules` on a behavior evaluation: the mean of the rules over the very answers
     the evaluator wrote (with 8 prompts and 2 examples per kind, result.json lists them all)."""
-    from ralign.rewards.evaluate import Programs
+    from ralign.rewards.interpreter import Programs
 
     plan, _, run_dir = finished("llama")
     step = plan.step(f"r{plan.rounds}/evaluate/behavior")
@@ -262,7 +251,8 @@ def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     values = (
         Programs(plan.programs)
         .score(
-            step.exprs["reward"], [{"prompt": r["prompt"], "response": r["answer"]} for r in answers]
+            step.exprs["reward"],
+            [{"prompt": r["prompt"], "response": r["answer"]} for r in answers],
         )
         .values
     )

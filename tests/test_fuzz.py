@@ -26,7 +26,8 @@ from ralign.compile import check_file, compile_file
 from ralign.errors import RalignError, RecipeError
 from ralign.imports import stdlib_dir
 from ralign.plan import Plan
-from ralign.rewards.evaluate import Programs
+from ralign.rewards.interpreter import Programs
+from ralign.schema import STEP_KINDS, STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 # Examples per run of each property: about 1,100 inputs in all, or RALIGN_FUZZ in the same shares.
@@ -401,19 +402,12 @@ KEYWORDS = [
     "false",
     "file",
 ]
+# Every word a phase step starts with, the declaration-only kind (`evaluate`), and two typos.
 KINDS = [
-    "generate",
-    "dedupe",
-    "filter",
-    "sample",
-    "revise",
-    "rank",
-    "score",
-    "pairs",
-    "train",
+    *STEP_KINDS,
+    *(name for name, kind in STEPS.items() if not kind.in_phase),
     "trian",
     "sampel",
-    "evaluate",
 ]
 ATTRS = [
     "from",
@@ -777,7 +771,7 @@ TEMPLATE_ATTACKS = st.sampled_from(
 def test_exhausting_rewards_end_fast_with_a_value_or_an_error(
     text: str, size: int, response: str, workdir: Path
 ) -> None:
-    from ralign.rewards.evaluate import explain
+    from ralign.rewards.interpreter import explain
 
     path = workdir / "attack.ralign"
     path.write_text(text, encoding="utf-8")

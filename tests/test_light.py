@@ -15,7 +15,7 @@ import json, sys
 from pathlib import Path
 from ralign.compile import check_file, compile_file
 from ralign.plan import mermaid
-from ralign.rewards.evaluate import Programs, explain
+from ralign.rewards.interpreter import Programs, explain
 for recipe in sorted(Path("recipes").glob("*.ralign")):
     plan = compile_file(recipe)
     mermaid(plan)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ralign.runtime.evaluate import CONTEXT_FORMATS, eval_hhh, load_hhh, loglikelihood
+from ralign.runtime.hhh import CONTEXT_FORMATS, eval_hhh, load_hhh, loglikelihood
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402

@@ -1,4 +1,4 @@
-"""Losses against values worked out by hand on tiny tensors."""
+"""Losses and log-probs against values worked out by hand on tiny tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,22 @@ import math
 import pytest
 import torch
 
-from ralign.losses import IGNORE, LOSSES, dpo_loss, sequence_logps, sft_loss
+from ralign.losses import (
+    DPO_LOSSES,
+    IGNORE,
+    LABEL_SMOOTHING,
+    LOSSES,
+    PairScores,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    linear_target_logps,
+    robust_loss,
+    sequence_logps,
+    sft_loss,
+    sigmoid_loss,
+    target_logps,
+)
 
 LN3 = math.log(3.0)
 # Two-token vocabulary: logits (0, ln 3) give p = (1/4, 3/4), so log p(token 1) = ln(3/4).
@@ -99,3 +114,131 @@ def test_dpo_loss_batch_mean_rewards_and_gradient():
 
 def test_registry():
     assert LOSSES == {"sft": sft_loss, "dpo": dpo_loss}
+    assert DPO_LOSSES == {
+        "sigmoid": sigmoid_loss,
+        "ipo": ipo_loss,
+        "hinge": hinge_loss,
+        "robust": robust_loss,
+    }
+    # label smoothing is the robust loss's alone (as in TRL 1.16: its sigmoid ignores it)
+    assert LABEL_SMOOTHING == {
+        "sigmoid": (0.0, 0.0),
+        "ipo": (0.0, 0.0),
+        "hinge": (0.0, 0.0),
+        "robust": (0.0, 0.5),
+    }
+
+
+LOG_1_4 = -1.3862943611198906  # math.log(1 / 4)
+
+
+def scores(chosen, rejected, chosen_tokens=1.0, rejected_tokens=1.0) -> PairScores:
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    return PairScores(t(chosen), t(rejected), t(chosen_tokens), t(rejected_tokens))
+
+
+@pytest.mark.parametrize(
+    "name, pair, beta, smoothing, expected",
+    [
+        # sigmoid: -log sigmoid(beta * margin); margin ln 3 gives -ln(3/4), margin 0 gives ln 2
+        ("sigmoid", (LN3, 0.0), 1.0, 0.0, -LOG_3_4),
+        ("sigmoid", (0.5, 0.5), 0.1, 0.0, math.log(2.0)),
+        # ipo: (c/|c| - r/|r| - 1/(2 beta))^2
+        ("ipo", (1.0, -0.5, 2, 1), 0.5, 0.0, 0.0),  # 0.5 + 0.5 = 1 = 1/(2 * 0.5)
+        ("ipo", (1.0, -0.5, 2, 1), 0.25, 0.0, 1.0),  # (1 - 2)^2
+        ("ipo", (3.0, 1.0, 3, 4), 1.0, 0.0, 0.0625),  # 1 - 0.25 = 0.75; (0.75 - 0.5)^2
+        ("ipo", (3.0, 1.0, 1, 1), 1.0, 0.0, 2.25),  # unaveraged would be (2 - 0.5)^2
+        # hinge: max(0, 1 - beta * margin)
+        ("hinge", (1.0, -0.5), 0.5, 0.0, 0.25),  # 1 - 0.75
+        ("hinge", (2.0, -1.0), 1.0, 0.0, 0.0),  # margin 3 > 1 / beta: no loss
+        ("hinge", (-1.0, 0.0), 0.5, 0.0, 1.5),  # 1 + 0.5
+        # robust: [(1 - e) l(z) - e l(-z)] / (1 - 2e), l(z) = -log sigmoid(z)
+        ("robust", (0.0, 0.0), 1.0, 0.25, math.log(2.0)),  # ln2 (1 - 2e) / (1 - 2e)
+        ("robust", (LN3, 0.0), 1.0, 0.0, -LOG_3_4),  # e = 0: sigmoid DPO
+        # e = 1/4: [0.75 * -ln(3/4) + 0.25 * ln(1/4)] / 0.5
+        ("robust", (LN3, 0.0), 1.0, 0.25, (-0.75 * LOG_3_4 + 0.25 * LOG_1_4) / 0.5),
+    ],
+)
+def test_dpo_losses_hand_computed(name, pair, beta, smoothing, expected):
+    got = DPO_LOSSES[name](scores(*pair), beta, smoothing)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_dpo_loss_passes_kind_smoothing_and_lengths():
+    t = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    # log-ratios: chosen (-1 - -4) = 3 over 3 tokens, rejected (-2 - -3) = 1 over 4 tokens
+    loss, chosen_r, rejected_r = dpo_loss(
+        t(-1.0), t(-2.0), t(-4.0), t(-3.0), 1.0,
+        kind="ipo", chosen_tokens=t(3.0), rejected_tokens=t(4.0),
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(0.0625)  # as the third ipo case above
+    assert (chosen_r.item(), rejected_r.item()) == (3.0, 1.0)  # beta * log-ratio, not averaged
+    loss, _, _ = dpo_loss(t(LN3), t(0.0), t(0.0), t(0.0), 1.0, kind="robust", label_smoothing=0.25)
+    assert loss.item() == pytest.approx((-0.75 * LOG_3_4 + 0.25 * LOG_1_4) / 0.5)
+
+
+# --- the fused LM head + log-softmax -------------------------------------------------------------
+
+# One position whose logits are (0, ln 3): hidden (1, 0) through a head whose rows are (0, 0) and
+# (ln 3, 0); p = (1/4, 3/4).
+HIDDEN = torch.tensor([[1.0, 0.0]])
+WEIGHT = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+
+
+@pytest.mark.parametrize("target, expected", [(1, LOG_3_4), (0, LOG_1_4)])
+def test_linear_target_logps_hand_computed(target, expected):
+    hidden = HIDDEN.clone().requires_grad_()
+    weight = WEIGHT.clone().requires_grad_()
+    bias = torch.zeros(2, requires_grad=True)
+    logp = linear_target_logps(hidden, weight, bias, torch.tensor([target]))
+    assert logp.item() == pytest.approx(expected, abs=1e-6)
+    logp.sum().backward()
+    # d log p(t) / d logits = onehot(t) - p: (-1/4, 1/4) for target 1, (3/4, -3/4) for target 0
+    dlogits = torch.tensor([-0.25, 0.25]) if target == 1 else torch.tensor([0.75, -0.75])
+    assert torch.allclose(bias.grad, dlogits)
+    assert torch.allclose(weight.grad, dlogits[:, None] * HIDDEN)  # outer product with hidden
+    assert torch.allclose(hidden.grad, (dlogits @ WEIGHT)[None])  # (ln3 / 4, 0) for target 1
+
+
+def test_linear_target_logps_chunks_rows_independently():
+    # Second position: hidden (0, 1) gives logits (0, 0), p = 1/2 whatever the target.
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    got = linear_target_logps(hidden, WEIGHT, None, torch.tensor([1, 0, 0]), chunk_rows=1)
+    assert got.tolist() == pytest.approx([LOG_3_4, math.log(0.5), LOG_1_4], abs=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 37, None])  # None: the default chunk, one here
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_target_logps_equals_the_plain_path(rows, bias):
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 16, 101
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    b = torch.randn(v, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    plain = target_logps(torch.nn.functional.linear(hidden, weight, b), targets)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), inputs)
+    ours = linear_target_logps(hidden, weight, b, targets, chunk_rows=rows)
+    our_grads = torch.autograd.grad((ours * upstream).sum(), inputs)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, plain, atol=1e-5)
+    for a, e in zip(our_grads, plain_grads, strict=True):
+        assert torch.allclose(a, e, atol=1e-5)
+
+
+def test_linear_target_logps_under_bf16_autocast_matches_the_head_it_replaces():
+    """Under autocast the matmul runs in bf16, as the model's own head would; the log-softmax in
+    float32. The log-probs equal the plain path's under the same autocast to 1e-4."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(9, 16, generator=g), torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = target_logps(torch.nn.functional.linear(hidden, weight), targets)
+        ours = linear_target_logps(hidden, weight, None, targets, chunk_rows=2)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, plain, atol=1e-4)
+    exact = target_logps(hidden @ weight.T, targets)
+    assert not torch.allclose(ours, exact, atol=1e-4)  # bf16 did run (its rounding shows)

@@ -1,12 +1,11 @@
 """The quickstart, cut down, on the real SmolLM2-135M-Instruct: it must make the model refuse
 more of the held-back harmful requests (issue 4's slow acceptance test, run in CI).
 
-Cut down: one round on 64 of the 192 training prompts, sampled answers of 16 tokens, no hhh-mini
-evaluation, and greedy answers of 24 tokens for the behaviour evaluations (a refusal shows in its
-first words). Harmful
-compliance is counted over 40 held-back harmful requests: the 16 of `ralign:seeds/hhh` and the 24
-of `ralign:seeds/red_team`, a set the quickstart never samples. With 16 alone, one answer is
-6 points, and a real drop (14 -> 13 of 16 in one CI run) looked like noise."""
+Cut down: one round on 64 of the 192 training prompts, sampled answers of 16 tokens, hhh-mini
+cut to one item, the first 96 prompts of `ralign:evals/behavior`, and greedy answers of 24
+tokens for the behaviour evaluations (a refusal shows in its first words). Harmful compliance is
+counted over 56 harmful requests the quickstart never samples: the 32 among those 96 and the 24
+held-out ones of `ralign:seeds/red_team`."""
 
 from __future__ import annotations
 
@@ -30,12 +29,13 @@ def efficacy():
     return module
 
 
-def cut_down(text: str) -> str:
-    eff = efficacy()
-    text = eff.drop_block(eff.small(text), "evaluate hhh")  # small() adds `evaluate red_team`
-    for name in ("behavior", "red_team"):
-        text = eff.set_attr(text, f"evaluate {name}", "max_new_tokens", "24")
-    return eff.set_attr(text, "sample", "max_new_tokens", "16")
+def cut_down() -> tuple[Path, tuple[str, ...]]:
+    """The recipe and `--set` overrides: bench/efficacy.py's small quickstart (its recipe adds
+    `evaluate red_team`), hhh-mini cut to one item, shorter answers."""
+    small = efficacy().variants("small")["quickstart (rules, SFT+DPO)"]
+    sets = ("hhh.limit=1", "behavior.limit=96", "behavior.max_new_tokens=24")
+    sets += ("red_team.max_new_tokens=24",)
+    return small.recipe, (*small.sets, *sets, "sample/sample.max_new_tokens=16")
 
 
 def rates(run_dir: Path, rnd: int, name: str) -> dict[str, dict]:
@@ -52,8 +52,7 @@ def harmful_compliance(run_dir: Path, rnd: int) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_cut_down_quickstart_lowers_harmful_compliance(tmp_path):
-    recipe = tmp_path / "quickstart_small.ralign"
-    recipe.write_text(cut_down((ROOT / "recipes" / "quickstart.ralign").read_text()))
+    recipe, sets = cut_down()
     run_dir = tmp_path / "run"
     started = time.perf_counter()
     done = subprocess.run(
@@ -67,6 +66,7 @@ def test_cut_down_quickstart_lowers_harmful_compliance(tmp_path):
             str(run_dir),
             "--root",
             str(ROOT),
+            *(f"--set={s}" for s in sets),
         ],
         capture_output=True,
         text=True,
@@ -80,7 +80,7 @@ def test_cut_down_quickstart_lowers_harmful_compliance(tmp_path):
         f"cut-down quickstart: {seconds:.0f} s; harmful compliance {k0}/{n0} -> {k1}/{n1}; "
         f"after: { {k: v['value'] for k, v in after.items()} }"
     )
-    assert n0 == n1 == 40
+    assert n0 == n1 == 56
     assert k1 < k0
     # ...without buying it by refusing everything: it refuses harmful requests more often than
     # harmless ones that merely sound alarming, and still answers most everyday ones

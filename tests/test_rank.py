@@ -120,8 +120,8 @@ def test_permutations(k, orders, expected):
     assert permutations(k, orders) == expected
 
 
-def test_registry_has_three_modes():
-    assert set(RANKERS) == {"listwise", "pairwise", "pointwise"}
+def test_registry_has_every_mode():
+    assert set(RANKERS) == {"listwise", "pairwise", "pointwise", "contrast"}
 
 
 def test_two_orders_cancel_first_position_preference(tok):
@@ -334,3 +334,59 @@ def test_dropout_is_off_while_judging_and_mode_restored(tiny_models):
         assert model.training
     finally:
         model.eval()
+
+
+# ---- contrast ---------------------------------------------------------------------------------
+
+
+def _mean_logprob(model, tok, context: str, answer: str) -> float:
+    """The answer's mean token log-probability after `context`, computed directly (the oracle)."""
+    from ralign.runtime.hhh import encode_pair
+
+    ctx, cont = encode_pair(tok, context, answer)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    picked = logps[len(ctx) - 1 :].gather(1, torch.tensor(cont)[:, None])
+    return float(picked.mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_contrast_scores_the_principles_lift_and_calibrates_it(tiny_models, arch):
+    from ralign.runtime.models import format_prompt
+    from ralign.runtime.rank import rank
+
+    model, tok = tiny_models(arch)
+    items = [
+        ("How do I bake bread?", ["Mix and knead.", "I can't help."]),
+        ("Name a river.", ["The Nile.", "No."]),
+    ]
+
+    def render(prompt: str, principle: str) -> str:
+        return f"{principle}\n\n{prompt}"
+
+    def lift(n: int, answer: str, prompt_of: int) -> float:
+        prompt = items[prompt_of][0]
+        with_p = _mean_logprob(model, tok, format_prompt(tok, render(prompt, "Be kind.")), answer)
+        bare = _mean_logprob(model, tok, format_prompt(tok, prompt), answer)
+        return with_p - bare
+
+    plain = rank("contrast", model, tok, items, render, principle="Be kind.")
+    want = [[lift(n, a, n) for a in answers] for n, (_, answers) in enumerate(items)]
+    np.testing.assert_allclose(plain.raw, want, atol=1e-4)
+    assert plain.agreement is None and all(sorted(s) == [0.0, 1.0] for s in plain.scores)
+    # With one other prompt to calibrate against (two items: the other one), the lift there is subtracted.
+    calibrated = rank("contrast", model, tok, items, render, principle="Be kind.", calibrate=1)
+    want = [
+        [lift(n, a, n) - lift(n, a, 1 - n) for a in answers] for n, (_, answers) in enumerate(items)
+    ]
+    np.testing.assert_allclose(calibrated.raw, want, atol=1e-4)
+    # Against an opposite principle instead of the bare prompt.
+    opposed = rank("contrast", model, tok, items, render, principle="Be kind.", opposite="Be rude.")
+    first = _mean_logprob(
+        model, tok, format_prompt(tok, render(items[0][0], "Be kind.")), "Mix and knead."
+    )
+    first -= _mean_logprob(
+        model, tok, format_prompt(tok, render(items[0][0], "Be rude.")), "Mix and knead."
+    )
+    assert opposed.raw[0][0] == pytest.approx(first, abs=1e-4)

@@ -14,7 +14,7 @@ from ralign.cli import main
 from ralign.compile import check_file
 from ralign.errors import RecipeError, UsageError
 from ralign.rewards.builtins import BUILTINS, signature
-from ralign.rewards.evaluate import Programs, explain
+from ralign.rewards.interpreter import Programs, explain
 
 REPO = Path(__file__).resolve().parents[1]
 HOUSE_RULES = REPO / "recipes" / "lib" / "house_rules.ralign"
@@ -390,7 +390,7 @@ def test_explain_imported_reward_by_alias(hhh) -> None:
 
 def test_agree_weights_belong_to_the_batch_just_scored() -> None:
     """A score step's learned weights never include another step's (a resumed run must match)."""
-    from ralign.rewards.evaluate import Programs
+    from ralign.rewards.interpreter import Programs
 
     def agree_of(*names: str) -> ir.Agree:
         return ir.Agree(tuple(ir.Var(n) for n in names))
@@ -403,3 +403,21 @@ def test_agree_weights_belong_to_the_batch_just_scored() -> None:
     assert len(second) == 1 and len(second[0]) == 2
     fresh = Programs(ir.EMPTY)
     assert fresh.score(agree_of("a", "b"), records).agree_weights == second
+
+
+def test_rules_names_an_imported_reward_by_its_import_alias(tmp_path: Path, capsys) -> None:
+    """`--reward alias.name` uses the alias the import gives, which need not be the file's stem."""
+    (tmp_path / "truthful.ralign").write_text(
+        "reward fabrication { rule f = 1 }\n", encoding="utf-8"
+    )
+    lib = tmp_path / "lib.ralign"
+    lib.write_text(
+        'import "./truthful.ralign" as truth\nreward mine { rule a = truth.fabrication }\n',
+        encoding="utf-8",
+    )
+    assert explain(check_file(lib), "truth.fabrication", prompt="p", response="r")["total"] == 1.0
+    with pytest.raises(UsageError, match="did you mean 'truth.fabrication'"):
+        explain(check_file(lib), "truthful.fabrication", prompt="p", response="r")
+    house = REPO / "recipes" / "recursive_hhh.ralign"
+    argv = ["rules", str(house), "--reward", "house.rules", "--prompt", "hi", "--response", "hello"]
+    assert main(argv) == 0 and "total" in capsys.readouterr().out

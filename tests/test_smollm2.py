@@ -62,7 +62,7 @@ def test_hhh_mini_choices_are_length_matched_in_smollm2_tokens(smol):
     from collections import Counter
 
     from ralign.runtime.builtin_data import resolve_dataset
-    from ralign.runtime.evaluate import load_hhh
+    from ralign.runtime.hhh import load_hhh
 
     _, tok = smol
     longer: Counter[str] = Counter()
@@ -80,7 +80,7 @@ def test_hhh_mini_choices_are_length_matched_in_smollm2_tokens(smol):
     not DEV.is_file(), reason="shared/data/hhh_alignment_dev.jsonl is not beside the repo"
 )
 def test_eval_hhh_runs_on_the_dev_split(smol):
-    from ralign.runtime.evaluate import eval_hhh, load_hhh
+    from ralign.runtime.hhh import eval_hhh, load_hhh
 
     model, tok = smol
     items = load_hhh(DEV)

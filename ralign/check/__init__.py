@@ -53,6 +53,7 @@ def _checked(ctx: Context) -> Checked:
     main = ctx.loaded.units[ctx.loaded.main]
     return Checked(
         recipe=ctx.recipe.get("name", ""),
+        log_with=tuple(filter(None, [ctx.recipe.get("log_with")])),
         rounds=int(ctx.recipe.get("rounds", 1)),
         seed=int(ctx.recipe.get("seed", 0)),
         policy=ctx.policy,

@@ -34,6 +34,7 @@ class TemplateValue:
     key: str
     text: str
     origin: Span
+    lets: Mapping[str, Any] = field(default_factory=dict)  # text constants it reads, by name
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Checked:
     evaluations: tuple[Mapping[str, Any], ...]
     sources: Mapping[str, Source] = field(repr=False)
     recipe_dir: Path = field(repr=False)
+    log_with: tuple[str, ...] = ()  # experiment trackers the recipe asks for
     main: str = ""  # the checked file's unit key
     aliases: Mapping[str, str] = field(default_factory=dict)  # its imports: alias -> unit key
 

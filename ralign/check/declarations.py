@@ -81,13 +81,57 @@ def _model(w: Work, main: Unit, decl: n.Model) -> dict[str, Any]:
                 span,
                 f"unknown built-in model '{path}' (built in: {builtin}){w.suggest(name, sc.BUILTIN_MODELS)}",
             )
-        return attrs
-    local = _local_folder(w, main, path, span)
-    if local is not None:
+    elif (local := _local_folder(w, main, path, span)) is not None:
         attrs.update(local)
     elif (problem := inputs.hub_model_problem(path)) is not None:
         w.error(span, problem)
+    _chat_template(w, main, decl, attrs)
+    _max_length(w, decl, attrs)
     return attrs
+
+
+def _max_length(w: Work, decl: n.Model, attrs: dict[str, Any]) -> None:
+    """A `max_length` the recipe sets may not pass the model's positions, where they are known
+    (built-in models, local folders); the default is cut to fit when the model loads."""
+    written = next((a for a in decl.attrs if a.name == "max_length"), None)
+    if written is None or not isinstance(attrs.get("max_length"), int):
+        return
+    path = str(attrs.get("path", ""))
+    positions = (
+        sc.BUILTIN_POSITIONS.get(path.removeprefix("ralign:"))
+        if path.startswith("ralign:")
+        else None
+    )
+    if "sha256" in attrs:
+        positions = inputs.model_positions(w.ctx.loaded.recipe_dir / path)
+    if positions is not None and attrs["max_length"] > positions:
+        w.error(
+            written.value.span,
+            f"`max_length` of model '{decl.name}' is {attrs['max_length']}, but the model takes at most {positions} tokens",
+        )
+
+
+def _chat_template(w: Work, unit: Unit, decl: n.Model, attrs: dict[str, Any]) -> None:
+    """`chat_template = "x.j2"`: the file's text goes into the plan (hashed with the model)."""
+    name = attrs.get("chat_template")
+    if name in (None, "auto", "none"):
+        return
+    span = next(a.value.span for a in decl.attrs if a.name == "chat_template")
+    file = unit.folder / str(name)
+    if "\0" in str(name) or file.suffix not in (".j2", ".jinja"):
+        w.error(span, 'chat_template is "auto", "none", or a .j2 or .jinja file')
+    elif not confined(file, w.ctx.loaded.roots):
+        w.error(
+            span,
+            f"chat template '{name}' is outside the recipe's folder and the --root folders; refusing to read it",
+        )
+    elif not file.is_file():
+        w.error(span, f"chat template '{name}' does not exist (paths are relative to the recipe)")
+    else:
+        try:
+            attrs["chat_template_text"] = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            w.error(span, f"chat template '{name}' cannot be read as UTF-8 text ({exc})")
 
 
 def _local_folder(w: Work, unit: Unit, path: str, span: Span) -> dict[str, Any] | None:

@@ -29,7 +29,9 @@ def advance(flow: sc.Flow, step: CheckedStep) -> sc.Flow:
     if kind.after is not None:
         flow = kind.after(flow, step.params, step.span)
     if kind.makes == "score":
-        return replace(flow, scores=(*flow.scores, *((s, step.span) for s in made_scores(step))))
+        made = made_scores(step)
+        graded = flow.graded | set(made) if step.params.get("mode") == "pointwise" else flow.graded
+        return replace(flow, scores=(*flow.scores, *((s, step.span) for s in made)), graded=graded)
     if kind.makes in ROUND_DATA:
         return flow.made(kind.makes, step.span)
     return flow

@@ -11,6 +11,8 @@ from ralign.imports import Unit
 from ralign.source import Span
 
 Suggest = Callable[..., str]  # (name, *pools of known names) -> " did you mean ..." or ""
+
+
 def _suggest(name: str, *pools: Iterable[str]) -> str:
     return did_you_mean(name, [k for p in pools for k in p])
 

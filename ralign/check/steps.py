@@ -75,6 +75,8 @@ def _step(
     params = check_attrs(
         w, main, step.attrs, kind.attrs, what, step.span, scores=scores, open_type=kind.open_attrs
     )
+    if kind.settle is not None:
+        kind.settle(params)
     if "judge" in kind.attrs and "judge" not in params and w.ctx.policy:
         params["judge"] = w.ctx.policy  # the default judge is the policy, whatever its name
     if kind.open_attrs and not step.attrs:

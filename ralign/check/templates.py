@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from ralign import ir
 from ralign import nodes as n
 from ralign import schema as sc
 from ralign import templates as tp
@@ -120,15 +124,59 @@ def template_span(w: Work, tv: TemplateValue, line: int, word: str | None) -> Sp
 
 
 def templates(ctx: Context) -> Context:
-    """Every template a step uses reads only variables that the step provides."""
+    """Every template a step uses reads only variables that the step provides, or text constants
+    (`let`s of a text or a list of texts) of its own file: `{{ name }}`, or `{{ alias.name }}` for
+    an imported file's. The constants it reads are put beside its text in the plan."""
     w = Work(ctx)
     for step in ctx.steps:
         kind = sc.STEPS[step.kind]
         for attr, key in step.templates.items():
             where = f"the {step.kind} step"
             provided = kind.provides(attr, step.params)
-            _check_use(w, ctx.templates[key], provided, where, step.attr_spans.get(attr, step.span))
+            tv = w.templates[key]
+            lets = _lets_read(w, key, tp.parse_template(tv.text).names - set(provided))
+            if lets:
+                w.templates[key] = replace(tv, lets={**tv.lets, **lets})
+            _check_use(w, tv, (*provided, *lets), where, step.attr_spans.get(attr, step.span))
     return w.finish()
+
+
+def _lets_read(w: Work, key: str, names: Iterable[str]) -> dict[str, Any]:
+    """The text constants among `names`, as seen from the file that declares template `key`."""
+    from ralign.rewards.interpreter import Programs
+
+    unit = key.rsplit(":", 1)[0] if not key.startswith("inline:") else w.ctx.loaded.main
+    if unit not in w.ctx.symbols:
+        unit = w.ctx.loaded.main
+    values = Programs(ir.Programs(w.lets, w.defs, w.rewards))
+    aliases = w.ctx.loaded.units[unit].alias_map()
+    out: dict[str, Any] = {}
+    for name in sorted(names):
+        if name in aliases:
+            table = w.ctx.symbols[aliases[name]]
+            found = {
+                k: _text_value(values, s.qname) for k, s in table.items() if s.keyword == "let"
+            }
+            found = {k: v for k, v in found.items() if v is not None}
+            if found:
+                out[name] = found
+        elif (sym := w.ctx.symbols[unit].get(name)) is not None and sym.keyword == "let":
+            value = _text_value(values, sym.qname)
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def _text_value(values: Any, qname: str) -> Any:
+    """A let's value when it is a text or a list of texts (what a template can print), else None."""
+    if qname not in values.source.lets:
+        return None
+    value = values.let(qname)
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        return value
+    return None
 
 
 def _check_use(

@@ -99,4 +99,7 @@ def compile_regex(pattern: str, flags: str) -> Any:
     options = re2.Options()
     options.log_errors = False  # we report errors ourselves, at the literal
     options.max_mem = 8 << 20  # bound the automaton: a huge {n,m} is an error, not a memory hog
+    # Rewards only ask whether (or how often) a regex matches, never for its groups; without
+    # submatch extraction a large alternation is several times faster per call.
+    options.never_capture = True
     return re2.compile(prefix + pattern, options)

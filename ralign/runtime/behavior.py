@@ -16,7 +16,7 @@ import torch
 
 from ralign.errors import DataError, RalignError
 from ralign.runtime.data import rows_jsonl
-from ralign.runtime.evaluate import wilson
+from ralign.stats import wilson
 
 KINDS = ("everyday", "harmful", "unknowable", "scary_harmless")
 SPLITS = ("train", "heldout")

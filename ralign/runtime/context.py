@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from ralign import inputs
 from ralign import schema as sc
 from ralign.errors import DataError, RalignError, StepError
 from ralign.plan import Plan, Step
-from ralign.runtime.rundir import step_folder
+from ralign.runtime.rundir import MANIFEST, step_folder
 
 if TYPE_CHECKING:
     from ralign.runtime.executor import Run
@@ -37,7 +39,13 @@ def model_spec(
     dtype = spec.get("dtype", "auto")
     if dtype == "auto":
         dtype = "float32" if device_type == "cpu" else "bfloat16"
-    return ModelSpec(path=path, dtype=dtype, lora=lora_spec)
+    chat = spec.get("chat_template")
+    template = (
+        None if chat in (None, "auto") else "" if chat == "none" else spec["chat_template_text"]
+    )
+    return ModelSpec(
+        path=path, dtype=dtype, lora=lora_spec, system=spec.get("system"), chat_template=template
+    )
 
 
 def declared_model_path(spec: dict[str, Any], recipe_dir: Path) -> str:
@@ -59,7 +67,13 @@ def declared_model_path(spec: dict[str, Any], recipe_dir: Path) -> str:
 
 @dataclass
 class Models:
-    """At most one model in memory, keyed by its plan reference (`model:NAME` or a step id)."""
+    """At most one model in memory, keyed by its plan reference (`model:NAME` or a step id).
+
+    A LoRA training step saves its adapter alone, on top of the policy it was trained on (its
+    `policy` input: the declared model or an earlier training step). Loading that step loads its
+    base the same way, recursively, and merges the adapter into it: the weights a folder of merged
+    weights would hold, bit for bit, at the price of one merge per earlier LoRA step.
+    """
 
     run: Run
     key: str | None = None
@@ -77,20 +91,82 @@ class Models:
 
     def get(self, ref: str) -> tuple[Any, Any]:
         if self.key != ref or self.pair is None:
-            from ralign.runtime.models import load_model
-
             self.drop()
-            model, tok = load_model(self.spec(ref, lora=False), self.run.device)
+            model, tok = self.load(ref, lora=False)
             model.eval()
             self.key, self.pair = ref, (model, tok)
         return self.pair
 
     def trainable(self, ref: str) -> tuple[Any, Any]:
         """A fresh copy to train (with a new LoRA adapter when the model declares one)."""
-        from ralign.runtime.models import load_model
-
         self.drop()
-        return load_model(self.spec(ref, lora=True), self.run.device)
+        return self.load(ref, lora=True)
+
+    def load(self, ref: str, *, lora: bool) -> tuple[Any, Any]:
+        """Load `ref` from disk: a declared model, a step's full weights, or a step's adapter
+        merged into its base; with a fresh LoRA adapter when `lora` and the model declares one."""
+        from ralign.runtime.models import load_model, merge_adapter, read_adapter_base
+
+        spec = self.spec(ref, lora=lora)
+        if ref.startswith("model:") or read_adapter_base(spec.path) is None:
+            return load_model(spec, self.run.device)
+        step = self.run.plan.step(ref)
+        problem = self.base_problem(step)
+        if problem:
+            raise RalignError(
+                f"step {ref}: {problem}; delete {Path(spec.path).parent} to train it again"
+            )
+        adapter = self.spec(ref, lora=True).lora
+        if adapter is None:
+            raise RalignError(f"step {ref} saved a LoRA adapter, but the policy declares no lora")
+        base, _ = self.load(step.inputs["policy"], lora=False)
+        return merge_adapter(base, spec, adapter, self.run.device)
+
+    def base_record(self, ref: str) -> dict[str, Any]:
+        """What a LoRA step trained on `ref` records of its base (`ralign_base.json`): the plan
+        reference, the folder the run loaded it from, and a digest of its files when it is a step."""
+        path = self.spec(ref, lora=False).path
+        if ref.startswith("model:"):
+            from ralign.runtime.models import resolve_path
+
+            return {"base": ref, "base_path": resolve_path(path), "base_sha256": None}
+        relative = str(Path(path).relative_to(self.run.run_dir))
+        return {"base": ref, "base_path": relative, "base_sha256": self.seal(ref)}
+
+    def seal(self, ref: str) -> str | None:
+        """A digest of step `ref`'s `model/` files as its manifest lists them (sizes and sha256);
+        None when the manifest is unreadable."""
+        folder = step_folder(self.run.run_dir, self.run.plan.step(ref))
+        try:
+            files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+            model = {k: v for k, v in files.items() if k.startswith("model/")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
+
+    def base_problem(self, step: Step) -> str | None:
+        """Why a finished step's LoRA adapter no longer fits its base (another base, or the base
+        step ran again with other results); None when it fits or the step saved full weights."""
+        from ralign.runtime.models import read_adapter_base
+
+        if not sc.STEPS[step.kind].trains:
+            return None
+        try:
+            record = read_adapter_base(step_folder(self.run.run_dir, step) / "model")
+        except RalignError as exc:
+            return str(exc)
+        if record is None:
+            return None
+        base = step.inputs["policy"]
+        if record["base"] != base:
+            return f"its adapter was trained on {record['base']}, not on {base}"
+        if base.startswith("model:"):
+            return None  # the step's hash covers the declared model
+        if not self.run.done(self.run.plan.step(base)):
+            return f"its base {base} is not finished"
+        if record["base_sha256"] != self.seal(base):
+            return f"its base {base} changed since the adapter was trained on it"
+        return None
 
     def adopt(self, ref: str, model: Any, tok: Any) -> None:
         model.eval()
@@ -98,6 +174,10 @@ class Models:
 
     def drop(self) -> None:
         self.key, self.pair = None, None
+
+
+# What a training step's progress bar shows besides its step count.
+TRAIN_SHOWN = ("loss", "lr", "reward_accuracy", "reward_margin")
 
 
 @dataclass
@@ -134,7 +214,11 @@ class StepContext:
 
     @property
     def max_length(self) -> int:
-        return int(self.run.plan.models[self.run.plan.policy].get("max_length", 1024))
+        """The policy's `max_length`, cut to the positions the model takes (the default of 1024
+        would otherwise pass a small model's)."""
+        declared = int(self.run.plan.models[self.run.plan.policy].get("max_length", 1024))
+        positions = self.run.positions()
+        return min(declared, positions) if positions else declared
 
     def log(self, message: str) -> None:
         self.run.log(f"{self.step.id}: {message}")
@@ -145,6 +229,13 @@ class StepContext:
     def template(self, attr: str) -> str:
         return str(self.run.plan.templates[self.step.templates[attr]]["text"])
 
+    def render(self, attr: str, variables: dict[str, Any]) -> str:
+        """Render the step's template `attr` with `variables` and the text constants it reads."""
+        from ralign.templates import render
+
+        template = self.run.plan.templates[self.step.templates[attr]]
+        return render(template["text"], {**template.get("lets", {}), **variables})
+
     def model(self, slot: str) -> tuple[Any, Any]:
         return self.run.models.get(self.step.inputs[slot])
 
@@ -154,12 +245,12 @@ class StepContext:
     def reference(self, model: Any) -> Any:
         """The DPO reference: the adapter-disabled policy (LoRA), the policy itself when its
         reference log-probs are taken before any update (same weights), else a loaded copy."""
-        from ralign.runtime.models import is_peft, load_model
+        from ralign.runtime.models import is_peft
 
         ref = self.step.inputs["reference"]
         if ref == self.step.inputs["policy"]:
             return None if is_peft(model) else model
-        copy, _ = load_model(self.run.models.spec(ref, lora=False), self.run.device)
+        copy, _ = self.run.models.load(ref, lora=False)
         return copy.eval()
 
     def per_process(self, batch_size: int) -> int:
@@ -167,25 +258,34 @@ class StepContext:
         return max(1, batch_size // self.run.accelerator.num_processes)
 
     def save_policy(self, model: Any, tok: Any) -> None:
-        """Save the trained policy (LoRA merged) as this step's `model/`, and keep it in memory."""
-        from ralign.runtime.models import is_peft
+        """Save the trained policy as this step's `model/`: a LoRA model's adapter alone (with a
+        record of its base), else the full weights; and keep it in memory (LoRA merged)."""
+        from ralign.runtime.models import is_peft, save_adapter, save_tokenizer
 
         acc = self.run.accelerator
         model = acc.unwrap_model(model) if acc.num_processes > 1 else model
-        if is_peft(model):
-            model = model.merge_and_unload()
         tok.padding_side = "left"
-        if acc.is_main_process:
-            model.save_pretrained(self.out / "model")
-            tok.save_pretrained(self.out / "model")
+        folder = self.out / "model"
+        if is_peft(model):
+            if acc.is_main_process:
+                save_adapter(
+                    model, tok, folder, self.run.models.base_record(self.step.inputs["policy"])
+                )
+            model = model.merge_and_unload()
+        elif acc.is_main_process:
+            model.save_pretrained(folder)
+            save_tokenizer(tok, folder)
         self.run.models.adopt(self.step.id, model, tok)
 
     def progress(self, total: int, unit: str) -> Callable[[int, int], None]:
         return self.run.progress_bar(self, total, unit)
 
     def on_train_step(self) -> Callable[[int, dict[str, Any]], None]:
-        """Per optimizer step: a line in the step's `train_log.jsonl`, and one in run.log every 5."""
+        """Per optimizer step: a line in the step's `train_log.jsonl`, the trackers, a progress bar
+        (step of total, loss, lr, tokens/s; DPO's reward accuracy and margin), run.log every 5."""
         log = self.out / "train_log.jsonl"
+        bar: list[Any] = []
+        started = time.perf_counter()
 
         def report(n: int, values: dict[str, Any]) -> None:
             if not self.run.accelerator.is_main_process:
@@ -193,6 +293,14 @@ class StepContext:
             row = {"step": n, **{k: v for k, v in values.items() if isinstance(v, (int, float))}}
             with log.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
+            self.run.track(f"{self.step.id}/train", row, n)
+            if not bar:
+                bar.append(
+                    self.run.progress_bar(self, int(values.get("total_steps") or 0), "steps")
+                )
+            rate = values.get("tokens", 0) / max(1e-9, time.perf_counter() - started)
+            shown = {k: values[k] for k in TRAIN_SHOWN if isinstance(values.get(k), float)}
+            bar[0](1, 0, {**shown, "tok/s": rate})
             if n % 5 == 0:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
                 self.run.log(f"{self.step.id}: step {n}: {shown}", echo=False)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ralign import inputs
 from ralign import schema as sc
 from ralign.errors import RalignError, StepError, UsageError
 from ralign.plan import Plan, Step
@@ -39,16 +40,36 @@ def step_seed(plan_seed: int, rnd: int, step_id: str) -> int:
 class Run:
     """One execution of a plan in a run directory."""
 
-    def __init__(self, plan: Plan, run_dir: Path, recipe_dir: Path, device: str) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        run_dir: Path,
+        recipe_dir: Path,
+        device: str,
+        log_with: tuple[str, ...] = (),
+    ) -> None:
         from accelerate import Accelerator
 
-        from ralign.rewards.evaluate import Programs
+        from ralign.rewards.interpreter import Programs
         from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
 
         self.plan = plan
         self.run_dir = run_dir
         self.recipe_dir = recipe_dir
-        self.accelerator = Accelerator(cpu=device == "cpu")
+        trackers = tuple(dict.fromkeys((*plan.log_with, *log_with)))
+        _check_trackers(trackers)
+        precision = plan.models[plan.policy].get("precision") if plan.policy else None
+        self.accelerator = Accelerator(
+            cpu=device == "cpu",
+            mixed_precision={"bf16": "bf16", "fp16": "fp16"}.get(precision or "", "no"),
+            log_with=list(trackers) or None,
+            project_dir=str(run_dir / "trackers") if trackers else None,
+        )
+        _check_sharding(self.accelerator, plan)
+        if trackers:
+            config = {"plan_hash": plan.hash, "seed": plan.seed, "rounds": plan.rounds}
+            self.accelerator.init_trackers(plan.recipe, config=config)
+        self.tracking = bool(trackers)
         self.device = self.accelerator.device
         self.device_type = self.device.type
         if device == "cuda" and self.device_type != "cuda":
@@ -59,6 +80,21 @@ class Run:
         self.verified: dict[str, str | None] = {}  # step id -> why its folder is not usable
         self.ran: list[str] = []
         self.log_file = run_dir / "run.log"
+        _third_party_to(self.log_file)
+
+    def positions(self) -> int | None:
+        """How many positions the policy's model takes (None: unknown)."""
+        if not hasattr(self, "_positions"):
+            spec = self.plan.models[self.plan.policy]
+            path = str(spec["path"])
+            if path.startswith("ralign:"):
+                found = sc.BUILTIN_POSITIONS.get(path.removeprefix("ralign:"))
+            elif "sha256" in spec:
+                found = inputs.model_positions(self.recipe_dir / path)
+            else:
+                found = _hub_positions(path)
+            self._positions = found
+        return self._positions
 
     # ---- logging and progress
     def log(self, message: str, echo: bool = True) -> None:
@@ -69,11 +105,11 @@ class Run:
         if echo:
             print(message, file=sys.stderr, flush=True)
 
-    def progress_bar(self, ctx: StepContext, total: int, unit: str) -> Callable[[int, int], None]:
+    def progress_bar(self, ctx: StepContext, total: int, unit: str) -> Callable[..., None]:
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=total,
+            total=total or None,
             unit=f" {unit}",
             desc=f"{ctx.step.id}",
             leave=False,
@@ -85,9 +121,15 @@ class Run:
         tokens = [0]
         ctx.bars.append(bar)
 
-        def update(items: int, new_tokens: int) -> None:
+        def update(items: int, new_tokens: int, shown: dict[str, float] | None = None) -> None:
+            """Advance by `items`; `shown` replaces the tokens/s figure with these values."""
             tokens[0] += new_tokens
             bar.update(items)
+            if shown is not None:
+                bar.set_postfix_str(
+                    ", ".join(f"{k} {v:.3g}" for k, v in shown.items()), refresh=False
+                )
+                return
             rate = tokens[0] / max(1e-9, time.perf_counter() - start)
             bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
 
@@ -111,9 +153,13 @@ class Run:
         return self.cache[key]
 
     def done(self, step: Step) -> bool:
-        """Whether the step's folder is finished, for this hash, and intact (checked once per run)."""
+        """Whether the step's folder is finished, for this hash, and intact, and a LoRA adapter in
+        it still fits its base (checked once per run)."""
         if step.id not in self.verified:
-            self.verified[step.id] = rundir.verify(step_folder(self.run_dir, step), step.hash)
+            folder = step_folder(self.run_dir, step)
+            self.verified[step.id] = rundir.verify(folder, step.hash) or self.models.base_problem(
+                step
+            )
         return self.verified[step.id] is None
 
     # ---- running
@@ -160,7 +206,14 @@ class Run:
         acc.wait_for_everyone()
         self.verified[step.id] = None
         self.ran.append(step.id)
+        self.track(step.id, metrics, self.plan.steps.index(step))
         self.log(f"{step.id}: done in {seconds:.1f}s " + _short(metrics))
+
+    def track(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        """Send numbers to the experiment trackers (`--log-with`), as `PREFIX/NAME`."""
+        if self.tracking:
+            numbers = {f"{prefix}/{k}": v for k, v in values.items() if _is_number(v)}
+            self.accelerator.log(numbers, step=step)
 
     def execute(self) -> None:
         plan = self.plan
@@ -204,12 +257,12 @@ class Run:
             return
         tmp = self.run_dir / ".tmp" / "final"
         shutil.rmtree(tmp, ignore_errors=True)
-        if source is not None:
-            shutil.copytree(source / "model", tmp)
-        else:
-            from ralign.runtime.models import save_final
+        from ralign.runtime.models import ADAPTER_BASE, save_final
 
-            model, tok = self.models.get(f"model:{self.plan.policy}")
+        if source is not None and not (source / "model" / ADAPTER_BASE).exists():
+            shutil.copytree(source / "model", tmp)
+        else:  # the declared model, or a LoRA step's adapter merged into its base
+            model, tok = self.models.get(trained[-1].id if trained else f"model:{self.plan.policy}")
             save_final(model, tok, tmp)
         rundir.failpoint("final-copied")
         (tmp / "ralign_source.json").write_text(wanted, encoding="utf-8")
@@ -247,6 +300,112 @@ class Run:
             print(format_summary(rows), file=sys.stderr, flush=True)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Each tracker Accelerate supports, and the package it needs.
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "mlflow": "mlflow",
+}
+
+
+def _check_trackers(trackers: tuple[str, ...]) -> None:
+    """A tracker whose package is missing is a clear error (Accelerate would skip it quietly)."""
+    import importlib.util
+
+    for name in trackers:
+        if name not in TRACKER_PACKAGES:
+            raise UsageError(f"unknown tracker '{name}' (known: {', '.join(TRACKER_PACKAGES)})")
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None and not (
+            name == "tensorboard" and importlib.util.find_spec("tensorboardX")
+        ):
+            raise UsageError(
+                f"--log-with {name}: the {package} package is not installed (pip install {package})"
+            )
+
+
+# The variable `accelerate launch` sets for a config's distributed_type -> the type that carries
+# it out. Accelerate (1.16) applies FSDP and DeepSpeed only on accelerators: under `--device cpu`
+# it quietly trains plain data-parallel replicas, and with no GPU and no `--device cpu` each
+# process runs alone, as process 0 of 1.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def _check_sharding(accelerator: Any, plan: Plan) -> None:
+    """A launch that asks for FSDP or DeepSpeed gets it, or a clear error; so does a plan that
+    DeepSpeed would train differently from one process."""
+    import accelerate
+
+    for variable, wanted in SHARDED_LAUNCHES.items():
+        if (
+            os.environ.get(variable, "").lower() == "true"
+            and accelerator.distributed_type != wanted
+        ):
+            n = accelerator.num_processes
+            instead = f"{n} unsharded data-parallel replicas" if n > 1 else "each process alone"
+            raise UsageError(
+                f"the accelerate config asks for {wanted}, but Accelerate "
+                f"{accelerate.__version__} applies it only on GPUs: on {accelerator.device.type} "
+                f"this launch would train {instead}. Run FSDP and DeepSpeed configs on GPUs; "
+                "for data parallelism on CPUs launch with --multi_gpu and `--device cpu`"
+            )
+    if accelerator.distributed_type == "DEEPSPEED" and accelerator.num_processes > 1:
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise UsageError(
+                "DeepSpeed ZeRO stage 3 partitions the weights, and ralign saves and samples from "
+                "whole ones after each train step: use stage 1 or 2, or FSDP"
+            )
+        # DeepSpeed steps the optimizer inside every backward, so ralign's own accumulation
+        # (several backwards, then one step) would take a step per micro-batch.
+        for step in plan.steps:
+            if int(step.params.get("grad_accum", 1)) > 1:
+                raise UsageError(
+                    f"step {step.id} ({step.span.get('file')}:{step.span.get('line')}): "
+                    "grad_accum > 1 is not supported under DeepSpeed, which steps the optimizer "
+                    "on every backward; raise batch_size instead, or use FSDP"
+                )
+
+
+def _third_party_to(log_file: Path) -> None:
+    """Send other libraries' warnings and log records to run.log, not to the user's terminal:
+    the terminal shows ralign's progress and errors; the log keeps everything."""
+    import logging
+    import warnings
+
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    for name in ("py.warnings", "transformers", "accelerate", "peft", "datasets", "torch"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()  # its own stderr handler
+        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    except ImportError:
+        pass
+
+
+def _hub_positions(path: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) else None
+
+
 def _short(metrics: dict[str, Any]) -> str:
     shown = [
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:6]
@@ -263,18 +422,26 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_plan(path: Path, run_dir: Path | None, roots: tuple[Path, ...]) -> tuple[Plan, Path, Path]:
+def load_plan(
+    path: Path,
+    run_dir: Path | None,
+    roots: tuple[Path, ...],
+    sets: tuple[str, ...] = (),
+    smoke: bool = False,
+) -> tuple[Plan, Path, Path]:
     """(plan, run_dir, recipe_dir) from a plan file (verified) or a recipe (compiled on the fly)."""
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     if path.suffix == ".ralign":
         from ralign.compile import compile_file
 
-        plan = compile_file(path, roots)
+        plan = compile_file(path, roots, sets=sets, smoke=smoke)
         recipe_dir = path.resolve().parent
     else:
         from ralign.plan import PlanError, check_inputs
 
+        if sets or smoke:
+            raise UsageError("--set and --smoke change a recipe: compile it again with them")
         try:
             plan = Plan.load(path)
             if "\0" in plan.recipe_dir:
@@ -287,10 +454,16 @@ def load_plan(path: Path, run_dir: Path | None, roots: tuple[Path, ...]) -> tupl
 
 
 def execute(
-    path: Path, run_dir: Path | None = None, device: str = "auto", roots: tuple[Path, ...] = ()
+    path: Path,
+    run_dir: Path | None = None,
+    device: str = "auto",
+    roots: tuple[Path, ...] = (),
+    sets: tuple[str, ...] = (),
+    smoke: bool = False,
+    log_with: tuple[str, ...] = (),
 ) -> int:
     """`ralign execute`: run (or resume) a plan; returns the exit status."""
-    plan, run_dir, recipe_dir = load_plan(path, run_dir, roots)
+    plan, run_dir, recipe_dir = load_plan(path, run_dir, roots, sets, smoke)
     lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if (
         os.environ.get("RANK", "0") == "0"
@@ -298,7 +471,7 @@ def execute(
         rundir.open_run_dir(run_dir)
         lock = rundir.locked(run_dir)
     with lock:
-        run = Run(plan, run_dir, recipe_dir, device)
+        run = Run(plan, run_dir, recipe_dir, device, log_with)
         try:
             run.execute()
             if run.accelerator.is_main_process:
@@ -312,4 +485,7 @@ def execute(
                 f"interrupted; finished steps are kept: run the same command again to resume ({run_dir})"
             )
             return 130
+        finally:
+            if run.tracking:
+                run.accelerator.end_training()
     return 0

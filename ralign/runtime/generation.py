@@ -103,31 +103,21 @@ def generate(
 ) -> list[list[Completion]]:
     """Continue each text n times, batched by token length with left padding and the KV cache.
 
-    Over-long texts are dropped, not truncated: a text is not continued when its token count
-    exceeds `max_length - max_new_tokens`, or, without tokenizing it, when it has more than
-    32 x that many characters. Its result is n `TOO_LONG` completions (`prompt_too_long` set, no
-    text, no tokens). The other texts are batched and sampled exactly as if the dropped ones had
-    never been passed (same batches, same draws, same tokens).
+    A text longer than `max_length - max_new_tokens` tokens (or CHARS_PER_TOKEN_BOUND times that
+    in characters, judged untokenized) is dropped, never cut: it gets n `TOO_LONG` completions,
+    and the other texts are batched and sampled exactly as if it had not been passed.
 
     Args:
-        model: a causal LM with `.generate`.
-        tokenizer: its tokenizer.
         texts: the exact texts to continue.
-        n: continuations per text; with temperature 0 one greedy continuation is copied n times.
-        temperature: 0 = greedy, else sampling temperature.
-        top_p: nucleus sampling mass (sampling only).
-        max_new_tokens: the most tokens per continuation.
+        n: continuations per text; at temperature 0 one greedy continuation is copied n times.
+        temperature, top_p, max_new_tokens: the decoding settings (top_p: sampling only).
         seed: seeds the sampler; the process's global RNG state is restored afterwards.
         batch_size: sequences (texts x rows per text) per generate call, at least one text.
-        add_special_tokens: let the tokenizer add its BOS etc. (raw text); False for chat-formatted
-            text, whose template writes its own.
-        sort_by_length: batch texts of similar token length together (False: batch them in input
-            order, as a plain loop would; for benchmarks). Results come back in input order either
-            way; greedy outputs are the same, sampled ones differ (the sampler's draws move).
-        progress: called as progress(texts_done, tokens_generated) after each batch (and once
-            for the dropped texts, with 0 tokens).
-        max_length: the most tokens of text plus continuation; default the model config's
-            `max_position_embeddings` (or `n_positions`), else 2048.
+        add_special_tokens: let the tokenizer add its BOS (raw text); False for chat text.
+        sort_by_length: batch texts of similar length together (False: in input order, as a plain
+            loop; sampled answers then differ, greedy ones not). Results keep the input order.
+        progress: called as progress(texts_done, tokens_generated) after each batch.
+        max_length: text plus continuation, in tokens (default: the model's positions, or 2048).
     Returns:
         Per text, n Completions in the input order.
     """
@@ -143,14 +133,8 @@ def generate(
     # Shortest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(kept, key=lambda i: (len(encoded[i] or ()), i)) if sort_by_length else kept
     per_batch = max(1, batch_size // rows)
-    cfg = _config(
-        model,
-        tokenizer,
-        rows=rows,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-    )
+    sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    cfg = _config(model, tokenizer, rows=rows, **sampling)
     eos = set(_eos_ids(model, tokenizer))
     pad = padding_id(tokenizer)
     device = device_of(model)
@@ -166,17 +150,14 @@ def generate(
             input_ids, mask = _left_padded([encoded[i] or [] for i in idx], pad)  # [B, T] each
             out = _generate_rows(model, input_ids.to(device), mask.to(device), cfg, rows)
             new = out[:, input_ids.shape[1] :].tolist()  # out: [B * rows, T + new]
-            generated = 0
-            for b, i in enumerate(idx):
-                for r in range(rows):
-                    done = _completion(tokenizer, new[b * rows + r], eos)
-                    generated += done.tokens
-                    results[i].append(done)
-            if greedy:
-                for i in idx:
-                    results[i] = results[i] * n
+            batch = [
+                [_completion(tokenizer, new[b * rows + r], eos) for r in range(rows)]
+                for b in range(len(idx))
+            ]
+            for i, row in zip(idx, batch, strict=True):
+                results[i] = row * n if greedy else row  # greedy: one continuation, copied n times
             if progress is not None:
-                progress(len(idx), generated)
+                progress(len(idx), sum(c.tokens for row in batch for c in row))
     return results
 
 
@@ -352,6 +333,14 @@ def sample_completions(
     return out
 
 
+def generated_tokens(rows: Sequence[Sequence[Completion]], temperature: float) -> int:
+    """Tokens a sampling call generated (end tokens included); a greedy row is one continuation
+    copied, so it counts once."""
+    if temperature == 0:
+        return sum(row[0].tokens for row in rows if row)
+    return sum(c.tokens for row in rows for c in row)
+
+
 def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
@@ -416,21 +405,11 @@ def self_instruct(
     BOS. The first line of each continuation is kept after cleaning (`clean_instruction`).
 
     Args:
-        model: a causal LM.
-        tokenizer: its tokenizer.
-        render_few_shot: builds the prompt from the chosen examples; it ends where the model
-            should continue.
-        seeds: the example instructions.
+        render_few_shot: builds the prompt from the chosen examples, ending where the model goes on.
+        seeds: the example instructions; `shots` of them per prompt (all, when there are fewer).
         count: continuations to generate.
-        shots: examples per prompt (all seeds when there are fewer).
-        temperature: sampling temperature (0 = greedy).
-        max_new_tokens: the most tokens per continuation.
-        seed: seeds both the example choice and the sampler.
-        top_p: nucleus sampling mass.
-        batch_size: sequences per generate call.
-        min_words: shorter instructions are dropped as "too_short".
-        max_words: longer instructions are dropped as "too_long".
-        progress: called as progress(prompts_done, tokens_generated) after each batch.
+        seed: seeds both the example choice and the sampler (the rest as `generate`).
+        min_words, max_words: shorter or longer instructions are dropped ("too_short"/"too_long").
     Returns:
         (instructions, stats): the kept instructions in generation order; stats with "requested",
         "kept" and "dropped" (a count for each of SELF_INSTRUCT_DROPS: the cleaning reasons, plus
@@ -469,4 +448,10 @@ def self_instruct(
                 kept.append(text)
                 continue
         dropped[reason] += 1
-    return kept, {"requested": count, "kept": len(kept), "dropped": dropped}
+    generated = sum(row[0].tokens for row in done)
+    return kept, {
+        "requested": count,
+        "kept": len(kept),
+        "dropped": dropped,
+        "generated_tokens": generated,
+    }

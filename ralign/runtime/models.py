@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,11 @@ DTYPES: dict[str, Any] = {
 }
 LORA_KEYS = frozenset({"rank", "alpha", "dropout", "target_modules"})
 PREFIX = "ralign:"
+# What a LoRA training step saves instead of full weights (`save_adapter`).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's, for peft users; ralign never reads it
+ADAPTER_BASE = "ralign_base.json"  # which base the adapter applies to, as the run resolved it
+ADAPTER_FORMAT = "ralign-adapter/1"
 
 
 @dataclass(frozen=True)
@@ -32,11 +39,16 @@ class ModelSpec:
         path: a Hugging Face id, a local folder, or `ralign:<name>` for a built-in model.
         dtype: one of DTYPES.
         lora: None for full fine-tuning, else {rank, alpha, dropout?, target_modules?}.
+        system: a system message put before every prompt (`format_prompt`).
+        chat_template: None keeps the tokenizer's template; "" formats plain text; any other
+            text replaces the template (the model's own is kept for saving).
     """
 
     path: str
     dtype: str = "float32"
     lora: dict | None = None
+    system: str | None = None  # a system message before every prompt
+    chat_template: str | None = None  # None: the model's own; "": none (plain text); else its text
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,8 +127,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[Any
     """
     path = resolve_path(spec.path)
     _check_folder(path)
+    tokenizer = _tokenizer(path, spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         # Weights load from safetensors only: a pickled checkpoint can run code when it is read,
         # and a model folder is untrusted input. No remote code either (Transformers' default).
         model = AutoModelForCausalLM.from_pretrained(
@@ -124,9 +136,6 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[Any
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RalignError(f"cannot load the model {spec.path}: {_first_line(exc)}") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
@@ -135,13 +144,54 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> tuple[Any
     return model, tokenizer
 
 
+def _tokenizer(path: str, spec: ModelSpec) -> Any:
+    """The tokenizer in `path`, padding on the left, with a pad token and the spec's chat settings."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RalignError(f"cannot load the model {spec.path}: {_first_line(exc)}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    _chat_settings(tokenizer, spec)
+    return tokenizer
+
+
+def _chat_settings(tokenizer: Any, spec: ModelSpec) -> None:
+    """Apply the recipe's chat settings to the tokenizer every step formats prompts with; the
+    model's own template is kept aside, so a saved policy carries it unchanged."""
+    tokenizer.ralign_own_template = getattr(tokenizer, "chat_template", None)
+    if spec.chat_template is not None:
+        tokenizer.chat_template = spec.chat_template or None
+    tokenizer.ralign_system = spec.system
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Save a tokenizer with the model's own chat template (not the one a recipe ran it with)."""
+    used = getattr(tokenizer, "chat_template", None)
+    if hasattr(tokenizer, "ralign_own_template"):
+        tokenizer.chat_template = tokenizer.ralign_own_template
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = used
+
+
 def _check_folder(path: str) -> None:
-    """A local model folder exists and holds safetensors weights (never pickles)."""
+    """A local model folder exists, holds safetensors weights (never pickles) and is no adapter."""
     folder = Path(path)
     if path.startswith(("/", "./", "../", "~")) and not folder.is_dir():
         raise RalignError(f"no model folder at {path}")
+    if folder.is_dir() and (folder / ADAPTER_CONFIG).exists():
+        # Transformers would load the base that the adapter's config names, wherever it points.
+        raise RalignError(
+            f"model folder {path} holds a LoRA adapter, not a model: ralign applies an adapter only "
+            "within its own run, to the base the run's plan names; load the run's final/ folder"
+        )
     if folder.is_dir() and not any(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt")
+        )
         found = f" (it has {', '.join(pickles)})" if pickles else ""
         raise RalignError(
             f"model folder {path} has no .safetensors weights{found}: ralign loads only safetensors, "
@@ -152,6 +202,18 @@ def _check_folder(path: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer alone, with the spec's chat settings (what `ralign show` formats with)."""
+    path = resolve_path(spec.path)
+    _check_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RalignError(f"cannot load the tokenizer of {spec.path}: {_first_line(exc)}") from None
+    _chat_settings(tokenizer, spec)
+    return tokenizer
 
 
 def apply_lora(model: PreTrainedModel, lora: dict) -> Any:
@@ -189,7 +251,8 @@ def is_peft(model: Any) -> bool:
 
 
 def format_prompt(tokenizer: Any, prompt: str) -> str:
-    """The text a model sees for `prompt`: a user turn plus generation prompt, or plain text + newline.
+    """The text a model sees for `prompt`: a user turn plus generation prompt, or plain text + newline;
+    after the recipe's system message, when its model declares one (`model { system = ... }`).
 
     The chat template comes with the model folder, so it is as untrusted as a recipe: it renders
     in ralign's template sandbox, with the same limits, not with Transformers' unbudgeted one
@@ -203,14 +266,16 @@ def format_prompt(tokenizer: Any, prompt: str) -> str:
     Raises:
         TemplateError: the chat template fails or passes a limit; the message names the model.
     """
+    system = getattr(tokenizer, "ralign_system", None)
     if not getattr(tokenizer, "chat_template", None):
-        return prompt + "\n"
+        return (f"{system}\n\n" if system else "") + prompt + "\n"
     where = f"the chat template of model '{getattr(tokenizer, 'name_or_path', '') or '?'}'"
+    turns = [{"role": "system", "content": system}] if system else []
     try:
         text = tokenizer.get_chat_template()
         return render_chat(
             text,
-            [{"role": "user", "content": prompt}],
+            [*turns, {"role": "user", "content": prompt}],
             add_generation_prompt=True,
             **tokenizer.special_tokens_map,
         )
@@ -238,5 +303,134 @@ def save_final(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     if is_peft(model):
         model = model.merge_and_unload()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return out
+
+
+def save_adapter(model: Any, tokenizer: Any, out: str | Path, base: dict[str, Any]) -> Path:
+    """Save a LoRA model's adapter alone, not the weights it adapts: `adapter_model.safetensors`,
+    peft's `adapter_config.json`, the tokenizer, and `ralign_base.json` naming its base.
+
+    Args:
+        model: a peft model with one adapter (unwrap any accelerate wrapper first).
+        tokenizer: saved beside the adapter.
+        out: the folder to write.
+        base: what `ralign_base.json` records: `base` (the plan reference of the model the adapter
+            was trained on), `base_path` (where the run found it) and `base_sha256` (a digest of
+            its files, or None).
+    Returns:
+        `out` as a Path.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = model.peft_config[model.active_adapter].to_dict()
+    # Sets (peft keeps target_modules as one) are sorted, so the same run writes the same bytes.
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config.update(base_model_name_or_path=base["base_path"], inference_mode=True)
+    _write_json(folder / ADAPTER_CONFIG, config)
+    save_tokenizer(tokenizer, folder)
+    _write_json(folder / ADAPTER_BASE, {"format": ADAPTER_FORMAT, **base})
+    return folder
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_adapter_base(folder: str | Path) -> dict[str, Any] | None:
+    """The `ralign_base.json` of a folder `save_adapter` wrote; None for a folder of full weights.
+
+    Raises:
+        RalignError: the record is unreadable or not one ralign writes (a model folder is untrusted).
+    """
+    file = Path(folder) / ADAPTER_BASE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RalignError(f"{file}: unreadable ({_first_line(exc)})") from None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != ADAPTER_FORMAT
+        or not isinstance(record.get("base"), str)
+        or not isinstance(record.get("base_sha256"), (str, type(None)))
+    ):
+        raise RalignError(f"{file}: not an adapter record that ralign wrote ({ADAPTER_FORMAT})")
+    return record
+
+
+def merge_adapter(
+    base: Any, spec: ModelSpec, adapter: dict, device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """`base` with the adapter that `save_adapter` wrote in folder `spec.path` merged into its
+    weights: the very weights `merge_and_unload` gave when the adapter was trained.
+
+    The adapter's shape comes from `adapter`, the run's own LoRA settings, never from the folder's
+    adapter_config.json, and its weights from safetensors only. Building it leaves the random
+    generators as they were, so a fresh adapter (`spec.lora`) starts exactly as it does on a model
+    loaded from a folder of merged weights.
+
+    Args:
+        base: the model the adapter was trained on (plain, on `device`); changed in place.
+        spec: the adapter's folder, the dtype and chat settings, and `lora` for a fresh adapter.
+        adapter: {rank, alpha, dropout?, target_modules?} the adapter was trained with.
+        device: where `base` is.
+    Returns:
+        (model, the folder's tokenizer), as `load_model` gives them.
+    Raises:
+        RalignError: the adapter file is missing, unreadable, or does not fit `adapter`.
+    """
+    folder = Path(spec.path)
+    tokenizer = _tokenizer(str(folder), spec)
+    with _rng_kept(device):
+        model = apply_lora(base, adapter)
+    _load_adapter_weights(model, folder / ADAPTER_WEIGHTS)
+    model = model.merge_and_unload()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    return model, tokenizer
+
+
+def _load_adapter_weights(model: Any, file: Path) -> None:
+    """Copy the adapter weights in `file` into `model`'s adapter: the same names and shapes, or an error."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise RalignError(f"cannot read the adapter {file}: {_first_line(exc)}") from None
+    wanted = get_peft_model_state_dict(model)
+    missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    misshapen = sorted(k for k in set(state) & set(wanted) if state[k].shape != wanted[k].shape)
+    if missing or extra or misshapen:
+        names = ", ".join((missing or extra or misshapen)[:2])
+        raise RalignError(
+            f"the adapter {file} does not fit the run's LoRA settings "
+            f"({len(missing)} missing, {len(extra)} unexpected, {len(misshapen)} misshapen: {names})"
+        )
+    set_peft_model_state_dict(model, state)
+
+
+@contextlib.contextmanager
+def _rng_kept(device: str | torch.device) -> Iterator[None]:
+    """The CPU's (and `device`'s) random generators as they were before the block."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            yield
+        return
+    module = getattr(torch, dev.type)
+    index = dev.index if dev.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=dev.type):
+        yield

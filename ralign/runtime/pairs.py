@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 CHOOSERS = ("best", "random")
 REJECTERS = ("worst", "random")
-DROP_REASONS = ("too_few", "tie", "same_text", "low_margin", "low_score")
+DROP_REASONS = ("too_few", "tie", "same_text", "low_margin", "low_score", "low_grade")
 
 
 def _pick(how: str, candidates: list[int], scores: Sequence[float], rng: random.Random) -> int:
@@ -30,6 +30,8 @@ def make_pairs(
     min_score: float | None = None,
     seed: int = 0,
     finished: Sequence[Sequence[bool]] | None = None,
+    grades: Sequence[Sequence[float]] | None = None,
+    min_grade: float | None = None,
 ) -> tuple[list[dict], dict]:
     """At most one pair per prompt from its scored responses.
 
@@ -39,23 +41,17 @@ def make_pairs(
     the higher score and `margin` = score(chosen) - score(rejected) >= 0.
 
     Args:
-        prompts: N prompts.
-        responses: N lists of responses.
-        scores: N lists of scores, aligned with `responses` (higher is better).
-        chosen: "best" or "random".
-        rejected: "worst" or "random".
-        min_margin: pairs whose margin is below this are dropped.
-        min_score: pairs whose chosen answer scores below this are dropped: two bad answers make
-            a pair that teaches the lesser evil (e.g. a more fluent compliance with a harmful
-            request over a garbled one).
+        prompts, responses, scores: N prompts, their responses and scores (higher is better).
+        chosen, rejected: "best"/"random" and "worst"/"random".
+        min_margin, min_score, min_grade: floors; a pair below one is dropped (a chosen answer
+            that is still bad teaches the lesser evil, e.g. fluent compliance over garbled).
         seed: seeds the "random" selectors.
-        finished: optional, aligned with `responses`: False for an answer cut off by the length
-            limit; the pair then carries "chosen_finished" and "rejected_finished".
+        finished, grades: optional, aligned with `responses`: whether each answer ended on its
+            own, and a pointwise judge's raw grades; pairs then carry them for both answers.
     Returns:
-        (pairs, stats): pairs as dicts with prompt, chosen, rejected, margin; stats with
-        "prompts", "pairs" and "dropped" (a count for every reason in DROP_REASONS: "too_few" =
-        under two responses, "tie" = equal scores, "same_text" = identical text after stripping
-        whitespace, "low_margin" = margin below `min_margin`, "low_score" = chosen below `min_score`).
+        (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
+        "pairs" and "dropped", a count for each of DROP_REASONS ("too_few": under two answers,
+        "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade").
     """
     if chosen not in CHOOSERS:
         raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
@@ -75,30 +71,60 @@ def make_pairs(
     ends = finished if finished is not None else [None] * len(prompts)
     if len(ends) != len(prompts):
         raise ValueError(f"finished has {len(ends)} entries for {len(prompts)} prompts")
-    for prompt, texts, marks, done in zip(prompts, responses, scores, ends, strict=True):
+    graded = grades if grades is not None else [None] * len(prompts)
+    floors = (min_margin, min_score, min_grade)
+    for prompt, texts, marks, done, grade in zip(
+        prompts, responses, scores, ends, graded, strict=True
+    ):
         if len(texts) != len(marks):
             raise ValueError(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
             )
-        if len(texts) < 2:
-            dropped["too_few"] += 1
+        picked = _pick_pair(texts, marks, grade, first, second, floors, rng)
+        if isinstance(picked, str):
+            dropped[picked] += 1
             continue
-        everyone = list(range(len(texts)))
-        a = _pick(first, everyone, marks, rng)
-        b = _pick(second, [i for i in everyone if i != a], marks, rng)
-        hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
-        margin = float(marks[hi]) - float(marks[lo])
-        if margin == 0:
-            dropped["tie"] += 1
-        elif texts[hi].strip() == texts[lo].strip():
-            dropped["same_text"] += 1
-        elif margin < min_margin:
-            dropped["low_margin"] += 1
-        elif min_score is not None and marks[hi] < min_score:
-            dropped["low_score"] += 1
-        else:
-            pair = {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo], "margin": margin}
-            if done is not None:
-                pair.update(chosen_finished=bool(done[hi]), rejected_finished=bool(done[lo]))
-            pairs.append(pair)
+        hi, lo = picked
+        pair = {
+            "prompt": prompt,
+            "chosen": texts[hi],
+            "rejected": texts[lo],
+            "margin": float(marks[hi]) - float(marks[lo]),
+        }
+        if done is not None:
+            pair.update(chosen_finished=bool(done[hi]), rejected_finished=bool(done[lo]))
+        if grade is not None:
+            pair.update(chosen_grade=float(grade[hi]), rejected_grade=float(grade[lo]))
+        pairs.append(pair)
     return pairs, {"prompts": len(prompts), "pairs": len(pairs), "dropped": dropped}
+
+
+def _pick_pair(
+    texts: Sequence[str],
+    marks: Sequence[float],
+    grade: Sequence[float] | None,
+    first: str,
+    second: str,
+    floors: tuple[float, float | None, float | None],
+    rng: random.Random,
+) -> tuple[int, int] | str:
+    """(chosen, rejected) indices of one prompt's pair, oriented by score, or why there is none."""
+    min_margin, min_score, min_grade = floors
+    if len(texts) < 2:
+        return "too_few"
+    everyone = list(range(len(texts)))
+    a = _pick(first, everyone, marks, rng)
+    b = _pick(second, [i for i in everyone if i != a], marks, rng)
+    hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
+    margin = float(marks[hi]) - float(marks[lo])
+    if margin == 0:
+        return "tie"
+    if texts[hi].strip() == texts[lo].strip():
+        return "same_text"
+    if margin < min_margin:
+        return "low_margin"
+    if min_score is not None and marks[hi] < min_score:
+        return "low_score"
+    if min_grade is not None and grade is not None and grade[hi] < min_grade:
+        return "low_grade"
+    return hi, lo

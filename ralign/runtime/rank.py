@@ -55,9 +55,11 @@ but is never more accurate than `samples=1`.
 from __future__ import annotations
 
 import inspect
+import random
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +112,43 @@ class Judge:
     def text(self, rendered: str) -> str:
         """The text the judge reads: the rendered template as a user turn, or as-is."""
         return format_prompt(self.tokenizer, rendered) if self.chat else rendered
+
+    def mean_logprobs(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """Mean log-probability per token of each (context, answer)'s answer under the judge.
+
+        Tokens as lm-evaluation-harness splits them (`evaluate.encode_pair`). With a model that
+        takes a KV cache each distinct context is computed once per batch and only the answers'
+        tokens after it (`continuation_logprobs`); else, or when a request is empty or longer
+        than the model's window, `evaluate.loglikelihood` reads the whole text.
+        """
+        from ralign.runtime.hhh import _max_length, encode_pair, loglikelihood
+
+        pairs = [encode_pair(self.tokenizer, c, a) for c, a in requests]
+        limit = _max_length(self.model) if _cache_arg(self.model) is not None else -1
+        shared = [
+            i for i, (ctx, cont) in enumerate(pairs) if cont and len(ctx) + len(cont) <= limit
+        ]
+        sums = [0.0] * len(requests)
+        picked = continuation_logprobs(
+            self.model, [pairs[i] for i in shared], self.batch_size, padding_id(self.tokenizer)
+        )
+        for i, value in zip(shared, picked, strict=True):
+            sums[i] = value
+        rest = sorted(set(range(len(requests))) - set(shared))
+        if rest:
+            with torch.no_grad():
+                read = loglikelihood(
+                    self.model,
+                    self.tokenizer,
+                    [requests[i] for i in rest],
+                    batch_size=self.batch_size,
+                )
+            for i, (value, _) in zip(rest, read, strict=True):
+                sums[i] = value
+        counts = [max(1, len(cont)) for _, cont in pairs]
+        if self.progress is not None:
+            self.progress(len(requests), sum(counts))
+        return [s / k for s, k in zip(sums, counts, strict=True)]
 
     def label_logprobs(
         self, texts: list[str], labels: list[Sequence[str]]
@@ -391,6 +430,90 @@ def prefixed_next_token_logits(
     return logits[:, -1, :].float()  # [B, V]
 
 
+def continuation_logprobs(
+    model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int
+) -> list[float]:
+    """Summed log-probability of each (context ids, continuation ids)'s continuation; every
+    distinct context in a batch is computed once and only the continuations after it.
+
+    A contrast judge reads K answers under each of a few contexts (chat preamble, principle,
+    request): the context is most of the text, so computing it once per batch instead of once per
+    answer cuts the tokens computed by about K times its share. Rows are sorted by context, then
+    continuation length; each batch first runs its distinct contexts (left padded, one row each,
+    with a KV cache), then gives every row a copy of its context's cache and runs the rows' own
+    tokens after it (right padded; positions counted over real tokens only). The continuation's
+    first token is read from the context's last position. Identical pairs are computed once. The
+    values equal those of `evaluate.loglikelihood` up to float rounding (~1e-5).
+
+    Args:
+        model: a causal LM taking a KV cache, position_ids and use_cache (see `_cache_arg`).
+        pairs: (context ids, continuation ids) per request, each non-empty.
+        batch_size: continuation rows per forward pass.
+        pad_id: the id written into padding.
+    Returns:
+        One summed log-probability per pair, in order.
+    """
+    unique = list(dict.fromkeys((tuple(c), tuple(a)) for c, a in pairs))
+    order = sorted(range(len(unique)), key=lambda u: (unique[u][0], -len(unique[u][1])))
+    sums = [0.0] * len(unique)
+    for start in range(0, len(order), batch_size):
+        batch = [unique[u] for u in order[start : start + batch_size]]
+        picked = _continuation_batch(model, batch, pad_id)
+        for u, value in zip(order[start : start + batch_size], picked, strict=True):
+            sums[u] = value
+    slot = {pair: u for u, pair in enumerate(unique)}
+    return [sums[slot[(tuple(c), tuple(a))]] for c, a in pairs]
+
+
+def _continuation_batch(model, batch: list[tuple[tuple[int, ...], tuple[int, ...]]], pad_id: int):
+    """Summed continuation log-probabilities for one batch of `continuation_logprobs`."""
+    device = device_of(model)
+    name = _cache_arg(model)
+    contexts = list(dict.fromkeys(ctx for ctx, _ in batch))
+    of = {ctx: n for n, ctx in enumerate(contexts)}
+    width_c = max(len(c) for c in contexts)
+    ids_c = torch.full((len(contexts), width_c), pad_id, dtype=torch.long)  # [C, P]
+    mask_c = torch.zeros((len(contexts), width_c), dtype=torch.long)  # [C, P]
+    for n, ctx in enumerate(contexts):
+        ids_c[n, width_c - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
+        mask_c[n, width_c - len(ctx) :] = 1
+    rows = [of[ctx] for ctx, _ in batch]
+    width = max(len(cont) for _, cont in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, S]
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, S]
+    for b, (_, cont) in enumerate(batch):
+        ids[b, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+        mask[b, : len(cont)] = 1
+    full_mask = torch.cat([mask_c[rows], mask], dim=1)  # [B, P + S]
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, width_c:]  # [B, S]
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    with torch.no_grad():
+        head = model(
+            input_ids=ids_c.to(device),
+            attention_mask=mask_c.to(device),
+            position_ids=(mask_c.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+            **extra,
+        )
+        cache = head[name] if name in head else head["past_key_values"]
+        cache.batch_select_indices(torch.tensor(rows, device=device))
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=full_mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            **{name: cache},
+        )
+    first = torch.log_softmax(head.logits[:, -1, :].float(), dim=-1)[rows]  # [B, V]
+    rest = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # [B, S-1, V]
+    sums = []
+    for b, (_, cont) in enumerate(batch):
+        target = torch.tensor(cont, device=rest.device)
+        total = first[b, target[0]] + rest[b, : len(cont) - 1].gather(1, target[1:, None]).sum()
+        sums.append(float(total))
+    return sums
+
+
 def normalise(values: Sequence[float]) -> list[float]:
     """Min-max to [0, 1]; all equal (or a single value) gives 0.5 each."""
     if not values:
@@ -561,6 +684,63 @@ def rank_pointwise(
     return _finish(raw, None, masses)
 
 
+@ranker("contrast")
+def rank_contrast(
+    judge: Judge,
+    items: Sequence[tuple[str, Sequence[str]]],
+    render: Callable[[str, str], str],
+    *,
+    principle: str,
+    opposite: str | None = None,
+    calibrate: int = 0,
+    seed: int = 0,
+    **_,
+) -> RankResult:
+    """Contrast: the judge's own likelihood of each answer, with a principle in context against
+    without it (or against an opposite principle), instead of a verdict it writes.
+
+    An answer's lift is its mean token log-probability after `render(prompt, principle)` minus
+    after the bare prompt (or `render(prompt, opposite)`: RLCD, Yang et al. 2023; the context
+    distillation view of a principle as context, Askell et al. 2021). No answer is shown beside
+    another, so there is no position to be biased by. A principle can make some answers likelier
+    for every prompt (a refusal, say); with `calibrate = R`, each answer is also scored under R
+    other prompts (seeded) and its mean lift there is subtracted: what counts is how much more the
+    principle favours this answer for this prompt than for others.
+
+    Returns:
+        RankResult: raw = calibrated lift per answer, scores = lifts normalised per prompt.
+    """
+    rng = random.Random(seed)
+    with_principle = [judge.text(render(prompt, principle)) for prompt, _ in items]
+    without = [
+        judge.text(render(prompt, opposite)) if opposite is not None else judge.text(prompt)
+        for prompt, _ in items
+    ]
+    others = [
+        rng.sample([m for m in range(len(items)) if m != n], min(calibrate, len(items) - 1))
+        for n in range(len(items))
+    ]
+    # One request per (answer, context it is read in): its own prompt, then its calibration ones.
+    requests = [
+        (ctx[c], answer)
+        for n, (_, answers) in enumerate(items)
+        for answer in answers
+        for c in (n, *others[n])
+        for ctx in (with_principle, without)
+    ]
+    means = judge.mean_logprobs(requests)
+    raw, at = [], 0
+    for n, (_, answers) in enumerate(items):
+        lifts = []
+        for _answer in answers:
+            spans = 1 + len(others[n])
+            lift = [means[at + 2 * k] - means[at + 2 * k + 1] for k in range(spans)]
+            at += 2 * spans
+            lifts.append(lift[0] - (sum(lift[1:]) / (spans - 1) if spans > 1 else 0.0))
+        raw.append(lifts)
+    return RankResult([normalise(r) for r in raw], raw, None, len(requests), None)
+
+
 def rank(
     mode: str,
     judge_model,
@@ -575,6 +755,7 @@ def rank(
     batch_size: int = 8,
     chat: bool = True,
     progress: Progress | None = None,
+    **contrast: Any,
 ) -> RankResult:
     """Score every item's responses with a judge model.
 
@@ -592,6 +773,8 @@ def rank(
         batch_size: judge texts per forward pass.
         chat: wrap each rendered judge text as a user turn with the chat template.
         progress: called as progress(texts_done, tokens_read) after each forward pass.
+        contrast: contrast only: `principle`, `opposite`, `calibrate` (see `rank_contrast`);
+            `render` is then `render(prompt, principle) -> str`.
     Returns:
         RankResult with per-response scores in [0, 1].
     """
@@ -603,5 +786,5 @@ def rank(
     judge = Judge(judge_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress)
     with eval_mode(judge_model):
         return RANKERS[mode](
-            judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed
+            judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed, **contrast
         )

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from ralign import ir
 from ralign.errors import StepError
 from ralign.runtime.data import write_jsonl
-from ralign.templates import render
 
 if TYPE_CHECKING:
     from ralign.runtime.context import StepContext
@@ -48,11 +47,10 @@ def generate(ctx: StepContext) -> dict[str, Any]:
     p = ctx.params
     seeds = [r["prompt"] for r in _nonempty(ctx, ctx.input("dataset"), f"dataset '{p['from']}'")]
     model, tok = ctx.model("policy")
-    text = ctx.template("template")
     prompts, stats = self_instruct(
         model,
         tok,
-        lambda examples: render(text, {"examples": examples}),
+        lambda examples: ctx.render("template", {"examples": examples}),
         seeds,
         count=p["count"],
         shots=p["shots"],
@@ -69,6 +67,7 @@ def generate(ctx: StepContext) -> dict[str, Any]:
     write_jsonl(ctx.out / "prompts.jsonl", ({"prompt": x} for x in prompts))
     return {
         "prompts": len(prompts),
+        "generated_tokens": stats["generated_tokens"],
         **{f"dropped_{k}": v for k, v in stats.get("dropped", {}).items()},
     }
 
@@ -105,6 +104,7 @@ def filter_(ctx: StepContext) -> dict[str, Any]:
 
 @step("sample")
 def sample(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.generation import generated_tokens
     from ralign.runtime.generation import sample_completions as run
 
     p = ctx.params
@@ -113,27 +113,41 @@ def sample(ctx: StepContext) -> dict[str, Any]:
         ctx, ctx.input(slot), f"dataset '{p['from']}'" if "from" in p else "the prompt set"
     )
     prompts = [r["prompt"] for r in records]
-    context_text = ctx.template("context") if "context" in p else None
-    contexts = [render(context_text, {"prompt": x}) if context_text else None for x in prompts]
+    contexts = [ctx.render("context", {"prompt": x}) if "context" in p else None for x in prompts]
     model, tok = ctx.model("policy")
+    # A prompt is dropped (counted) when it leaves the answer no room in max_length, or passes
+    # the policy's max_prompt_length.
+    limit = ctx.run.plan.models[ctx.run.plan.policy].get("max_prompt_length")
+    total = ctx.max_length if limit is None else min(ctx.max_length, limit + p["max_new_tokens"])
 
-    def run_shard(idx: list[int]) -> list[list[Any]]:
+    def run_shard(
+        idx: list[int], under: list[Any] = contexts, k: int = p["per_prompt"], part: int = 0
+    ) -> list[list[Any]]:
         return run(
             model,
             tok,
             [prompts[i] for i in idx],
-            per_prompt=p["per_prompt"],
+            per_prompt=k,
             temperature=p["temperature"],
             top_p=p["top_p"],
             max_new_tokens=p["max_new_tokens"],
-            seed=ctx.seed,
+            seed=ctx.seed + part,  # the negative answers draw from a sampler of their own
             batch_size=p["batch_size"],
-            context=[contexts[i] for i in idx],
+            context=[under[i] for i in idx],
             progress=ctx.progress(len(idx), "prompts"),
-            max_length=ctx.max_length,
+            max_length=total,
         )
 
     done = ctx.sharded(len(prompts), run_shard)
+    spent = generated_tokens(done, p["temperature"])
+    negatives: list[str | None] = [None] * len(prompts)
+    if "negative_context" in p:  # more answers under the second context, after the first ones
+        negatives = [ctx.render("negative_context", {"prompt": x}) for x in prompts]
+        more = ctx.sharded(
+            len(prompts), lambda idx: run_shard(idx, negatives, p["negative_per_prompt"], 1)
+        )
+        spent += generated_tokens(more, p["temperature"])
+        done = [a + b if not a[0].prompt_too_long else a for a, b in zip(done, more, strict=True)]
     # A prompt longer than the policy's max_length (less the answer's tokens) is dropped, counted.
     kept = [k for k, row in enumerate(done) if not row[0].prompt_too_long]
     if not kept:
@@ -142,15 +156,7 @@ def sample(ctx: StepContext) -> dict[str, Any]:
         )
     write_jsonl(
         ctx.out / "responses.jsonl",
-        (
-            {
-                "prompt": prompts[k],
-                "context": contexts[k],
-                "responses": [a.text for a in done[k]],
-                "finished": [a.finished for a in done[k]],
-            }
-            for k in kept
-        ),
+        (_answers(prompts[k], contexts[k], negatives[k], done[k], p) for k in kept),
     )
     words = [len(a.text.split()) for k in kept for a in done[k]]
     return {
@@ -159,7 +165,25 @@ def sample(ctx: StepContext) -> dict[str, Any]:
         "mean_words": sum(words) / max(1, len(words)),
         "cut_off": sum(not a.finished for k in kept for a in done[k]),
         "dropped_too_long": len(prompts) - len(kept),
+        "generated_tokens": spent,
     }
+
+
+def _answers(
+    prompt: str, context: str | None, negative: str | None, row: list[Any], p: dict[str, Any]
+) -> dict[str, Any]:
+    """A responses.jsonl record: with a negative context, each answer's own context too."""
+    record = {
+        "prompt": prompt,
+        "context": context,
+        "responses": [a.text for a in row],
+        "finished": [a.finished for a in row],
+    }
+    if negative is not None:
+        k = len(row) - p["negative_per_prompt"]
+        record["contexts"] = [context] * k + [negative] * p["negative_per_prompt"]
+        record["negative"] = [False] * k + [True] * p["negative_per_prompt"]
+    return record
 
 
 def finished_flags(record: dict[str, Any]) -> list[bool]:
@@ -171,6 +195,7 @@ def finished_flags(record: dict[str, Any]) -> list[bool]:
 @step("revise")
 def revise(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.generation import generate as continue_texts
+    from ralign.runtime.generation import generated_tokens
     from ralign.runtime.models import format_prompt
     from ralign.templates import parse_template
 
@@ -184,6 +209,8 @@ def revise(ctx: StepContext) -> dict[str, Any]:
     current = [records[i]["responses"][j] for i, j in flat]
     ended = [finished_flags(records[i])[j] for i, j in flat]
 
+    spent = [0]
+
     def answer(texts: list[str], seed: int) -> list[Any]:
         done = continue_texts(
             model,
@@ -195,6 +222,7 @@ def revise(ctx: StepContext) -> dict[str, Any]:
             seed=seed,
             progress=ctx.progress(len(texts), "answers"),
         )
+        spent[0] += generated_tokens(done, 0)  # one continuation per text
         return [c[0] for c in done]
 
     for time in range(p["times"]):
@@ -211,10 +239,11 @@ def revise(ctx: StepContext) -> dict[str, Any]:
         ]
         if two_stage:
             critiques = answer(
-                [render(text, {**v, "stage": "critique"}) for v in base], ctx.seed + 2 * time
+                [ctx.render("template", {**v, "stage": "critique"}) for v in base],
+                ctx.seed + 2 * time,
             )
             base = [{**v, "critique": c.text} for v, c in zip(base, critiques, strict=True)]
-        revised = answer([render(text, v) for v in base], ctx.seed + 2 * time + 1)
+        revised = answer([ctx.render("template", v) for v in base], ctx.seed + 2 * time + 1)
         # An empty revision keeps the answer it was meant to improve.
         keep = [not r.text for r in revised]
         current = [old if k else r.text for r, old, k in zip(revised, current, keep, strict=True)]
@@ -232,7 +261,7 @@ def revise(ctx: StepContext) -> dict[str, Any]:
         )
     write_jsonl(ctx.out / "responses.jsonl", out)
     changed = sum(a != b for r in out for a, b in zip(r["responses"], r["original"], strict=True))
-    return {"responses": len(flat), "changed": changed}
+    return {"responses": len(flat), "changed": changed, "generated_tokens": spent[0]}
 
 
 @step("rank")
@@ -242,15 +271,8 @@ def rank(ctx: StepContext) -> dict[str, Any]:
     p = ctx.params
     records = _nonempty(ctx, ctx.input("responses"), "the response set")
     judge, tok = ctx.model("judge")
-    text = ctx.template("template")
     pointwise = p["mode"] == "pointwise"
-
-    def view(prompt: str, responses: list[str], labels: list[str]) -> str:
-        if pointwise:
-            return render(text, {"prompt": prompt, "response": responses[0], "scale": p["scale"]})
-        return render(
-            text, {"prompt": prompt, "responses": list(responses), "labels": list(labels)}
-        )
+    view, contrast = _judge_view(ctx)
 
     shards: list[
         tuple[float | None, int, int]
@@ -271,15 +293,26 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             progress=ctx.progress(
                 sum(_judge_texts(p, len(records[i]["responses"])) for i in idx), "judge texts"
             ),
+            **contrast,
         )
         units = sum(_agreement_units(p["mode"], len(records[i]["responses"])) for i in idx)
         shards.append((res.agreement, units, res.forward_passes))
-        return [list(s) for s in res.scores]
+        return [(list(s), list(raw)) for s, raw in zip(res.scores, res.raw, strict=True)]
 
-    scores = ctx.sharded(len(records), run_shard)
+    scored = ctx.sharded(len(records), run_shard)
+    # Pointwise judges grade on a rubric: its raw grades (0..scale) are kept beside the scores,
+    # which are min-max normalised per prompt, so `pairs`/`train sft` can ask for a grade.
+    grades = pointwise and p["scale"]
     write_jsonl(
         ctx.out / f"score.{ctx.step.name}.jsonl",
-        ({"prompt": r["prompt"], "scores": s} for r, s in zip(records, scores, strict=True)),
+        (
+            {
+                "prompt": r["prompt"],
+                "scores": s,
+                **({"grades": [round(g * p["scale"], 6) for g in raw]} if grades else {}),
+            }
+            for r, (s, raw) in zip(records, scored, strict=True)
+        ),
     )
     # Each process judged a share of the items: metrics cover them all, whatever the process count.
     every = [s for mine in ctx.everywhere(shards) for s in mine]
@@ -290,6 +323,25 @@ def rank(ctx: StepContext) -> dict[str, Any]:
     elif agreed:
         metrics["order_agreement"] = sum(a * n for a, n in agreed) / sum(n for _, n in agreed)
     return metrics
+
+
+def _judge_view(ctx: StepContext) -> tuple[Callable[..., str], dict[str, Any]]:
+    """How a rank step renders what its judge reads, and the contrast settings (when contrast)."""
+    p = ctx.params
+    if p["mode"] == "contrast":
+        settings = {k: p[k] for k in ("principle", "opposite", "calibrate") if k in p}
+        return lambda prompt, principle: ctx.render(
+            "template", {"prompt": prompt, "principle": principle}
+        ), settings
+
+    def view(prompt: str, responses: list[str], labels: list[str]) -> str:
+        if p["mode"] == "pointwise":
+            variables = {"prompt": prompt, "response": responses[0], "scale": p["scale"]}
+        else:
+            variables = {"prompt": prompt, "responses": list(responses), "labels": list(labels)}
+        return ctx.render("template", variables)
+
+    return view, {}
 
 
 def _agreement_units(mode: str, k: int) -> int:
@@ -304,6 +356,8 @@ def _judge_texts(p: dict[str, Any], k: int) -> int:
         return k * (k - 1)
     if p["mode"] == "pointwise":
         return k
+    if p["mode"] == "contrast":  # each answer read with and without the principle, per prompt
+        return 2 * k * (1 + p.get("calibrate", 0))
     return min(p["orders"], k) if k > 1 else 1
 
 
@@ -336,11 +390,14 @@ def score(ctx: StepContext) -> dict[str, Any]:
         )
         metrics[f"mean_{name}"] = sum(scored.values) / max(1, len(scored.values))
         agrees = [n for n in ir.walk(expr) if isinstance(n, ir.Agree)]
-        for k, (node, weights) in enumerate(zip(agrees, scored.agree_weights, strict=True)):
+        for k, (node, weights, means) in enumerate(
+            zip(agrees, scored.agree_weights, scored.agree_means, strict=True)
+        ):
             prefix = ("" if name == "total" else f"{name}.") + f"agree{k or ''}"
             labels = ir.labels(node.sources)
-            for label, w in zip(labels, weights, strict=True):
+            for label, w, mean in zip(labels, weights, means, strict=True):
                 metrics[f"{prefix}_weight_{label}"] = w
+                metrics[f"{prefix}_mean_{label}"] = mean  # the sum is standardised: mean 0
             shown = ", ".join(f"{label} {w:.3f}" for label, w in zip(labels, weights, strict=True))
             ctx.log(f"{name}: agree weights {shown}")
     return metrics
@@ -363,6 +420,8 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         min_score=p.get("min_score"),
         seed=ctx.seed,
         finished=[finished_flags(r) for r in records],
+        grades=[s["grades"] for s in scores] if "min_grade" in p else None,
+        min_grade=p.get("min_grade"),
     )
     if not made:
         raise StepError(
@@ -383,6 +442,7 @@ def sft_examples(
     on: str,
     min_score: float | None = None,
     drop_context: bool = False,
+    min_grade: float | None = None,
 ) -> list[dict[str, Any]]:
     """The (prompt, response) examples `train sft` trains on.
 
@@ -391,26 +451,35 @@ def sft_examples(
         scores: score records aligned with `records` ({scores: [...]}), for on = "best" or a floor.
         on: "best" (each prompt's top answer; ties to the first), "all" or "revised" (every answer).
         min_score: keep only answers scoring at least this.
+        min_grade: keep only answers a pointwise judge graded at least this (`grades` of `scores`).
         drop_context: train on the bare prompt rather than the context it was sampled with.
     """
-    picked: list[tuple[dict[str, Any], list[tuple[str, bool]]]] = []
+    picked: list[tuple[dict[str, Any], list[tuple[str, bool, str | None]]]] = []
     for i, r in enumerate(records):
-        answers = list(zip(r["responses"], finished_flags(r), strict=True))
+        # Each answer with the context it was sampled in (a negative context's answers have theirs).
+        contexts = r.get("contexts") or [r.get("context")] * len(r["responses"])
+        answers = list(zip(r["responses"], finished_flags(r), contexts, strict=True))
         if scores is not None:
             marks = scores[i]["scores"]
             keep = range(len(answers))
             if on == "best":
                 keep = [max(keep, key=marks.__getitem__)]
-            answers = [answers[j] for j in keep if min_score is None or marks[j] >= min_score]
+            grades = scores[i].get("grades") if min_grade is not None else None
+            answers = [
+                answers[j]
+                for j in keep
+                if (min_score is None or marks[j] >= min_score)
+                and (grades is None or grades[j] >= min_grade)
+            ]
         picked.append((r, answers))
     return [
         {
-            "prompt": r["prompt"] if drop_context or not r.get("context") else r["context"],
+            "prompt": r["prompt"] if drop_context or not context else context,
             "response": x,
             "finished": end,
         }
         for r, xs in picked
-        for x, end in xs
+        for x, end, context in xs
         if x.strip()
     ]
 
@@ -418,27 +487,33 @@ def sft_examples(
 @step("train sft")
 def train_sft(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.train import train_sft as run
+    from ralign.runtime.train import unsharded
 
     p = ctx.params
     records = _nonempty(ctx, ctx.input("responses"), "the response set")
     floor = p.get("min_score")
-    scored = p["on"] == "best" or (p["on"] == "all" and floor is not None)
+    grade = p.get("min_grade")
+    scored = p["on"] == "best" or (p["on"] == "all" and (floor, grade) != (None, None))
     examples = sft_examples(
         records,
         ctx.input(f"score:{p['by']}") if scored else None,
         on=p["on"],
         min_score=floor,
         drop_context=p["drop_context"],
+        min_grade=grade,
     )
+    if not examples and grade is not None:
+        raise StepError(f"{ctx.where}: no answer was graded at least min_grade = {grade:g}")
     if not examples and floor is not None:
         raise StepError(
             f"{ctx.where}: no answer scored at least min_score = {floor:g}; lower it or sample more answers"
         )
     model, tok = ctx.trainable()
+    kept, long = _short_prompts(ctx, tok, _nonempty(ctx, examples, "the training set"))
     metrics = run(
         model,
         tok,
-        _nonempty(ctx, examples, "the training set"),
+        _nonempty(ctx, kept, "the training set (every prompt is over max_prompt_length)"),
         lr=p["lr"],
         epochs=p["epochs"],
         batch_size=ctx.per_process(p["batch_size"]),
@@ -446,23 +521,56 @@ def train_sft(ctx: StepContext) -> dict[str, Any]:
         accelerator=ctx.accelerator,
         max_length=ctx.max_length,
         on_step=ctx.on_train_step(),
+        **training_controls(ctx),
     )
-    ctx.save_policy(model, tok)
-    return metrics
+    ctx.save_policy(unsharded(model, ctx.accelerator), tok)
+    return {**metrics, "dropped_long_prompt": long}
+
+
+def training_controls(ctx: StepContext) -> dict[str, Any]:
+    """The step's optimizer controls and the policy's precision, as the training loops take them."""
+    names = (
+        "grad_accum",
+        "schedule",
+        "warmup",
+        "weight_decay",
+        "max_grad_norm",
+        "gradient_checkpointing",
+    )
+    controls = {k: ctx.params[k] for k in names if k in ctx.params}
+    if isinstance(controls.get("warmup"), float) and controls["warmup"] >= 1:
+        controls["warmup"] = int(controls["warmup"])  # a count of steps
+    precision = ctx.run.plan.models[ctx.run.plan.policy].get("precision")
+    return {**controls, **({"precision": precision} if precision else {})}
+
+
+def _short_prompts(
+    ctx: StepContext, tok: Any, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """`rows` without those whose formatted prompt is over the policy's `max_prompt_length`
+    tokens (dropped, never cut), and how many were dropped."""
+    from ralign.runtime.models import format_prompt
+
+    limit = ctx.run.plan.models[ctx.run.plan.policy].get("max_prompt_length")
+    if limit is None:
+        return rows, 0
+    kept = [r for r in rows if len(tok(format_prompt(tok, r["prompt"]))["input_ids"]) <= limit]
+    return kept, len(rows) - len(kept)
 
 
 @step("train dpo")
 def train_dpo(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.train import train_dpo as run
+    from ralign.runtime.train import unsharded
 
     p = ctx.params
-    pairs_ = _nonempty(ctx, ctx.input("pairs"), "the pair set")
     model, tok = ctx.trainable()
+    pairs_, long = _short_prompts(ctx, tok, _nonempty(ctx, ctx.input("pairs"), "the pair set"))
     reference = ctx.reference(model)
     metrics = run(
         model,
         tok,
-        pairs_,
+        _nonempty(ctx, pairs_, "the pair set (every prompt is over max_prompt_length)"),
         beta=p["beta"],
         lr=p["lr"],
         epochs=p["epochs"],
@@ -472,15 +580,18 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
         accelerator=ctx.accelerator,
         max_length=ctx.max_length,
         on_step=ctx.on_train_step(),
+        loss=p.get("loss", "sigmoid"),
+        label_smoothing=p.get("label_smoothing", 0.0),
+        **training_controls(ctx),
     )
-    ctx.save_policy(model, tok)
-    return metrics
+    ctx.save_policy(unsharded(model, ctx.accelerator), tok)
+    return {**metrics, "dropped_long_prompt": long}
 
 
 @step("evaluate")
 def evaluate(ctx: StepContext) -> dict[str, Any]:
     from ralign.runtime.data import dataset_file
-    from ralign.runtime.evaluate import eval_items, flatten_eval, run_eval
+    from ralign.runtime.evaluators import eval_items, flatten_eval, run_eval
 
     p = ctx.params
     model, tok = ctx.model("policy")

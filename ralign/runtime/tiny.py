@@ -51,96 +51,37 @@ MARKER = "ralign_tiny.json"  # written last: its presence means the folder is a 
 HIDDEN, LAYERS, HEADS, MAX_POSITIONS = 64, 2, 4, 512
 
 
+# The words the tiny corpus is drawn from (order matters: the draws are seeded).
+_SUBJECTS = "The cat|A dog|My friend|The teacher|Our team|The model|She|He|Alice|Bob|Every student|The old farmer|A small robot|They|We".split(
+    "|"
+)
+_VERBS = "reads|writes|answers|likes|checks|finds|explains|counts|paints|carries|builds|remembers|questions|describes|follows".split(
+    "|"
+)
+_OBJECTS = "the book|a letter|the question|every answer|the numbers|a story|the green box|a bright lamp|the long river|a quiet song|the map".split(
+    "|"
+)
+_PLACES = "at home|in the park|at school|on Monday|before lunch|after dinner|near the window|under the bridge|during winter|with great care".split(
+    "|"
+)
+_NOUNS = "apples|books|chairs|birds|coins|pens|cups|stars|trees|shoes|clouds|horses|letters|stones|boats|flowers".split(
+    "|"
+)
+
+
 def corpus() -> list[str]:
     """A few hundred varied English sentences, fixed (no randomness leaks in from outside)."""
     rng = random.Random(1234)
-    subjects = [
-        "The cat",
-        "A dog",
-        "My friend",
-        "The teacher",
-        "Our team",
-        "The model",
-        "She",
-        "He",
-        "Alice",
-        "Bob",
-        "Every student",
-        "The old farmer",
-        "A small robot",
-        "They",
-        "We",
-    ]
-    verbs = [
-        "reads",
-        "writes",
-        "answers",
-        "likes",
-        "checks",
-        "finds",
-        "explains",
-        "counts",
-        "paints",
-        "carries",
-        "builds",
-        "remembers",
-        "questions",
-        "describes",
-        "follows",
-    ]
-    objects = [
-        "the book",
-        "a letter",
-        "the question",
-        "every answer",
-        "the numbers",
-        "a story",
-        "the green box",
-        "a bright lamp",
-        "the long river",
-        "a quiet song",
-        "the map",
-    ]
-    places = [
-        "at home",
-        "in the park",
-        "at school",
-        "on Monday",
-        "before lunch",
-        "after dinner",
-        "near the window",
-        "under the bridge",
-        "during winter",
-        "with great care",
-    ]
-    nouns = [
-        "apples",
-        "books",
-        "chairs",
-        "birds",
-        "coins",
-        "pens",
-        "cups",
-        "stars",
-        "trees",
-        "shoes",
-        "clouds",
-        "horses",
-        "letters",
-        "stones",
-        "boats",
-        "flowers",
-    ]
     lines = []
     for _ in range(200):
-        s, v, o, p = (rng.choice(x) for x in (subjects, verbs, objects, places))
+        s, v, o, p = (rng.choice(x) for x in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES))
         lines.append(f"{s} {v} {o} {p}.")
     for _ in range(150):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         label = rng.choice(LETTERS)
         lines.append(f"Question: What is {a} plus {b}? Answer: {a + b}")
-        lines.append(f"I have {a} {rng.choice(nouns)} and {b} {rng.choice(nouns)}.")
-        opts = " ".join(f"{c}) {rng.choice(nouns)}" for c in LETTERS[:4])
+        lines.append(f"I have {a} {rng.choice(_NOUNS)} and {b} {rng.choice(_NOUNS)}.")
+        opts = " ".join(f"{c}) {rng.choice(_NOUNS)}" for c in LETTERS[:4])
         lines.append(f"Which one is best? {opts} Answer: {label}")
         lines.append(f"Rate the reply from 1 to 9. Score: {a}")
     for c in LABELS:

@@ -1,11 +1,10 @@
-"""Evaluations: HHH multiple choice (log-likelihood and A/B in both orders) and a registry of evaluators by name."""
+"""The HHH evaluation: multiple choice by log-likelihood, and A/B in both orders."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ import torch.nn.functional as F
 from ralign.errors import DataError, RalignError, did_you_mean
 from ralign.runtime.data import rows_jsonl
 from ralign.runtime.torchutil import device_of, padding_id
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
+from ralign.stats import rate as _rate
 
 # How an item's `input` becomes the scored context. "plain" is what lm-evaluation-harness' bigbench
 # multiple-choice task sends (context = input, continuation = " " + choice); "human-assistant" is the
@@ -142,18 +140,7 @@ def _item(where: str, text: Any, choices: list, scores: list, subset: Any) -> HH
     return HHHItem(text, tuple(choices), scores.index(best), str(subset))
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (k may be fractional when ties count half)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+# --------------------------------------------------------------------------- credit
 
 
 def credit(scores: Sequence[float], target: int) -> float:
@@ -165,10 +152,6 @@ def credit(scores: Sequence[float], target: int) -> float:
     if scores[target] != best:
         return 0.0
     return 1.0 / sum(1 for s in scores if s == best)
-
-
-def _rate(k: float, n: int) -> dict[str, Any]:
-    return {"value": k / n if n else float("nan"), "ci95": list(wilson(k, n)), "k": k, "n": n}
 
 
 # --------------------------------------------------------------------------- log-likelihood
@@ -397,27 +380,9 @@ def eval_hhh(
             }
         )
 
-    two = [i for i, it in enumerate(items) if len(it.choices) == 2]
-    if ab and two:
-        first = [(items[i].input, items[i].choices[0], items[i].choices[1]) for i in two]
-        swapped = [(t, b, a) for t, a, b in first]
-        margins = ab_margins(model, tokenizer, first + swapped, batch_size=batch_size)
-        m1, m2 = margins[: len(two)], margins[len(two) :]
-        for i, pref, a1, a2 in zip(two, ab_preferences(m1, m2), m1, m2, strict=True):
-            score0 = pref if items[i].target == 0 else -pref  # preference for the target
-            per_item[i]["ab"] = credit([score0, 0.0], 0)
-            per_item[i]["ab_margins"] = [a1, a2]
-
-    def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": len(rows)}
-        for key in ("acc", "acc_norm"):
-            out[key] = _rate(sum(r[key] for r in rows), len(rows))
-        ab_rows = [r for r in rows if "ab" in r]
-        if ab_rows:
-            out["ab_acc"] = _rate(sum(r["ab"] for r in ab_rows), len(ab_rows))
-        return out
-
-    result = summarize(per_item)
+    if ab:
+        _ab_scores(model, tokenizer, items, per_item, batch_size)
+    result = _summarize(per_item)
     ab_rows = [r for r in per_item if "ab" in r]
     if ab_rows:
         picks = [m for r in ab_rows for m in r["ab_margins"]]
@@ -428,7 +393,7 @@ def eval_hhh(
     subsets: dict[str, list[dict[str, Any]]] = {}
     for r in per_item:
         subsets.setdefault(r["subset"], []).append(r)
-    result["subsets"] = {name: summarize(rows) for name, rows in sorted(subsets.items())}
+    result["subsets"] = {name: _summarize(rows) for name, rows in sorted(subsets.items())}
     result["context_format"] = context_format
     result["seconds"] = round(time.perf_counter() - started, 3)
     if details:
@@ -436,102 +401,32 @@ def eval_hhh(
     return result
 
 
-# --------------------------------------------------------------------------- registry
-
-Evaluator = Callable[..., dict[str, Any]]
-EVALUATORS: dict[str, Evaluator] = {}
-
-
-def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
-    """Register `fn(model, tokenizer, data, **opts) -> dict` as the evaluation called `name`."""
-
-    def register(fn: Evaluator) -> Evaluator:
-        EVALUATORS[name] = fn
-        return fn
-
-    return register
-
-
-def _data_path(data: str | Path) -> Path:
-    """A file or folder path, or a built-in dataset name like `evals/hhh-mini`."""
-    p = Path(data)
-    if p.exists():
-        return p
-    from ralign.runtime.builtin_data import DATASETS, resolve_dataset
-
-    if str(data) in DATASETS:
-        return resolve_dataset(str(data))
-    raise DataError(
-        f"{data}: no such file, and not a built-in dataset{did_you_mean(str(data), DATASETS)}"
-    )
+def _ab_scores(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[HHHItem],
+    per_item: list[dict[str, Any]],
+    batch_size: int,
+) -> None:
+    """The A/B question in both orders for two-choice items: `ab` (credit) and `ab_margins`."""
+    two = [i for i, it in enumerate(items) if len(it.choices) == 2]
+    if not two:
+        return
+    first = [(items[i].input, items[i].choices[0], items[i].choices[1]) for i in two]
+    swapped = [(t, b, a) for t, a, b in first]
+    margins = ab_margins(model, tokenizer, first + swapped, batch_size=batch_size)
+    m1, m2 = margins[: len(two)], margins[len(two) :]
+    for i, pref, a1, a2 in zip(two, ab_preferences(m1, m2), m1, m2, strict=True):
+        score0 = pref if items[i].target == 0 else -pref  # preference for the target
+        per_item[i]["ab"] = credit([score0, 0.0], 0)
+        per_item[i]["ab_margins"] = [a1, a2]
 
 
-@evaluator("hhh")
-def _hhh(
-    model: Any, tokenizer: Any, data: str | Path | Iterable[HHHItem], **opts: Any
-) -> dict[str, Any]:
-    items = load_hhh(_data_path(data)) if isinstance(data, (str, Path)) else list(data)
-    return eval_hhh(model, tokenizer, items, **opts)
-
-
-@evaluator("behavior")
-def _behavior(
-    model: Any, tokenizer: Any, data: str | Path | Iterable[dict], **opts: Any
-) -> dict[str, Any]:
-    from ralign.runtime.behavior import eval_behavior, load_prompts
-
-    split = opts.pop("split", None)
-    if isinstance(data, (str, Path)):
-        prompts = load_prompts(_data_path(data), split=split)
-    else:
-        prompts = [p for p in data if split is None or p.get("split") == split]
-    return eval_behavior(model, tokenizer, prompts, **opts)
-
-
-def run_eval(
-    name: str, model: Any, tokenizer: Any, data: str | Path | Iterable[Any], **opts: Any
-) -> dict[str, Any]:
-    """Run the evaluation `name` ("hhh" or "behavior") on a path, a built-in dataset name, or items.
-
-    Raises:
-        RalignError: for an unknown evaluation name, with a did-you-mean hint.
-    """
-    if name not in EVALUATORS:
-        raise RalignError(
-            f"unknown evaluation '{name}'{did_you_mean(name, EVALUATORS)}; known: {', '.join(sorted(EVALUATORS))}"
-        )
-    result = EVALUATORS[name](model, tokenizer, data, **opts)
-    result.setdefault("eval", name)
-    return result
-
-
-def eval_items(task: str, file: Path, limit: int | None) -> list[Any]:
-    """The items an evaluation scores: HHH rows, or behavior prompts (only the held-out ones of
-    a set that marks splits, as the built-in seed sets do), the first `limit` of them."""
-    if task == "hhh":
-        items: list[Any] = load_hhh(file)
-    else:
-        from ralign.runtime.behavior import load_prompts
-
-        items = load_prompts(file)
-        if any("split" in r for r in items):
-            items = [r for r in items if r.get("split") == "heldout"]
-    return items[:limit] if limit else items
-
-
-def flatten_eval(result: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of an evaluation result: every {value, ...} rate, overall and per subset."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            if "value" in node and isinstance(node["value"], (int, float)):
-                out[prefix] = float(node["value"])
-                return
-            for k, v in node.items():
-                if k in ("examples", "items"):
-                    continue
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", {k: v for k, v in result.items() if k not in ("examples", "items")})
+def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(rows)}
+    for key in ("acc", "acc_norm"):
+        out[key] = _rate(sum(r[key] for r in rows), len(rows))
+    ab_rows = [r for r in rows if "ab" in r]
+    if ab_rows:
+        out["ab_acc"] = _rate(sum(r["ab"] for r in ab_rows), len(ab_rows))
     return out

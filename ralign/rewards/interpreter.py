@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ralign import ir
@@ -39,6 +39,7 @@ class Scored:
 
     values: list[float]
     agree_weights: list[list[float]]
+    agree_means: list[list[float]] = field(default_factory=list)  # each source's own mean
 
 
 def _concat(a: Any, b: Any) -> str:
@@ -303,14 +304,16 @@ class Programs:
 
         combined: dict[ir.Agree, list[float]] = {}
         weights: list[list[float]] = []
+        means: list[list[float]] = []
         for found in _agree_nodes(node):
             fns = [self.compile(s) for s in found.sources]
             sources = [[_finite(float(f(dict(r), ()))) for r in records] for f in fns]
             combined[found], w = agree(sources)
             weights.append(list(w))
+            means.append([sum(s) / max(1, len(s)) for s in sources])
         fn = self.compile(node)
         rows = [dict(r, _index=i, _agree=combined) for i, r in enumerate(records)]
-        return Scored([_finite(float(fn(r, ()))) for r in rows], weights)
+        return Scored([_finite(float(fn(r, ()))) for r in rows], weights, means)
 
     def holds(self, node: ir.Node, records: Sequence[Record]) -> list[bool]:
         """A bool expression over a batch."""
