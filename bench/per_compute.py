@@ -282,7 +282,7 @@ def run_finished(run_dir: Path) -> bool:
     return (run_dir / "final").is_dir() and all(_step_files(run_dir, s) for s in plan.steps)
 
 
-def run_cost(run_dir: Path) -> dict[str, Any]:
+def run_cost(run_dir: Path, model: str) -> dict[str, Any]:
     """Generated tokens and seconds of a finished run, from its steps' metrics and meta files."""
     from ralign.runtime.data import read_jsonl
     from ralign.runtime.executor import step_folder
@@ -323,9 +323,9 @@ def run_cost(run_dir: Path) -> dict[str, Any]:
             from ralign.runtime import smollm2  # noqa: F401  (registers ralign:smollm2-135m)
             from ralign.runtime.models import resolve_path
 
-            tokenizer = AutoTokenizer.from_pretrained(
-                resolve_path(plan.models[plan.policy]["path"])
-            )
+            # The arm's starting model, as given: the plan's copy of a local path is relative to
+            # the recipe's folder, which a run dir does not record.
+            tokenizer = AutoTokenizer.from_pretrained(resolve_path(model))
         rows = read_jsonl(step_folder(run_dir, step) / "responses.jsonl")
         estimate[step.id] = estimate_tokens(
             tokenizer, [r for row in rows for r in row["responses"]], step.params["max_new_tokens"]
@@ -522,7 +522,7 @@ def arm_quickstart(ctx: Context, execute_it: bool) -> dict[str, Any]:
         execute(ctx, QUICKSTART, run_dir, ctx.quickstart_sets)
     elif not run_finished(run_dir):
         raise RuntimeError(f"{run_dir}: the quickstart run has not finished")
-    cost = run_cost(run_dir)
+    cost = run_cost(run_dir, ctx.model)
     rounds = run_evals(run_dir, ctx.s)
     last = rounds.get(max(rounds), {}) if rounds and max(rounds) > 0 else {}
     which = ("dev",) if {"hhh", "behavior"} <= set(last) else ("hhh", "behavior", "dev")
@@ -580,7 +580,7 @@ def arm_constitutional(ctx: Context) -> dict[str, Any]:
     answers_only = smoke_constitutional(Path(ctx.model), ctx.s, train=False) if smoke else ()
     run_dir = ctx.work / "constitutional_sl-calibration"
     execute(ctx, CALIBRATION, run_dir, (*answers_only, *scaled(n0, 1)))
-    calib = run_cost(run_dir)
+    calib = run_cost(run_dir, ctx.model)
     measured = [(calib["generated_tokens"], n0)]  # (tokens, answers)
     per_answer = calib["generated_tokens"] / n0
     limit, per_prompt = scale_constitutional(ctx.budget, per_answer, available)
@@ -594,7 +594,7 @@ def arm_constitutional(ctx: Context) -> dict[str, Any]:
             f"{(limit or available) * per_prompt * per_answer:.0f} tokens for a budget of {ctx.budget}"
         )
         execute(ctx, CONSTITUTIONAL, run_dir, sets)
-        cost = run_cost(run_dir)
+        cost = run_cost(run_dir, ctx.model)
         answers = (limit or available) * per_prompt
         attempts.append(
             {"run_dir": str(run_dir), "limit": limit, "per_prompt": per_prompt, "overrides": sets}

@@ -1,6 +1,8 @@
-"""Fixtures shared by the runtime's test files."""
+"""Fixtures shared by the runtime's test files, and the opt-in for long tests."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,3 +23,14 @@ def tiny_models(tmp_path_factory):
         return models[arch]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `long` run only with RALIGN_LONG=1 (they repeat, on the real model and at length,
+    what faster tests check in every run); without it they are reported as skipped, with why."""
+    if os.environ.get("RALIGN_LONG") == "1":
+        return
+    skip = pytest.mark.skip(reason="long test: run it with RALIGN_LONG=1 (README, Tests)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

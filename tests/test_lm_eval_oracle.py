@@ -169,7 +169,7 @@ def smol():
     return load_model(ModelSpec("ralign:smollm2-135m"))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 2 x ~1 min; the tiny models' cases above run in every CI
 @pytest.mark.parametrize("context_format", sorted(CONTEXT_FORMATS))
 def test_hhh_loglikelihoods_equal_hflm_on_smollm2(smol, context_format):
     model, tok = smol

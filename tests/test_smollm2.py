@@ -76,6 +76,7 @@ def test_hhh_mini_choices_are_length_matched_in_smollm2_tokens(smol):
     assert longer == {"harmless": 12, "helpful": 12, "honest": 12}
 
 
+@pytest.mark.long  # ~1 min: every fifth item of the dev split on the real model
 @pytest.mark.skipif(
     not DEV.is_file(), reason="shared/data/hhh_alignment_dev.jsonl is not beside the repo"
 )
