@@ -207,7 +207,9 @@ def test_sharded_launch_checks(monkeypatch, env, kind, processes, grad_accum, me
     "sets",
     [
         ["prefs/train.dpo.grad_accum=2"],  # full fine-tuning; DPO accumulates 2 micro-batches
-        ["policy.lora={ rank = 4, alpha = 8, dropout = 0 }"],
+        pytest.param(  # the same path with an adapter: 40 s more, so not in every CI run
+            ["policy.lora={ rank = 4, alpha = 8, dropout = 0 }"], marks=pytest.mark.long
+        ),
     ],
     ids=["full", "lora"],
 )

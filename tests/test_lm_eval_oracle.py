@@ -180,7 +180,7 @@ def test_hhh_loglikelihoods_equal_hflm_on_smollm2(smol, context_format):
     check_hhh(model, tok, items, context_format)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # loading SmolLM2 into lm-eval's HFLM costs a minute; tiny models run in CI
 def test_greedy_flag_equals_hflm_on_smollm2(smol):
     model, tok = smol
     greedy = greedy_requests(model, tok, ["The capital of France is", "One, two, three,"])
