@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,3 +35,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
+
+
+def execute_here(target: Path, run_dir: Path) -> None:
+    """`ralign execute TARGET --run-dir RUN_DIR --device cpu` in this process (no interpreter
+    start-up to pay for), with Accelerate's process-wide state reset around it."""
+    from accelerate.state import AcceleratorState
+
+    from ralign.cli import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert main(["execute", str(target), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from conftest import execute_here
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -84,16 +85,6 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
-
-
-def execute_here(plan_file: Path, run_dir: Path) -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        assert main(["execute", str(plan_file), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def merged_save(self: StepContext, model: Any, tok: Any) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import execute_here
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,17 +48,6 @@ def cache(tmp_path_factory):
 def compile_plan(recipe: Path, out: Path) -> Plan:
     assert main(["compile", str(recipe), "-o", str(out)]) == 0
     return Plan.load(out)
-
-
-def execute_here(target: Path, run_dir: Path) -> None:
-    """`ralign execute` in this process: no interpreter start-up and imports to pay for."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
-    try:
-        assert main(["execute", str(target), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def execute_command(target: Path, run_dir: Path) -> list[str]:

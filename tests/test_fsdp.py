@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import accelerate
 import pytest
 import torch
+from conftest import execute_here
 from safetensors.torch import load_file
 
 from ralign.cli import main
@@ -106,17 +107,6 @@ def launch(target: list[str], plan: Path, run_dir: Path, env: dict | None = None
     return subprocess.run(
         command, capture_output=True, text=True, timeout=400, env={**os.environ, **(env or {})}
     )
-
-
-def execute_here(plan: Path, run_dir: Path) -> None:
-    """`ralign execute` on one process, in this one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
-    try:
-        assert main(["execute", str(plan), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def metrics(run_dir: Path) -> dict[str, dict[str, float]]:
