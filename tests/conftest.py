@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,3 +50,12 @@ def execute_here(target: Path, run_dir: Path) -> None:
         assert main(["execute", str(target), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """A run's metrics.jsonl as {step: {metric: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], {})[row["metric"]] = row["value"]
+    return out

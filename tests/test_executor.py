@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import execute_here
+from conftest import execute_here, metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,15 +150,6 @@ def artifacts(run_dir: Path) -> dict[str, bytes]:
         for p in sorted(run_dir.rglob("*"))
         if p.is_file() and p.name.endswith(kept) and ".tmp" not in p.parts
     }
-
-
-def metrics(run_dir: Path) -> dict[str, dict[str, float]]:
-    """metrics.jsonl as {step: {metric: value}}."""
-    out: dict[str, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {})[row["metric"]] = row["value"]
-    return out
 
 
 def meta(run_dir: Path, step: Step) -> dict:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import accelerate
 import pytest
 import torch
-from conftest import execute_here
+from conftest import execute_here, metrics
 from safetensors.torch import load_file
 
 from ralign.cli import main
@@ -107,14 +107,6 @@ def launch(target: list[str], plan: Path, run_dir: Path, env: dict | None = None
     return subprocess.run(
         command, capture_output=True, text=True, timeout=400, env={**os.environ, **(env or {})}
     )
-
-
-def metrics(run_dir: Path) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {})[row["metric"]] = row["value"]
-    return out
 
 
 def train_log(run_dir: Path, plan: Plan, step: str) -> list[dict]:

@@ -66,7 +66,7 @@ import torch
 
 from ralign.errors import RalignError
 from ralign.runtime.models import format_prompt
-from ralign.runtime.torchutil import device_of, eval_mode, padding_id
+from ralign.runtime.torchutil import device_of, eval_mode, padded, padding_id
 
 LETTERS = tuple(string.ascii_uppercase)
 MAX_SCALE = 9  # digit labels must be single characters
@@ -279,12 +279,7 @@ def next_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
     Returns:
         [B, V] logits for each row's next token.
     """
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for b, r in enumerate(rows):
-        input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[b, width - len(r) :] = 1
+    input_ids, mask = padded(rows, pad_id, left=True)  # [B, T]
     device = device_of(model)
     kwargs: dict[str, object] = {
         "input_ids": input_ids.to(device),
@@ -471,19 +466,10 @@ def _continuation_batch(model, batch: list[tuple[tuple[int, ...], tuple[int, ...
     name = _cache_arg(model)
     contexts = list(dict.fromkeys(ctx for ctx, _ in batch))
     of = {ctx: n for n, ctx in enumerate(contexts)}
-    width_c = max(len(c) for c in contexts)
-    ids_c = torch.full((len(contexts), width_c), pad_id, dtype=torch.long)  # [C, P]
-    mask_c = torch.zeros((len(contexts), width_c), dtype=torch.long)  # [C, P]
-    for n, ctx in enumerate(contexts):
-        ids_c[n, width_c - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
-        mask_c[n, width_c - len(ctx) :] = 1
+    ids_c, mask_c = padded(contexts, pad_id, left=True)  # [C, P]
+    width_c = ids_c.shape[1]
     rows = [of[ctx] for ctx, _ in batch]
-    width = max(len(cont) for _, cont in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, S]
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, S]
-    for b, (_, cont) in enumerate(batch):
-        ids[b, : len(cont)] = torch.tensor(cont, dtype=torch.long)
-        mask[b, : len(cont)] = 1
+    ids, mask = padded([cont for _, cont in batch], pad_id, left=False)  # [B, S]
     full_mask = torch.cat([mask_c[rows], mask], dim=1)  # [B, P + S]
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, width_c:]  # [B, S]
     extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}

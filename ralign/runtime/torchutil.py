@@ -1,8 +1,9 @@
-"""Small torch helpers every runtime module needs: a model's device, the padding id, eval mode."""
+"""Small torch helpers every runtime module needs: a model's device, the padding id, eval mode,
+padded batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,3 +37,17 @@ def eval_mode(model: Any) -> Iterator[Any]:
         yield model
     finally:
         model.train(was_training)
+
+
+def padded(
+    rows: Sequence[Sequence[int]], pad_id: int, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one [B, T] batch: (ids, attention mask), padded on the left or the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for b, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[b, span] = torch.tensor(r, dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
