@@ -304,7 +304,7 @@ def sampling_prompts(n: int, seed: int) -> list[str]:
 
 def ralign_tokens(tok: Any, data: list[dict], mode: str, seq: int) -> int:
     """Tokens ralign's training feeds (attention-mask ones), from its own encoding."""
-    from ralign.runtime.train import encode_example, encode_pairs
+    from ralign.runtime.batches import encode_example, encode_pairs
 
     if mode == "sft":
         rows = [encode_example(tok, d["prompt"], d["response"], seq) for d in data]

@@ -14,8 +14,11 @@ Simplifications, stated up front:
   `precompute_ref_log_probs=True`, the same algorithm (TRL's default re-scores the reference on
   every step, which costs an extra forward per step). Full fine-tuning passes the same separately
   loaded reference model to both; LoRA passes none, and both use the adapter-disabled policy.
-- Throughput counts the non-pad tokens (attention mask) of every training forward: for DPO the
-  chosen and rejected sequences of the batch, for SFT the prompt+response sequences. Both systems
+- Throughput counts the tokens of every sequence trained on: for DPO the chosen and rejected
+  sequences of the batch (prompt + response each), for SFT the prompt+response sequences. For
+  TRL they are the non-pad tokens (attention mask) of each training forward; ralign packs its
+  batches (a pair's prompt fed once, SFT rows end to end), so it reports the same count itself
+  (each step's "input_tokens"): work saved by packing shows as speed, not as fewer tokens. Both systems
   run whole epochs over the same rows, so they train the same tokens in the same number of steps;
   the batch order differs (each shuffles with its own generator). The first step is a warm-up and
   is excluded: "tokens/s" is the tokens of steps 2..N over the time from the end of step 1 to the
@@ -254,7 +257,8 @@ class Recorder:
         self.no_grad_forwards: dict[str, int] = {}
         self.models: dict[str, Any] = {}
 
-    def watch(self, model: Any, name: str) -> None:
+    def watch(self, model: Any, name: str, count: bool = True) -> None:
+        """Hook `model`'s backbone; `count` False: the system reports its step tokens itself."""
         backbone = _hf_model(model).base_model
         self.no_grad_forwards[name] = 0
 
@@ -267,9 +271,10 @@ class Recorder:
             if self.first_forward is None:
                 self.first_forward = time.perf_counter()
                 self.first_forward_cpu = time.process_time()
-            mask = kwargs.get("attention_mask")
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.pending += int(mask.sum()) if mask is not None else int(ids.numel())
+            if count:
+                mask = kwargs.get("attention_mask")
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                self.pending += int(mask.sum()) if mask is not None else int(ids.numel())
 
         backbone.register_forward_pre_hook(pre, with_kwargs=True)
 
@@ -337,7 +342,10 @@ def run_trial(cfg: dict) -> dict:
     if cfg["lora"] and cfg["system"] == "ralign":
         model = apply_lora(model, LORA)  # trl applies the same config itself (peft_config)
     rec = Recorder()
-    rec.watch(model, "policy")
+    # ralign packs sequences (a DPO pair's prompt once, SFT rows end to end), so an attention mask
+    # no longer counts them: it reports its steps' sequence tokens, prompts included (on_step's
+    # "input_tokens"), the same count TRL's padded masks give.
+    rec.watch(model, "policy", count=cfg["system"] != "ralign")
     if reference is not None:
         rec.watch(reference, "reference")
 
@@ -414,6 +422,7 @@ def _train_ralign(
 
     def on_step(step: int, metrics: dict) -> None:
         rec.losses.append(metrics["loss"])
+        rec.pending = metrics["input_tokens"] - sum(rec.step_tokens)
         rec.step_end()
 
     common = dict(

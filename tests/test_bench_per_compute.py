@@ -232,6 +232,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_writes_every_arm(smoke):
     data, stdout, _ = smoke
     # Each of the three `ralign execute` children imports torch, transformers and accelerate
@@ -259,6 +260,7 @@ def test_smoke_writes_every_arm(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_budgets(smoke):
     data, _, _ = smoke
     s, arms, budget = data["settings"], data["arms"], data["budget"]
@@ -286,6 +288,7 @@ def test_smoke_budgets(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_runs_record_their_overrides(smoke):
     """Each recipe arm ran its file with `--set` overrides, which its run's plan records."""
     data, _, work = smoke
@@ -300,6 +303,7 @@ def test_smoke_runs_record_their_overrides(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_reward_reproduces_the_score_step(smoke):
     """The GRPO reward on every answer the smoke quickstart sampled equals its score step's values."""
     from ralign.runtime.data import read_jsonl
@@ -319,6 +323,7 @@ def test_smoke_reward_reproduces_the_score_step(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_evaluations_are_the_evaluate_steps(smoke):
     """evaluate_model on the run's final and base models gives its evaluate steps' exact metrics."""
     _, _, work = smoke
@@ -330,6 +335,7 @@ def test_smoke_evaluations_are_the_evaluate_steps(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the smoke fixture: ~1 min of three `ralign execute` start-ups
 def test_smoke_grpo_trained_its_model(smoke):
     from safetensors.torch import load_file
 

@@ -8,11 +8,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ralign.losses import dpo_loss, next_token_mask
+from ralign.runtime.batches import collate_pairs, encode_pairs
 from ralign.runtime.models import format_prompt, is_peft
 from ralign.runtime.tiny import build_tiny_model
 from ralign.runtime.train import (
-    collate_pairs,
-    encode_pairs,
     pair_logps,
     reference_logps,
     train_dpo,

@@ -14,165 +14,27 @@ from torch.utils.data import DataLoader
 from ralign.errors import RalignError, StepError, did_you_mean
 from ralign.losses import (
     DPO_LOSSES,
-    IGNORE,
     LABEL_SMOOTHING,
     dpo_loss,
     linear_target_logps,
-    next_token_mask,
     sft_loss_on_logps,
     spread,
     target_logps,
 )
-from ralign.runtime.models import format_prompt, is_peft
+from ralign.runtime.batches import (
+    PairRow,
+    collate,
+    collate_pairs,
+    encode_examples,
+    encode_pairs,
+    pack,
+    pack_pairs,
+    scoring,
+)
+from ralign.runtime.models import is_peft
 from ralign.runtime.torchutil import padding_id
 
 OnStep = Callable[[int, dict], None]
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizing and batching
-
-
-@dataclass(frozen=True)
-class Row:
-    """One tokenized training sequence: prompt then response, labels IGNORE on the prompt."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PairRow:
-    """One tokenized preference pair sharing a prompt."""
-
-    chosen: Row
-    rejected: Row
-
-
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, in one batched call (a fast tokenizer encodes them in parallel).
-
-    Special tokens (BOS) are added only when there is no chat template, because a chat template
-    writes its own.
-    """
-    if not texts:
-        return []
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return list(tokenizer(texts, add_special_tokens=not has_template)["input_ids"])
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):  # the shorter one bounds the prefix
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _with_eos(tokenizer: Any, response: str) -> str:
-    eos = tokenizer.eos_token
-    return response if response.endswith(eos) else response + eos
-
-
-def _row(ids: list[int], prompt_len: int, max_length: int) -> Row:
-    labels = [IGNORE] * prompt_len + ids[prompt_len:]
-    return Row(tuple(ids[:max_length]), tuple(labels[:max_length]))
-
-
-def _encode_with_prompts(
-    tokenizer: Any,
-    prompts: list[str],
-    responses: list[list[str]],
-    max_length: int,
-    finished: list[list[bool]] | None = None,
-) -> list[list[Row] | None]:
-    """Rows of each prompt's responses, all starting at one position: the shortest prefix any of
-    them shares with the prompt alone.
-
-    The prompt and prompt+response are tokenized separately and a response starts where they
-    diverge, exactly as TRL does, so a merge across the boundary cannot shift the labels. All
-    texts go to the tokenizer in one batch: one call per text made tokenization the slowest part
-    of a short GPU training run. None where the prompt alone fills max_length. A response cut off
-    by the sampling length limit (`finished` False) gets no EOS: training on it must not teach the
-    model to stop mid-sentence.
-    """
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    ends = finished if finished is not None else [[True] * len(rs) for rs in responses]
-    fulls = [
-        t + (_with_eos(tokenizer, r) if end else r)
-        for t, rs, es in zip(texts, responses, ends, strict=True)
-        for r, end in zip(rs, es, strict=True)
-    ]
-    ids = encode_texts(tokenizer, texts + fulls)
-    prompt_ids, full_ids = ids[: len(texts)], iter(ids[len(texts) :])
-    out: list[list[Row] | None] = []
-    for p_ids, rs in zip(prompt_ids, responses, strict=True):
-        each = [next(full_ids) for _ in rs]
-        n = min(_common_prefix(p_ids, f) for f in each)
-        out.append(None if n >= max_length else [_row(f, n, max_length) for f in each])
-    return out
-
-
-def encode_examples(tokenizer: Any, examples: list[dict], max_length: int) -> list[Row | None]:
-    """Tokenize (prompt, response) dicts for training: the chat-formatted prompt, the response, EOS.
-
-    Args:
-        tokenizer: formats with its chat template when it has one.
-        examples: dicts with "prompt", "response" and optionally "finished" (False for an answer
-            cut off by the length limit; otherwise EOS is appended unless present).
-        max_length: longer sequences keep their start.
-    Returns:
-        A Row per example, or None when its prompt alone fills max_length (no response token
-        would remain).
-    """
-    rows = _encode_with_prompts(
-        tokenizer,
-        [e["prompt"] for e in examples],
-        [[e["response"]] for e in examples],
-        max_length,
-        [[e.get("finished", True)] for e in examples],
-    )
-    return [r[0] if r is not None else None for r in rows]
-
-
-def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> Row | None:
-    """`encode_examples` of one (prompt, response)."""
-    return encode_examples(tokenizer, [{"prompt": prompt, "response": response}], max_length)[0]
-
-
-def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[PairRow]:
-    """Tokenize preference pairs like `encode_examples`; both responses start at one position.
-
-    Pairs whose prompt alone fills max_length are dropped; "chosen_finished" / "rejected_finished"
-    False mark an answer cut off by the length limit (no EOS).
-    """
-    rows = _encode_with_prompts(
-        tokenizer,
-        [p["prompt"] for p in pairs],
-        [[p["chosen"], p["rejected"]] for p in pairs],
-        max_length,
-        [[p.get("chosen_finished", True), p.get("rejected_finished", True)] for p in pairs],
-    )
-    return [PairRow(*r) for r in rows if r is not None]
-
-
-def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into (B, T) input_ids / attention_mask / labels tensors."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n] = torch.tensor(r.input_ids)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(r.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_pairs(rows: Sequence[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one (2B, T) batch, so one forward pass scores both."""
-    return collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
 
 
 def _loader(n: int, batch_size: int, seed: int, collate_fn: Callable) -> DataLoader:
@@ -216,21 +78,20 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    given = ("input_ids", "attention_mask", "position_ids")
+    return model(**{k: batch[k] for k in given if k in batch}, use_cache=False).logits
 
 
-def _narrow(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states -> (N, H) at the positions where `mask` (B, T-1) is True."""
-    if hidden.shape[:2] != (mask.shape[0], mask.shape[1] + 1):
+def _narrow(hidden: torch.Tensor, at: torch.Tensor, lines: torch.Size) -> torch.Tensor:
+    """(B, T, H) hidden states -> (N, H) at the flat positions `at` of the (B, T) input."""
+    if hidden.shape[:2] != lines:
         raise RalignError(f"the LM head got hidden states of shape {tuple(hidden.shape)}")
-    return hidden[:, :-1][mask]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
 
 
 @contextlib.contextmanager
-def _head_only_at(model: Any, mask: torch.Tensor) -> Iterator[None]:
-    """Run the model's LM head on the positions where `mask` (B, T-1) is True alone.
+def _head_only_at(model: Any, at: torch.Tensor, lines: torch.Size) -> Iterator[None]:
+    """Run the model's LM head on the scored positions `at` alone.
 
     Prompt and padding positions carry no loss, yet on a large vocabulary their logits are a large
     share of a step's memory and of its LM-head compute. A pre-hook on the head module narrows its
@@ -238,7 +99,8 @@ def _head_only_at(model: Any, mask: torch.Tensor) -> Iterator[None]:
     itself still goes through the model's own forward, and so through peft's and DDP's wrappers.
     """
     head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
-    handle = head.register_forward_pre_hook(lambda m, args: (_narrow(args[0], mask), *args[1:]))
+    hook = lambda m, args: (_narrow(args[0], at, lines), *args[1:])  # noqa: E731
+    handle = head.register_forward_pre_hook(hook)
     try:
         yield
     finally:
@@ -277,9 +139,9 @@ def _fusable_head(model: Any) -> torch.nn.Linear | None:
 
 @contextlib.contextmanager
 def _head_scores(
-    head: torch.nn.Linear, mask: torch.Tensor, targets: torch.Tensor
+    head: torch.nn.Linear, at: torch.Tensor, lines: torch.Size, targets: torch.Tensor
 ) -> Iterator[list]:
-    """Make `head` return the (N,) log-probs of `targets` at the `mask` positions, not logits.
+    """Make `head` return the (N,) log-probs of `targets` at the positions `at`, not logits.
 
     The model's own forward still calls the head, so the result flows through peft's and DDP's
     wrappers and under their autocast exactly as logits would; the list yielded receives it, so the
@@ -288,7 +150,9 @@ def _head_scores(
     made: list[torch.Tensor] = []
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        made.append(linear_target_logps(_narrow(hidden, mask), head.weight, head.bias, targets))
+        made.append(
+            linear_target_logps(_narrow(hidden, at, lines), head.weight, head.bias, targets)
+        )
         return made[-1]
 
     head.forward = forward  # type: ignore[method-assign,assignment]
@@ -301,7 +165,8 @@ def _head_scores(
 def batch_token_logps(
     model: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ralign.losses.token_logps` of the model on a collated batch, scoring counted positions only.
+    """`ralign.losses.token_logps` of the model on a batch in any layout of
+    `ralign.runtime.batches`, scoring its counted positions only.
 
     The LM head and the log-softmax run fused, a chunk of positions at a time
     (`ralign.losses.linear_target_logps`), so no (N, V) float32 log-softmax is held: on a 152k
@@ -309,21 +174,51 @@ def batch_token_logps(
     `_fusable_head`) get the model's (N, V) logits and a plain log-softmax.
 
     Returns:
-        (logps (B, T-1) float32, 0 off the mask; mask (B, T-1) bool).
+        (logps (S, W) float32, 0 off the mask; mask (S, W) bool): per sequence, as the batch's
+        "counted" (for `collate`, (B, T-1) with position t scoring token t+1).
     """
-    mask = next_token_mask(batch["labels"])
-    targets = batch["labels"][:, 1:][mask]
+    if "targets" not in batch:  # a hand-made padded batch
+        batch = {**batch, **scoring(batch["labels"])}
+    at, targets, counted = batch["at"], batch["targets"], batch["counted"]
+    lines = batch["input_ids"].shape
     head = _fusable_head(model)
     if head is None:
-        with _head_only_at(model, mask):
+        with _head_only_at(model, at, lines):
             logits = _forward_logits(model, batch)
-        return spread(target_logps(logits, targets), mask), mask
-    with _head_scores(head, mask, targets) as made:
+        return spread(target_logps(logits, targets), counted), counted
+    with _head_scores(head, at, lines, targets) as made:
         logps = _forward_logits(model, batch)
     if len(made) != 1 or logps is not made[0]:
         kind = type(getattr(model, "module", model)).__name__
         raise RalignError(f"{kind} changes its logits after the LM head; ralign cannot train it")
-    return spread(logps, mask), mask
+    return spread(logps, counted), counted
+
+
+# Architectures whose packed layouts tests/test_batches.py checks against one padded row per
+# sequence (same log-probs and gradients): their attention reads position ids and 4D masks
+# through transformers' masking_utils.
+PACKABLE = frozenset({"llama", "qwen2", "gpt2"})
+# The attention implementations that take a custom 4D mask, and the mask each wants.
+_MASK_KINDS = {"sdpa": "bool", "eager": "float"}
+
+
+def packing(model: Any, longest: int) -> str | None:
+    """How this model takes packed batches (`pack`, `pack_pairs`): the 4D mask kind its attention
+    wants, or None to keep one padded row per sequence.
+
+    Args:
+        model: the model (plain, peft or DDP-wrapped).
+        longest: the longest line a packed batch may hold; a sliding-window attention shorter than
+            that would see a packed line differently from its rows.
+    """
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) not in PACKABLE:
+        return None
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window and window < longest:
+        return None
+    return _MASK_KINDS.get(getattr(config, "_attn_implementation", None) or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,10 +419,11 @@ def _optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimi
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RalignError("the model has no trainable parameters")
-    # On CUDA, one fused kernel updates every tensor: at small batches a step is bound by kernel
-    # launches rather than FLOPs (bench/gpu_bench.py), and the per-tensor path launches several
-    # kernels per parameter. The CPU keeps the default path, whose arithmetic the tests pin.
-    fused = all(p.device.type == "cuda" for p in params) or None
+    # One fused kernel updates every tensor in one pass over its memory. On CUDA, at small batches a
+    # step is bound by kernel launches rather than FLOPs (bench/gpu_bench.py); on the CPU the
+    # default path's several passes took 0.7 s a step for SmolLM2's 135M weights (fused: 0.16 s),
+    # an eighth of a full fine-tuning step. Same update to float rounding (tests/test_train.py).
+    fused = all(p.device.type in ("cuda", "cpu") for p in params) or None
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
@@ -596,12 +492,14 @@ def _accumulate(
     those of one batch holding every micro-batch of every process, whatever their sizes.
 
     Returns:
-        ({"loss", "tokens"} of this process, per-unit values of every micro-batch, concatenated).
+        ({"loss", "tokens", "input_tokens"} of this process, per-unit values of every micro-batch,
+        concatenated).
     """
     counts = [units(batch) for batch in group]
     total = _global_sum(torch.stack(counts).sum(), run.accelerator).clamp(min=1)
     loss: torch.Tensor | int = 0
     tokens: torch.Tensor | int = 0
+    inputs: torch.Tensor | int = 0
     parts: list[dict[str, torch.Tensor]] = []
     for i, batch in enumerate(group):
         # Under data parallelism gradients are all-reduced once, on the step's last micro-batch.
@@ -612,10 +510,11 @@ def _accumulate(
                 part = mean * (run.world * counts[i] / total)
             _backward(run, part)
         loss = loss + part.detach()
-        tokens = tokens + next_token_mask(batch["labels"]).sum()
+        tokens = tokens + batch["counted"].sum()
+        inputs = inputs + batch["lengths"].sum()
         parts.append(values)
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return {"loss": loss, "tokens": tokens}, merged  # type: ignore[dict-item]
+    return {"loss": loss, "tokens": tokens, "input_tokens": inputs}, merged  # type: ignore[dict-item]
 
 
 def _clip(run: _Run) -> torch.Tensor:
@@ -675,9 +574,11 @@ def _loop(
     on_step: OnStep | None,
 ) -> list[dict[str, float]]:
     """Train for `epochs`. Returns one record per optimizer step, as `on_step` received it:
-    loss, lr (the step's), grad_norm (before clipping), tokens (so far), epoch, and `summary`'s."""
+    loss, lr (the step's), grad_norm (before clipping), tokens (counted ones, so far),
+    input_tokens (every token of the sequences, prompts included, so far), epoch, and
+    `summary`'s."""
     history: list[dict[str, float]] = []
-    tokens = 0
+    tokens = inputs = 0
     total_steps = epochs * math.ceil(len(run.loader) / run.controls.grad_accum)  # for progress bars
     for epoch in range(epochs):
         for group in _groups(run.loader, run.controls.grad_accum):
@@ -687,7 +588,9 @@ def _loop(
             lr = run.optimizer.param_groups[0]["lr"]
             _update(run, stats["loss"], len(history) + 1)
             tokens += round(stats.pop("tokens") * run.world)
-            history.append({**stats, "lr": lr, "tokens": tokens, "epoch": epoch})
+            inputs += round(stats.pop("input_tokens") * run.world)
+            record = {**stats, "lr": lr, "tokens": tokens, "input_tokens": inputs, "epoch": epoch}
+            history.append(record)
             if on_step is not None:
                 on_step(len(history), {**history[-1], "total_steps": total_steps})
     return history
@@ -717,7 +620,7 @@ def _sft_micro(model: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.T
 
 
 def _counted(batch: dict) -> torch.Tensor:
-    return next_token_mask(batch["labels"]).sum()
+    return batch["counted"].sum()
 
 
 def train_sft(
@@ -752,9 +655,9 @@ def train_sft(
         seed: seeds the shuffle and dropout; the same seed gives the same weights on CPU.
         accelerator: an `accelerate.Accelerator` for data-parallel training, or None.
         max_length: sequences keep their first max_length tokens.
-        on_step: called as on_step(step, {"loss", "lr", "grad_norm", "tokens", "epoch",
-            "total_steps"}) after each optimizer step; the loss is the mean over the step's
-            response tokens.
+        on_step: called as on_step(step, {"loss", "lr", "grad_norm", "tokens", "input_tokens",
+            "epoch", "total_steps"}) after each optimizer step; the loss is the mean over the
+            step's response tokens.
         grad_accum, schedule, warmup, weight_decay, max_grad_norm, gradient_checkpointing,
             precision: see `Controls`.
     Returns:
@@ -770,8 +673,9 @@ def train_sft(
     if not kept:
         raise RalignError(f"no example fits in max_length={max_length} tokens")
     pad_id = padding_id(tokenizer)
+    layout = pack if packing(model, max_length) else collate
     loader = _loader(
-        len(kept), batch_size, seed, lambda idx: collate([kept[i] for i in idx], pad_id)
+        len(kept), batch_size, seed, lambda idx: layout([kept[i] for i in idx], pad_id)
     )
     with _checkpointing(model, controls.gradient_checkpointing):
         run = _start(
@@ -790,8 +694,16 @@ def train_sft(
 # DPO
 
 
+def pairs_batch(model: Any, rows: Sequence[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """The pairs' batch for this model: prompt once per pair where it can (`pack_pairs`), else
+    chosen and rejected padded rows (`collate_pairs`)."""
+    longest = max(len(r.chosen.input_ids) + len(r.rejected.input_ids) for r in rows)
+    kind = packing(model, longest)
+    return pack_pairs(rows, pad_id, kind) if kind else collate_pairs(rows, pad_id)
+
+
 def pair_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of a `collate_pairs` batch in ONE forward pass.
+    """Summed response log-probs of a pairs batch (`pairs_batch`) in ONE forward pass.
 
     Returns:
         (chosen (B,), rejected (B,)).
@@ -849,7 +761,7 @@ def reference_logps(
     with torch.no_grad(), context, autocast:
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
-            batch = collate_pairs([rows[i] for i in idx], pad_id)
+            batch = pairs_batch(ref, [rows[i] for i in idx], pad_id)
             chosen, rejected = pair_logps(ref, {k: v.to(device) for k, v in batch.items()})
             scored.append(torch.stack([chosen, rejected]).float())
     ref.train(was_training)
@@ -991,9 +903,10 @@ def train_dpo(
         pairs: dicts with "prompt", "chosen", "rejected"; beta: the loss's temperature (> 0).
         batch_size: pairs per micro-batch (per process under accelerate).
         reference_model: the frozen reference; None: the policy with its LoRA adapter disabled.
-        on_step: called as on_step(step, {"loss", "lr", "grad_norm", "tokens", "epoch", "total_steps",
-            "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}) after each
-            optimizer step; the loss and rewards are means over the step's pairs.
+        on_step: called as on_step(step, {"loss", "lr", "grad_norm", "tokens", "input_tokens",
+            "epoch", "total_steps", "reward_accuracy", "reward_margin", "chosen_reward",
+            "rejected_reward"}) after each optimizer step; the loss and rewards are means over
+            the step's pairs.
         loss: a name in `ralign.losses.DPO_LOSSES`: "sigmoid", "ipo", "hinge" or "robust".
         label_smoothing: the robust loss's label flip rate, in [0, 0.5); 0 for the others.
         grad_accum, schedule, warmup, weight_decay, max_grad_norm, gradient_checkpointing,
@@ -1019,7 +932,7 @@ def train_dpo(
     )
 
     def collate_fn(idx: list[int]) -> dict[str, torch.Tensor]:
-        return {**collate_pairs([rows[i] for i in idx], pad_id), "index": torch.tensor(idx)}
+        return {**pairs_batch(model, [rows[i] for i in idx], pad_id), "index": torch.tensor(idx)}
 
     loader = _loader(len(rows), batch_size, seed, collate_fn)
     with _checkpointing(model, controls.gradient_checkpointing):
