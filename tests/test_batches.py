@@ -187,3 +187,12 @@ def test_training_packed_equals_padded(tiny_llama, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_an_empty_answer_packs_to_no_scored_token():
+    """A cut-off answer with no token (no EOS either) scores nothing, as in padded rows."""
+    empty = Row((1, 2), (IGNORE, IGNORE))
+    pair = PairRow(Row((1, 2, 3), (IGNORE, IGNORE, 3)), empty)
+    batch = pack_pairs([pair], pad_id=0, mask_kind="bool")
+    assert batch["targets"].tolist() == [3] and batch["counted"].sum(-1).tolist() == [1, 0]
+    assert pack([empty, Row((4, 5), (IGNORE, 5))], pad_id=0)["targets"].tolist() == [5]

@@ -178,7 +178,11 @@ def is_done(run_dir: Path, plan: Plan, step_id: str) -> bool:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Qwen2 runs end to end at length only: its scoring and training are checked in every run by
+# test_batches, test_train and test_dpo_trl, and the executor's path is the same for every model.
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.long) if a == "qwen2" else a for a in ARCHS]
+)
 def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     plan, _, run_dir = finished(arch)
     # the recipe really uses every step kind, over two rounds

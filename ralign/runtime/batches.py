@@ -209,8 +209,9 @@ def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
 def pack(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows end to end on as few lines as hold them, none longer than the longest row.
 
-    Padding shrinks to the lines' leftover tails: with rows of mixed lengths most of a padded
-    batch's compute went to padding. Position ids restart at 0 on every row; given no attention
+    Padding shrinks to the lines' leftover tails where short rows fit together (with rows of very
+    different lengths, much of a padded batch's compute goes to padding; with lengths alike, rows
+    keep a line each and nothing changes). Position ids restart at 0 on every row; given no attention
     mask, transformers reads the restarts as sequence boundaries and keeps each row's attention
     within itself, so a row is scored exactly as alone (packing without cross-contamination:
     Krell et al. 2021, arXiv:2107.02027; tests/test_batches.py compares it with `collate`).
@@ -254,7 +255,8 @@ def pack(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _prompt_length(row: Row) -> int:
-    return next(i for i, x in enumerate(row.labels) if x != IGNORE)
+    """Tokens before the response (all of them when nothing counts, e.g. an empty cut-off answer)."""
+    return next((i for i, x in enumerate(row.labels) if x != IGNORE), len(row.labels))
 
 
 def pack_pairs(rows: Sequence[PairRow], pad_id: int, mask_kind: str) -> dict[str, torch.Tensor]:
