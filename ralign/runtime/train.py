@@ -29,7 +29,6 @@ from ralign.runtime.batches import (
     encode_pairs,
     pack,
     pack_pairs,
-    scoring,
 )
 from ralign.runtime.models import is_peft
 from ralign.runtime.torchutil import padding_id
@@ -177,8 +176,6 @@ def batch_token_logps(
         (logps (S, W) float32, 0 off the mask; mask (S, W) bool): per sequence, as the batch's
         "counted" (for `collate`, (B, T-1) with position t scoring token t+1).
     """
-    if "targets" not in batch:  # a hand-made padded batch
-        batch = {**batch, **scoring(batch["labels"])}
     at, targets, counted = batch["at"], batch["targets"], batch["counted"]
     lines = batch["input_ids"].shape
     head = _fusable_head(model)
