@@ -7,12 +7,12 @@ import json
 import os
 import re
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from ralign.cache import read_json, write_json
 from ralign.errors import DataError, did_you_mean
 from ralign.imports import confined
 
@@ -232,12 +232,6 @@ def hub_model_problem(path: str) -> str | None:
 # ------------------------------------------------------------------ content hashes
 
 
-def cache_root() -> Path:
-    """`$RALIGN_CACHE`, else `~/.cache/ralign` (the same rule as ralign.runtime.models)."""
-    env = os.environ.get("RALIGN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ralign"
-
-
 def _regular(path: Path) -> os.stat_result:
     """`stat` of a regular file (symlinks followed); anything else is a DataError.
 
@@ -259,11 +253,8 @@ def _memo_key(path: Path, st: os.stat_result) -> str:
 
 def _load_memo() -> dict[str, str]:
     """The memo (key -> sha256); empty when missing, unreadable or corrupt."""
-    try:
-        data = json.loads((cache_root() / MEMO_FILE).read_text(encoding="utf-8"))
-        entries = data["files"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return {}
+    data = read_json(MEMO_FILE)
+    entries = data.get("files") if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         return {}
     return {
@@ -274,21 +265,8 @@ def _load_memo() -> dict[str, str]:
 
 
 def _save_memo(memo: dict[str, str]) -> None:
-    """Write the memo atomically (temporary file, then rename); failing to is not an error."""
-    folder = cache_root()
-    kept = dict(list(memo.items())[-MEMO_LIMIT:])
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".hash-memo.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "files": kept}, f)
-            os.replace(tmp, folder / MEMO_FILE)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass  # a read-only cache only costs the next compile its hashing time
+    """Write the memo; failing to only costs the next compile its hashing time."""
+    write_json(MEMO_FILE, {"version": 1, "files": dict(list(memo.items())[-MEMO_LIMIT:])})
 
 
 def _stream_sha256(path: Path) -> str:

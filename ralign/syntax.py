@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from bisect import bisect_left
 from dataclasses import fields
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any
 
 from lark import Lark, Token, Transformer, Tree
+from lark import __version__ as lark_version
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, VisitError
+from lark.grammar import NonTerminal, Rule
+from lark.lexer import TerminalDef
+from lark.parsers.lalr_analysis import Shift
 
 from ralign import nodes as n
+from ralign.cache import read_json, write_json
 from ralign.errors import Diagnostic, RecipeError
 from ralign.source import Source, Span
 
@@ -25,17 +34,39 @@ def grammar_path() -> Path:
 
 
 @cache
-def parser(kind: str = "lalr") -> Lark:
-    """The shared parser (`kind="earley"` exists only for the benchmark)."""
-    # LALR builds nodes while it parses (no intermediate tree); Earley cannot, so it transforms after.
-    options = {"strict": True, "transformer": _INLINE} if kind == "lalr" else {}
-    return Lark(
-        grammar_path().read_text(encoding="utf-8"),
-        parser=kind,
-        maybe_placeholders=False,
-        start=["start", "expr"],  # `expr`: a value given on the command line (`--set`)
-        **options,  # type: ignore[arg-type]
-    )
+def parser(kind: str = "lalr", strict: bool = False) -> Lark:
+    """The shared parser (`kind="earley"` exists only for the benchmark).
+
+    The LALR parser is loaded from its tables, which Lark serializes as JSON (no pickle) into
+    the cache, keyed by the grammar's text and Lark's version: building them took ~0.5 s of
+    every `ralign` command, most of it Lark validating its own meta-grammar and ours.
+    `strict=True` builds from the grammar and proves it free of LALR conflicts and colliding
+    terminals (a test does, once).
+    """
+    grammar = grammar_path().read_text(encoding="utf-8")
+    options = dict(maybe_placeholders=False, start=["start", "expr"])  # `expr`: a `--set` value
+    if kind != "lalr":
+        return Lark(grammar, parser=kind, **options)  # type: ignore[arg-type]
+    if strict:
+        return Lark(grammar, parser="lalr", strict=True, transformer=_INLINE, **options)  # type: ignore[arg-type]
+    key = hashlib.sha256(f"{lark_version}\0{grammar}".encode()).hexdigest()[:16]
+    name = f"grammar-{key}.json"
+    tables = read_json(name, _int_keys)
+    if tables is not None:
+        try:
+            # Loaded lexers skip re-validating the terminals (as Lark's own cache does).
+            return Lark._load_from_dict(tables["data"], tables["memo"], transformer=_INLINE)
+        except Exception:  # noqa: BLE001 -- a stale or damaged cache entry is rebuilt, never fatal
+            pass
+    plain = Lark(grammar, parser="lalr", **options)  # type: ignore[arg-type]
+    data, memo = plain.memo_serialize([TerminalDef, Rule])
+    write_json(name, {"data": data, "memo": memo})
+    return Lark._load_from_dict(data, memo, transformer=_INLINE)
+
+
+def _int_keys(pairs: list[tuple[str, Any]]) -> dict[Any, Any]:
+    """JSON writes Lark's integer keys (states, memo ids) as strings; no name is all digits."""
+    return {int(k) if k.isdigit() else k: v for k, v in pairs}
 
 
 def parse(source: Source, kind: str = "lalr") -> n.Module:
@@ -79,7 +110,10 @@ def _parse_cached(name: str, text: str, kind: str) -> n.Module:
     try:
         if kind == "lalr":
             _INLINE.file = name
-            decls = parser(kind).parse(text, start="start")  # type: ignore[assignment]
+            try:
+                decls = _fast(parser(kind), text, "start")
+            except _Fallback:  # Lark's own lexer and parser say exactly what is wrong
+                decls = parser(kind).parse(text, start="start")  # type: ignore[assignment]
             deep = _nodes_too_deep(decls, MAX_DEPTH)
         else:
             tree = parser(kind).parse(text, start="start")
@@ -165,6 +199,176 @@ def _too_deep(tree: Tree, limit: int) -> tuple[int, int] | None:
             (child, depth + 1, where) for child in node.children if isinstance(child, Tree)
         )
     return None
+
+
+# ---- the fast path ----------------------------------------------------------------
+#
+# Lark's LALR tables and node callbacks, driven by a tighter loop and a one-regex lexer: Lark's
+# generic driver and contextual lexer cost ~20 us a token, which made a 20,000-line recipe take
+# seconds. Any input the fast path cannot take (a lexing or parsing error) is parsed again by
+# Lark itself, so every diagnostic is Lark's. When the fast path succeeds it has built exactly
+# the tokens Lark's contextual lexer would: each token is accepted by the parser state it was
+# read in, the regex alternation keeps Lark's terminal order (priority, width, length, name), a
+# keyword is a keyword only where the state accepts it (else a NAME, as Lark's unless-callbacks
+# do), and `/` starts a /regex/ only where the state accepts one. tests/test_syntax_fast.py
+# checks the two paths give equal nodes on every recipe in the repository and on fuzzed ones.
+
+
+_NEWLINE = re.compile("\n")
+
+
+class _Fallback(Exception):
+    """The fast path met something only Lark's full parser should judge."""
+
+
+class _Tables:
+    """What the fast path needs from a built Lark LALR parser, computed once."""
+
+    def __init__(self, lark: Lark) -> None:
+        terminals = sorted(
+            lark.terminals,
+            key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
+        )
+        by_name = {t.name: t for t in terminals}
+        word = re.compile(by_name["NAME"].pattern.to_regexp())
+        self.keywords = {
+            t.pattern.value: t.name
+            for t in terminals
+            if t.pattern.type == "str" and word.fullmatch(t.pattern.value)
+        }
+        self.slash = next(
+            t.name for t in terminals if t.pattern.type == "str" and t.pattern.value == "/"
+        )
+        self.regex = re.compile(by_name["REGEX"].pattern.to_regexp()).match
+        kept = [
+            t
+            for t in terminals
+            if t.name != "REGEX"
+            and not (t.pattern.type == "str" and t.pattern.value in self.keywords)
+        ]
+        # Ignored text (spaces, comments) is skipped inside the same match as the token after it.
+        skip = "|".join(by_name[name].pattern.to_regexp() for name in lark.lexer_conf.ignore)
+        alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in kept)
+        # Atomic: a run of blanks is never split up again when the token after it fails to match.
+        self.match = re.compile(f"(?>(?:{skip})*)(?:{alternatives}|(?P<_EOF>\\Z))").match
+        lalr = lark.parser.parser.parser  # ParsingFrontend -> LALR_Parser -> _Parser
+        table = lalr.parse_table
+        # Lark keys its tables by Token and Rule objects, whose Python-level __eq__ ran on every
+        # lookup: re-keyed by plain strings. A reduce is (width, callback, the rule's name); a
+        # rule that only passes its one child up (`?expr: or_expr`) has no callback to call.
+        reduce = {
+            rule: (
+                len(rule.expansion),
+                None if _passes_child(rule) else lalr.callbacks[rule],
+                str(rule.origin.name),
+            )
+            for rule in lalr.callbacks
+        }
+        self.states = {
+            state: {
+                str(term): (True, arg) if action is Shift else (False, reduce[arg])
+                for term, (action, arg) in actions.items()
+            }
+            for state, actions in table.states.items()
+        }
+        self.chains: dict[tuple[int, int, str], int] = {}
+        self.start_states = {str(k): v for k, v in table.start_states.items()}
+        self.end_states = {str(k): v for k, v in table.end_states.items()}
+
+
+def _chain(states: dict[Any, Any], below: int, top: int, kind: str) -> int:
+    """The top state after every pass-the-child reduce that lookahead `kind` triggers on `top`."""
+    while True:
+        try:
+            shift, arg = states[top][kind]
+        except KeyError:
+            raise _Fallback from None
+        if shift or arg[1] is not None:
+            return top
+        top = states[below][arg[2]][1]
+
+
+def _passes_child(rule: Rule) -> bool:
+    """A `?rule` alternative of one nonterminal and no alias: Lark returns that child as is."""
+    expansion = rule.expansion
+    return (
+        rule.options.expand1
+        and rule.alias is None
+        and len(expansion) == 1
+        and isinstance(expansion[0], NonTerminal)
+    )
+
+
+@cache
+def _tables(lark: Lark) -> _Tables:
+    return _Tables(lark)
+
+
+def _fast(lark: Lark, text: str, start: str) -> Any:
+    """Parse `text` with Lark's tables and callbacks, or raise _Fallback."""
+    t = _tables(lark)
+    states, match, keywords = t.states, t.match, t.keywords
+    stack, end = [t.start_states[start]], t.end_states[start]
+    values: list[Any] = []
+    chains = t.chains
+    new = Token._future_new  # (type, value, start_pos, line, column, end_line, end_column, end_pos)
+    newlines = [m.start() for m in _NEWLINE.finditer(text)]
+    pos = 0
+    while True:
+        m = match(text, pos)
+        if m is None:
+            raise _Fallback
+        kind: str = m.lastgroup or ""  # every alternative is a named group
+        if kind == "_EOF":
+            kind, token = "$END", None
+        else:
+            at, stop = m.span(kind)
+            if kind == "NAME":
+                keyword = keywords.get(m.group(kind))
+                if keyword is not None and keyword in states[stack[-1]]:
+                    kind = keyword
+            elif kind == t.slash and "REGEX" in states[stack[-1]]:
+                r = t.regex(text, at)
+                if r is not None:
+                    kind, stop = "REGEX", r.end()
+            line = bisect_left(newlines, at)  # newlines before the token: its line - 1
+            column = at - (newlines[line - 1] if line else -1)
+            end_line = bisect_left(newlines, stop - 1) if text.find("\n", at, stop) >= 0 else line
+            end_column = stop - (newlines[end_line - 1] if end_line else -1)
+            token = new(kind, text[at:stop], at, line + 1, column, end_line + 1, end_column, stop)
+            pos = stop
+        while True:  # reduce as long as the lookahead asks, then shift it
+            try:
+                shift, arg = states[stack[-1]][kind]
+            except KeyError:
+                raise _Fallback from None
+            if shift:
+                stack.append(arg)
+                values.append(token)
+                break
+            width, callback, origin = arg
+            if callback is None:  # the child stands for the rule: only the top state changes
+                # A run of such rules (atom -> unary -> ... -> expr) depends only on the state
+                # below the child, the state on top and the lookahead: walked once, then looked up.
+                key = (stack[-2], stack[-1], kind)
+                top = chains.get(key)
+                if top is None:
+                    top = chains[key] = _chain(states, stack[-2], stack[-1], kind)
+                stack[-1] = top
+                if token is None and top == end:
+                    return values[-1]
+                continue
+            else:
+                if width:
+                    children = values[-width:]
+                    del stack[-width:]
+                    del values[-width:]
+                else:
+                    children = []
+                values.append(callback(children))
+            stack.append(states[stack[-1]][origin][1])
+            if token is None and stack[-1] == end:
+                return values[-1]
 
 
 # ---- errors ---------------------------------------------------------------------
@@ -402,12 +606,17 @@ class _ToNodes(Transformer):
             self.file, tok.line or 1, tok.column or 1, tok.end_line or 0, tok.end_column or 0
         )
 
-    def _at(self, item: object) -> Span:
-        return self._tok(item) if isinstance(item, Token) else item.span  # type: ignore[attr-defined]
-
     def _join(self, first: object, last: object) -> Span:
-        a, b = self._at(first), self._at(last)
-        return Span(self.file, a.line, a.column, b.end_line, b.end_column)
+        # Read positions straight off tokens and child spans: no throwaway Span per end.
+        if isinstance(first, Token):
+            line, column = first.line or 1, first.column or 1
+        else:
+            line, column = first.span.line, first.span.column  # type: ignore[attr-defined]
+        if isinstance(last, Token):
+            end_line, end_column = last.end_line or 0, last.end_column or 0
+        else:
+            end_line, end_column = last.span.end_line, last.span.end_column  # type: ignore[attr-defined]
+        return Span(self.file, line, column, end_line, end_column)
 
     # declarations
     def start(self, c):  # type: ignore[no-untyped-def]
@@ -496,6 +705,8 @@ class _ToNodes(Transformer):
         return n.Bool(self._tok(c[0]), False)
 
     def dotted(self, c):  # type: ignore[no-untyped-def]
+        if len(c) == 1:  # the common case, a plain name
+            return n.Ref(self._tok(c[0]), (str(c[0]),))
         return n.Ref(self._join(c[0], c[-1]), tuple(str(t) for t in c))
 
     def ref(self, c):  # type: ignore[no-untyped-def]

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from lark.exceptions import UnexpectedInput
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ralign import syntax
 from ralign.runtime.tiny import build_tiny_model
 
 
@@ -59,3 +61,34 @@ def metrics(run_dir: Path) -> dict[str, dict[str, float]]:
         row = json.loads(line)
         out.setdefault(row["step"], {})[row["metric"]] = row["value"]
     return out
+
+
+# ---- the parser's fast path against Lark's own (tests/test_parser.py, tests/test_fuzz.py)
+
+
+def lark_or_fast(text: str) -> tuple[object, object]:
+    """(what the fast path gives, what Lark's own parser gives): nodes, or the error's kind."""
+    lark = syntax.parser()
+    syntax._INLINE.file = "t.ralign"
+
+    def run(fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn()
+        except syntax._Fallback:
+            return "fallback"
+        except UnexpectedInput:
+            return "lark error"
+        except syntax._NodeError as exc:
+            return ("node error", exc.args)
+
+    return run(lambda: syntax._fast(lark, text, "start")), run(
+        lambda: lark.parse(text, start="start")
+    )
+
+
+def agree(text: str) -> None:
+    fast, slow = lark_or_fast(text)
+    if fast == "fallback":
+        assert slow == "lark error", f"Lark parsed what the fast path refused: {text[:200]!r}"
+    else:
+        assert fast == slow

@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import agree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -684,6 +685,16 @@ def mutated(draw: st.DrawFn) -> str:
 @given(text=mutated())
 def test_mutated_recipes_never_crash(text: str, workdir: Path) -> None:
     attempt(workdir / "mutant.ralign", text)
+
+
+@settings(FUZZ, max_examples=N_MUTATED)
+@given(
+    text=mutated()
+    | st.lists(declaration, min_size=1, max_size=6).map(lambda ds: HEADER + "\n".join(ds))
+)
+def test_the_fast_parser_agrees_with_lark(text: str) -> None:
+    # ralign.syntax drives Lark's tables itself; whatever it accepts, Lark builds the same nodes.
+    agree(text)
 
 
 # ---- (c) arbitrary text and bytes -----------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ralign.cache import cache_root
 from ralign.errors import RalignError, TemplateError, did_you_mean
 from ralign.templates import render_chat
 
@@ -78,12 +78,6 @@ def resolver(name: str) -> Callable[[Callable[[str], str]], Callable[[str], str]
         return fn
 
     return register
-
-
-def cache_root() -> Path:
-    """`$RALIGN_CACHE`, else `~/.cache/ralign`."""
-    env = os.environ.get("RALIGN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ralign"
 
 
 def _tiny(arch: str) -> Callable[[str], str]:
