@@ -1,6 +1,6 @@
-"""Benchmark the front end (LALR against Earley on a generated 500-line recipe) and reward evaluation throughput.
+"""Benchmark the front end (LALR against Earley on a generated 500-line recipe), `ralign check` on recipes with 20,000 errors, and reward evaluation throughput.
 
-Usage: python bench/compile.py [--runs 20] [--earley-runs 5] [--records 3000] [--repeats 5]
+Usage: python bench/compile.py [--runs 20] [--earley-runs 5] [--records 3000] [--repeats 5] [--error-runs 3]
 
 Simplifications, stated up front:
 - Compile time is `ralign.compile.compile_file` (load + parse + check + lower) on one generated
@@ -10,6 +10,12 @@ Simplifications, stated up front:
   (`ralign.rewards.regex.compile_regex` is an LRU cache), so the medians time the steady state a
   long-running tool or test suite sees. The Earley figure is the same pipeline with
   `parser_kind="earley"` (Lark's Earley parser with its default dynamic lexer).
+- Many errors: one whole `ralign check` command (a fresh process: start-up, imports, parser
+  tables from the cache, parse, check, the first 100 diagnostics printed) on generated recipes
+  with 2,000 and 20,000 undefined names, in two shapes: `let vN = uN` (4 tokens a name) and
+  `rule rN = 0.1 * words(response) when uN` (11 tokens a name). The baseline, in the same run, is
+  the same command with ralign's fast parser path switched off, so Lark's own LALR driver and
+  contextual lexer parse (as before 2026-12-03). Best of `--error-runs` runs each.
 - Rule evaluation throughput counts one evaluation per rule per record: scoring `std/hhh:rules`
   evaluates its own rule and, through it, the rules of `helpful`, `honest` and `harmless` once each
   (reward values are memoised per record), so 1 + 7 + 2 + 3 = 13 rule evaluations per record. A rule
@@ -25,9 +31,11 @@ import datetime as dt
 import gc
 import io
 import json
+import os
 import pstats
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +53,7 @@ from ralign.tables import text_table
 
 HERE = Path(__file__).resolve().parent
 TARGET_LINES = 500
-TARGETS = {"lalr_ms": 100.0, "speedup": 5.0, "rules_per_s": 200_000.0}
+TARGETS = {"lalr_ms": 100.0, "speedup": 5.0, "rules_per_s": 200_000.0, "errors_20k_s": 2.0}
 REWARD = "std/hhh:rules"
 
 # ---- the generated recipe ------------------------------------------------------------
@@ -239,6 +247,76 @@ def bench_compile(path: Path, runs: int, earley_runs: int) -> dict[str, Any]:
     return out
 
 
+# ---- a recipe full of errors -----------------------------------------------------------
+
+ERROR_SHAPES = {
+    "lets": "let v{i} = u{i}",
+    "rules": "  rule r{i} = 0.1 * words(response) when u{i}",
+}
+
+
+def error_recipe(shape: str, n: int) -> str:
+    """A recipe whose `n` lines each use a name defined nowhere."""
+    lines = [ERROR_SHAPES[shape].format(i=i) for i in range(n)]
+    if shape == "rules":
+        lines = ["reward r {", *lines, "}"]
+    return 'recipe "many" { rounds = 1 }\n' + "\n".join(lines) + "\n"
+
+
+LARK_ONLY = """
+import sys
+from ralign import cli, syntax
+def refuse(*args):
+    raise syntax._Fallback
+syntax._fast = refuse  # every text goes to Lark's own driver and contextual lexer
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def check_seconds(path: Path, lark_only: bool, runs: int) -> dict[str, float]:
+    """Best wall and CPU seconds (this child's) of one whole `ralign check PATH` command."""
+    code = (
+        LARK_ONLY
+        if lark_only
+        else "import sys; from ralign import cli; sys.exit(cli.main(sys.argv[1:]))"
+    )
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(runs):
+        before = os.times()
+        w = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", code, "check", str(path)], capture_output=True, text=True
+        )
+        wall = min(wall, time.perf_counter() - w)
+        after = os.times()
+        cpu = min(
+            cpu,
+            after.children_user
+            - before.children_user
+            + after.children_system
+            - before.children_system,
+        )
+        if done.returncode != 1 or "errors" not in done.stdout + done.stderr:
+            raise SystemExit(
+                f"`ralign check` should have failed with errors:\n{done.stderr[-2000:]}"
+            )
+    return {"wall": wall, "cpu": cpu}
+
+
+def bench_errors(runs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in ERROR_SHAPES:
+            for n in (2_000, 20_000):
+                path = Path(tmp) / f"{shape}-{n}.ralign"
+                path.write_text(error_recipe(shape, n), encoding="utf-8")
+                out[f"{shape}_{n}"] = {
+                    "ralign": check_seconds(path, False, runs),
+                    "lark_only": check_seconds(path, True, runs),
+                }
+    return out
+
+
 # ---- reward evaluation ---------------------------------------------------------------
 
 BENIGN = [
@@ -392,6 +470,29 @@ def table(rows: list[tuple[str, dict[str, float] | None, str, Any]]) -> str:
     return text_table(head, cells)
 
 
+def errors_table(errors: dict[str, Any]) -> str:
+    """One row per recipe: ralign, Lark's own driver (the baseline), their ratio, the target."""
+    head = ("recipe", "ralign wall", "ralign cpu", "Lark only wall", "speed-up (wall)", "target")
+    cells = []
+    for key, r in errors.items():
+        shape, n = key.rsplit("_", 1)
+        target = "-"
+        if n == "20000":
+            ok = r["ralign"]["wall"] <= TARGETS["errors_20k_s"]
+            target = f"<= {TARGETS['errors_20k_s']:.0f} s: {'ok' if ok else 'MISSED'}"
+        cells.append(
+            (
+                f"{int(n):,} names, {shape}",
+                f"{r['ralign']['wall']:.2f}",
+                f"{r['ralign']['cpu']:.2f}",
+                f"{r['lark_only']['wall']:.2f}",
+                f"{r['lark_only']['wall'] / r['ralign']['wall']:.2f}x",
+                target,
+            )
+        )
+    return text_table(head, cells)
+
+
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
 
@@ -409,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=5, help="timed passes over the records (best reported)"
     )
     ap.add_argument(
+        "--error-runs", type=int, default=3, help="timed `ralign check` commands per case (best)"
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="also print a cProfile of reward evaluation"
     )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON result")
@@ -418,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "bench.ralign"
         path.write_text(recipe_text(), encoding="utf-8")
         comp = bench_compile(path, args.runs, args.earley_runs)
+    errors = bench_errors(args.error_runs)
     rew = bench_rewards(args.records, args.repeats)
     rate = rew["rewards"][REWARD]["rules_per_s"]
     lalr, earley = comp["lalr"], comp["earley"]
@@ -477,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"({REWARD} counts {rew['rewards'][REWARD]['rules_per_record']} rule evaluations per record: its own rule and those of the rewards it adds up)"
     )
+    print(
+        f"\n`ralign check` commands on recipes of undefined names (seconds, best of {args.error_runs}):"
+    )
+    print(errors_table(errors))
     if args.profile or rate["cpu"] < TARGETS["rules_per_s"]:
         print("\nprofile of reward evaluation (by own time):")
         print(profile_rewards(args.records))
@@ -487,12 +596,17 @@ def main(argv: list[str] | None = None) -> int:
         "recipe_lines": TARGET_LINES,
         "compile": comp,
         "rewards": rew,
+        "errors": errors,
         "targets": TARGETS,
         "meets": {
             clock: {
                 "lalr_ms": lalr["compile_ms"][clock] <= TARGETS["lalr_ms"],
                 "speedup": comp[f"speedup_{clock}"] >= TARGETS["speedup"],
                 "rules_per_s": rate[clock] >= TARGETS["rules_per_s"],
+                "errors_20k_s": all(
+                    errors[f"{shape}_20000"]["ralign"][clock] <= TARGETS["errors_20k_s"]
+                    for shape in ERROR_SHAPES
+                ),
             }
             for clock in ("wall", "cpu")
         },

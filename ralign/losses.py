@@ -113,6 +113,10 @@ class _LinearTargetLogps(torch.autograd.Function):
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(-1, targets[start:end].unsqueeze(-1)).squeeze(-1)
                 out[start:end] = picked - lse[start:end]
+        # When every position fits in one chunk, its logits are kept for the backward instead of
+        # recomputed: the memory is the one chunk the forward held anyway, and the backward saves
+        # an (N, H) x (H, V) matmul, a tenth of a small model's step.
+        ctx.kept = logits if hidden.shape[0] <= rows else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.rows, ctx.dtype = rows, dtype
         return out
@@ -132,8 +136,12 @@ class _LinearTargetLogps(torch.autograd.Function):
                 end = start + rows
                 chunk = hidden[start:end]
                 # d log p(t) / d logits = onehot(t) - softmax(logits), times the incoming gradient.
-                g = _chunk_logits(chunk, weight, bias, dtype)
-                g.sub_(lse[start:end, None]).exp_().mul_(-grad[start:end, None])
+                if ctx.kept is None:
+                    g = _chunk_logits(chunk, weight, bias, dtype)
+                    g.sub_(lse[start:end, None])
+                else:  # out of place: a second backward through a retained graph reads it again
+                    g = ctx.kept - lse[start:end, None]
+                g.exp_().mul_(-grad[start:end, None])
                 g.scatter_add_(-1, targets[start:end, None], grad[start:end, None])
                 g_low = g.to(dtype)
                 if grad_hidden is not None:

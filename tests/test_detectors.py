@@ -56,8 +56,9 @@ def test_scores_by_hand(labels, predicted, want):
 
 def test_labels_are_well_formed_and_enough():
     rows = load_labels()
-    assert len(rows) >= 150
-    assert sum(1 for r in rows if r["model"] == "base") >= 150  # real SmolLM2 answers
+    # Real SmolLM2 answers: the base model's, and the quickstart's trained policies' (seeds 7-9).
+    for model in MODELS:
+        assert sum(1 for r in rows if r["model"] == model) >= 150, model
     for r in rows:
         assert r["kind"] in KINDS and r["model"] in MODELS, r
         assert isinstance(r["refusal"], bool) and isinstance(r["admits"], bool), r
@@ -70,10 +71,27 @@ def test_labels_are_well_formed_and_enough():
 
 @pytest.mark.parametrize("flag", sorted(DETECTORS))
 def test_detector_agrees_with_hand_labels(flag):
+    # Issue 15's bar: >= 95% on answers from before and after training, together.
     rows = load_labels()
+    detect = DETECTORS[flag]
+    s = scores(confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows]))
+    missed = [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
+    assert s["accuracy"] >= LEAST_ACCURACY, missed
+
+
+# Each model apart, a floor below the bar: training changes how answers decline. Measured
+# (docs/results.md): refusal 0.993 base / 0.987 trained; admits 0.990 base / 0.933 trained, where
+# the detector misses "unable to provide [the information]" declines the labels count as admitting.
+LEAST_ACCURACY_PER_MODEL = 0.90
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("flag", sorted(DETECTORS))
+def test_detector_agrees_with_hand_labels_per_model(flag, model):
+    rows = [r for r in load_labels() if r["model"] == model]
     detect = DETECTORS[flag]
     c = confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows])
     s = scores(c)
-    print(f"{flag}: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))
+    print(f"{model} {flag}: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))
     missed = [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
-    assert s["accuracy"] >= LEAST_ACCURACY, missed
+    assert s["accuracy"] >= LEAST_ACCURACY_PER_MODEL, missed

@@ -247,3 +247,20 @@ def test_every_check_pass_has_its_own_error_cases() -> None:
         assert check_pass.__name__ in files, f"no tests/cases/errors/{check_pass.__name__}.ralign"
         cases = [c for c in ALL if c.id.startswith(f"{check_pass.__name__}:")]
         assert len(cases) >= 3, f"{check_pass.__name__}.ralign has {len(cases)} cases"
+
+
+def test_thousands_of_errors_show_the_first_hundred_and_a_count(tmp_path: Path) -> None:
+    lines = [f"let v{i} = u{i}" for i in range(3000)]
+    path = tmp_path / "many.ralign"
+    path.write_text("\n".join(["let ok = 1", *lines]) + "\n", encoding="utf-8")  # a library
+    with pytest.raises(RecipeError) as info:
+        check_file(path)
+    diagnostics = info.value.diagnostics
+    assert len(diagnostics) == 3000
+    assert [d.message for d in diagnostics[:2]] == ["unknown name 'u0'", "unknown name 'u1'"]
+    assert all(d.message.startswith("unknown name 'u") for d in diagnostics)
+    shown = str(info.value).splitlines()
+    assert sum(": error: " in line for line in shown) == 100
+    assert shown[-2:] == ["... and 2,900 more (only the first 100 are shown)", "3,000 errors"]
+    # In source order: the first shown is the first line's, with its column.
+    assert shown[0].startswith("many.ralign:2:10: error:")

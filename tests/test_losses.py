@@ -242,3 +242,20 @@ def test_linear_target_logps_under_bf16_autocast_matches_the_head_it_replaces():
     assert torch.allclose(ours, plain, atol=1e-4)
     exact = target_logps(hidden @ weight.T, targets)
     assert not torch.allclose(ours, exact, atol=1e-4)  # bf16 did run (its rounding shows)
+
+
+@pytest.mark.parametrize("rows", [None, 2])  # one chunk (its logits kept), or recomputed chunks
+def test_linear_target_logps_backward_twice_through_a_retained_graph(rows):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (5,), generator=g)
+    loss = linear_target_logps(hidden, weight, None, targets, chunk_rows=rows).sum()
+    first = torch.autograd.grad(loss, [hidden, weight], retain_graph=True)
+    second = torch.autograd.grad(loss, [hidden, weight])
+    plain = torch.autograd.grad(
+        target_logps(torch.nn.functional.linear(hidden, weight), targets).sum(), [hidden, weight]
+    )
+    for a, b, c in zip(first, second, plain, strict=True):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, atol=1e-5)
