@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import load, record  # noqa: E402
 
+from ralign import ir
 from ralign.compile import compile_file
 from ralign.rewards.interpreter import Programs
 from ralign.source import Source
@@ -368,7 +369,7 @@ def records(n: int, seed: int = 0) -> list[dict[str, str]]:
     return out
 
 
-def rules_reached(programs: dict[str, Any], qname: str) -> int:
+def rules_reached(programs: ir.Programs, qname: str) -> int:
     """Rule evaluations one `reward_value(qname, ...)` makes: its rules, plus each reward they reach, once."""
     seen: set[str] = set()
 
@@ -377,22 +378,20 @@ def rules_reached(programs: dict[str, Any], qname: str) -> int:
             return 0
         seen.add(q)
         total = 0
-        for rule in programs["rewards"][q]["rules"]:
+        for rule in programs.rewards[q].rules:
             total += 1
-            stack = [rule["value"], rule["when"]]
+            stack = [rule.value] + ([rule.when] if rule.when is not None else [])
             while stack:
                 node = stack.pop()
-                if isinstance(node, list):
-                    if len(node) == 2 and node[0] == "reward":
-                        total += visit(node[1])
-                    else:
-                        stack.extend(node)
+                if isinstance(node, ir.RewardRef):
+                    total += visit(node.qname)
+                stack.extend(ir.children(node))
         return total
 
     return visit(qname)
 
 
-def plan_programs() -> dict[str, Any]:
+def plan_programs() -> ir.Programs:
     """The programs of a plan whose score uses std/hhh's rules and each of its parts."""
     text = (
         'recipe "throughput" {}\nimport "std/hhh"\nmodel policy { path = "ralign:smollm2-135m" }\n'
