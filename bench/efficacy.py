@@ -105,10 +105,13 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     sized = SMALL if scale == "small" else ()
     base = Variant(BASE, sized)
     ranked = Variant(RECIPES / "efficacy_rank.ralign", sized)
+    contrast = Variant(RECIPES / "efficacy_contrast.ralign", sized)
     return {
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": ranked,
         "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),
+        "contrast judge only": contrast,
+        "agree(contrast, rules)": contrast.but(f"judge/score.total={AGREE}"),
         "SFT only": Variant(RECIPES / "efficacy_sft_only.ralign", sized),
         "DPO only": Variant(RECIPES / "efficacy_dpo_only.ralign", sized),
         "no context": Variant(RECIPES / "efficacy_no_context.ralign", sized),

@@ -21,6 +21,9 @@ _BACKTRACKING = (
 )
 
 
+_SPECIAL = re.compile(r"[\\\[]")  # where an escape or a character class may start
+
+
 class RegexError(ValueError):
     """A regex literal that cannot run on the linear-time engine; str() is the user's message."""
 
@@ -34,6 +37,13 @@ def _strip_classes_and_escapes(pattern: str) -> str:
     out: list[str] = []
     i = 0
     while i < len(pattern):
+        # Copy a run of plain characters at once: long alternations of words are most of a pattern.
+        special = _SPECIAL.search(pattern, i)
+        stop = len(pattern) if special is None else special.start()
+        if stop > i:
+            out.append(pattern[i:stop])
+            i = stop
+            continue
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
             nxt = pattern[i + 1]
