@@ -210,8 +210,9 @@ def _too_deep(tree: Tree, limit: int) -> tuple[int, int] | None:
 # the tokens Lark's contextual lexer would: each token is accepted by the parser state it was
 # read in, the regex alternation keeps Lark's terminal order (priority, width, length, name), a
 # keyword is a keyword only where the state accepts it (else a NAME, as Lark's unless-callbacks
-# do), and `/` starts a /regex/ only where the state accepts one. tests/test_syntax_fast.py
-# checks the two paths give equal nodes on every recipe in the repository and on fuzzed ones.
+# do), and `/` starts a /regex/ only where the state accepts one. tests/test_parser.py and
+# tests/test_fuzz.py check the two paths give equal nodes on every recipe in the repository and
+# on fuzzed ones.
 
 
 _NEWLINE = re.compile("\n")
@@ -358,14 +359,13 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
                 if token is None and top == end:
                     return values[-1]
                 continue
+            if width:
+                children = values[-width:]
+                del stack[-width:]
+                del values[-width:]
             else:
-                if width:
-                    children = values[-width:]
-                    del stack[-width:]
-                    del values[-width:]
-                else:
-                    children = []
-                values.append(callback(children))
+                children = []
+            values.append(callback(children))
             stack.append(states[stack[-1]][origin][1])
             if token is None and stack[-1] == end:
                 return values[-1]
