@@ -272,6 +272,13 @@ class _Tables:
             }
             for state, actions in table.states.items()
         }
+        # Terminals Lark's tree builder always drops (`"let"`, `"="`, `"("`): no Token is built.
+        uses: dict[str, set[bool]] = {}
+        for rule in lalr.callbacks:
+            for symbol in rule.expansion:
+                if symbol.is_term:
+                    uses.setdefault(symbol.name, set()).add(symbol.filter_out)
+        self.dropped = frozenset(name for name, filtered in uses.items() if filtered == {True})
         self.chains: dict[tuple[int, int, str], int] = {}
         self.start_states = {str(k): v for k, v in table.start_states.items()}
         self.end_states = {str(k): v for k, v in table.end_states.items()}
@@ -311,7 +318,7 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
     states, match, keywords = t.states, t.match, t.keywords
     stack, end = [t.start_states[start]], t.end_states[start]
     values: list[Any] = []
-    chains = t.chains
+    chains, dropped = t.chains, t.dropped
     new = Token._future_new  # (type, value, start_pos, line, column, end_line, end_column, end_pos)
     newlines = [m.start() for m in _NEWLINE.finditer(text)]
     pos = 0
@@ -320,8 +327,10 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
         if m is None:
             raise _Fallback
         kind: str = m.lastgroup or ""  # every alternative is a named group
-        if kind == "_EOF":
-            kind, token = "$END", None
+        done = kind == "_EOF"
+        token = None  # also stands for a token the tree builder drops: none is built
+        if done:
+            kind = "$END"
         else:
             at, stop = m.span(kind)
             if kind == "NAME":
@@ -332,11 +341,15 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
                 r = t.regex(text, at)
                 if r is not None:
                     kind, stop = "REGEX", r.end()
-            line = bisect_left(newlines, at)  # newlines before the token: its line - 1
-            column = at - (newlines[line - 1] if line else -1)
-            end_line = bisect_left(newlines, stop - 1) if text.find("\n", at, stop) >= 0 else line
-            end_column = stop - (newlines[end_line - 1] if end_line else -1)
-            token = new(kind, text[at:stop], at, line + 1, column, end_line + 1, end_column, stop)
+            if kind not in dropped:
+                line = bisect_left(newlines, at)  # newlines before the token: its line - 1
+                column = at - (newlines[line - 1] if line else -1)
+                multiline = text.find("\n", at, stop) >= 0
+                end_line = bisect_left(newlines, stop - 1) if multiline else line
+                end_column = stop - (newlines[end_line - 1] if end_line else -1)
+                token = new(
+                    kind, text[at:stop], at, line + 1, column, end_line + 1, end_column, stop
+                )
             pos = stop
         while True:  # reduce as long as the lookahead asks, then shift it
             try:
@@ -356,7 +369,7 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
                 if top is None:
                     top = chains[key] = _chain(states, stack[-2], stack[-1], kind)
                 stack[-1] = top
-                if token is None and top == end:
+                if done and top == end:
                     return values[-1]
                 continue
             if width:
@@ -367,7 +380,7 @@ def _fast(lark: Lark, text: str, start: str) -> Any:
                 children = []
             values.append(callback(children))
             stack.append(states[stack[-1]][origin][1])
-            if token is None and stack[-1] == end:
+            if done and stack[-1] == end:
                 return values[-1]
 
 

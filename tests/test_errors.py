@@ -264,3 +264,21 @@ def test_thousands_of_errors_show_the_first_hundred_and_a_count(tmp_path: Path) 
     assert shown[-2:] == ["... and 2,900 more (only the first 100 are shown)", "3,000 errors"]
     # In source order: the first shown is the first line's, with its column.
     assert shown[0].startswith("many.ralign:2:10: error:")
+
+
+@pytest.mark.parametrize("text", ["let ok = 1\n", "let v = u\n"], ids=["ok", "error"])
+def test_checking_pauses_the_garbage_collector_and_restores_it(tmp_path: Path, text: str) -> None:
+    import gc
+
+    path = tmp_path / "lib.ralign"
+    path.write_text(text, encoding="utf-8")
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            try:
+                check_file(path)
+            except RecipeError:
+                pass
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
