@@ -115,6 +115,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         "SFT only": Variant(RECIPES / "efficacy_sft_only.ralign", sized),
         "DPO only": Variant(RECIPES / "efficacy_dpo_only.ralign", sized),
         "no context": Variant(RECIPES / "efficacy_no_context.ralign", sized),
+        "few-shot context": Variant(RECIPES / "efficacy_fewshot.ralign", sized),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),

@@ -554,6 +554,24 @@ def judge_rates(
     return out
 
 
+def paired_difference(
+    a: list[list[float]], b: list[list[float]], better_at: list[int], seed: int, draws: int = 10_000
+) -> dict[str, Any]:
+    """Accuracy of judge a minus judge b on the same pairs, with a 95% paired bootstrap interval.
+
+    Both judges score the same pairs, so their difference has a tighter interval than two
+    separate Wilson intervals suggest (and a wider one when they err on different pairs).
+    """
+    diffs = np.array(
+        [credit(x, k) - credit(y, k) for x, y, k in zip(a, b, better_at, strict=True)],
+        dtype=np.float64,
+    )
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(draws, len(diffs)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"value": float(diffs.mean()), "ci95": [float(lo), float(hi)], "n": len(diffs)}
+
+
 def standardised(raw: list[list[float]]) -> list[list[float]]:
     """Raw scores as z-scores over all answers (no labels used)."""
     flat = np.array([v for r in raw for v in r], dtype=np.float64)
@@ -704,6 +722,10 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         name = f"{other.split()[0]} + {chosen}"
         raws[name] = combined(raws[other], raws[chosen])
         rates[name] = judge_rates(raws[name], better_at, pairs, half)
+    paired = {
+        f"{chosen} - {other}": paired_difference(raws[chosen], raws[other], better_at, args.seed)
+        for other in ("listwise o2", "rules (std/hhh)")
+    }
     return {
         "model": args.model,
         "pairs": len(pairs),
@@ -718,6 +740,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         "designs": [d._asdict() for d in designs],
         "chosen": chosen,
         "rates": rates,
+        "paired": paired,
         "listwise_agreement": listwise.agreement,
         "listwise_label_mass": listwise.label_mass,
         "seconds": seconds,
@@ -768,6 +791,11 @@ def verdict(res: dict[str, Any]) -> list[str]:
         f"{'yes' if above_half else 'no'}; intervals clear of listwise's: "
         f"{'yes' if above_listwise else 'no'}"
     )
+    for name, d in res["paired"].items():
+        lines.append(
+            f"paired, same {d['n']} pairs: {name} = {d['value']:+.3f} "
+            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (bootstrap)"
+        )
     lines.append(
         f"contrast reads: {res['contrast_reads']['reads']:.0f} in "
         f"{res['contrast_reads']['seconds']:.0f}s, {res['contrast_answer_tokens_per_s']:.0f} "

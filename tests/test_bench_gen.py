@@ -171,6 +171,15 @@ def test_judge_accuracy_counts_every_pair_once(judge_accuracy):
             assert rate["n"] == len(picked) and rate["k"] == pytest.approx(sum(picked))
             lo, hi = rate["ci95"]
             assert 0 <= lo <= rate["value"] + 1e-12 and rate["value"] <= hi <= 1  # float rounding
+    # The chosen design against listwise and the rules on the same pairs: the mean of the
+    # per-pair differences in credit, inside its bootstrap interval.
+    for other in ("listwise o2", "rules (std/hhh)"):
+        d = res["paired"][f"{res['chosen']} - {other}"]
+        chosen_rate = res["rates"][res["chosen"]]["all"]["value"]
+        assert d["value"] == pytest.approx(chosen_rate - res["rates"][other]["all"]["value"])
+        assert -1 <= d["ci95"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci95"][1] + 1e-12
+        assert d["ci95"][1] <= 1 and d["n"] == 6
+        assert f"{res['chosen']} - {other} = {d['value']:+.3f}" in stdout
     # Reading answers after a shared context gives what evaluate.loglikelihood gives.
     assert res["shared_vs_plain_max_abs_diff"] < 1e-4
     assert res["contrast_reads"]["reads"] > 0 and res["contrast_answer_tokens_per_s"] > 0

@@ -59,15 +59,15 @@ _LITERAL = re.compile(r'"""(?:.|\n)*?"""|"(?:\\.|[^"\\\n])*"')
 def training_texts() -> list[tuple[str, str]]:
     """(source, text) for every prompt, principle and template the shipped recipes can train on:
     each string of the seed sets (every split) and of recipes/data, each string literal of the stdlib
-    and recipe files, each template file whole."""
+    and recipe files (bench/recipes' too: the efficacy rows train on them), each template file
+    whole."""
     texts: list[tuple[str, str]] = []
     jsonl = [ROOT / "ralign/data/seeds/hhh.jsonl", ROOT / "ralign/data/seeds/red_team.jsonl"]
     jsonl += sorted((ROOT / "recipes/data").glob("*.jsonl"))
     for path in jsonl:
         texts += [(path.name, s) for s in _jsonl_strings(path)]
-    for path in sorted((ROOT / "stdlib").glob("*.ralign")) + sorted(
-        ROOT.glob("recipes/**/*.ralign")
-    ):
+    ralign_files = [*ROOT.glob("stdlib/*.ralign"), *ROOT.glob("recipes/**/*.ralign")]
+    for path in sorted(ralign_files) + sorted(ROOT.glob("bench/recipes/*.ralign")):
         for m in _LITERAL.finditer(path.read_text(encoding="utf-8")):
             texts.append((path.name, m.group(0).strip('"')))
     for path in sorted((ROOT / "recipes").rglob("*")):
