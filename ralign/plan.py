@@ -303,20 +303,45 @@ def check_inputs(plan: Plan, recipe_dir: Path, roots: tuple[Path, ...] = ()) -> 
     problem = name_problem(plan.recipe)
     if problem:
         raise PlanError(f"recipe {plan.recipe!r}: {problem}")
-    data = [(f"dataset '{n}'", spec) for n, spec in plan.datasets.items()]
-    data += [(f"step {s.id}", s.params.get("data")) for s in plan.steps if s.kind == "evaluate"]
-    for what, spec in data:
-        _check_data(what, spec, recipe_dir, box, confined)
+    for name, spec in plan.datasets.items():
+        _check_dataset(f"dataset '{name}'", spec, recipe_dir, box)
+    for s in plan.steps:
+        if s.kind == "evaluate":
+            _check_data(f"step {s.id}", s.params.get("data"), recipe_dir, box)
     for name, spec in plan.models.items():
         _check_model(f"model '{name}'", spec, recipe_dir, box, confined)
 
 
-def _check_data(
-    what: str, spec: Any, recipe_dir: Path, box: tuple[Path, ...], confined: Any
-) -> None:
+def _check_dataset(what: str, spec: Any, recipe_dir: Path, box: tuple[Path, ...]) -> None:
+    """A declared dataset: one file as `_check_data` checks it, or a list of them with `sha256` a
+    list of the same length (null for hub parts), each part checked as a file of its own."""
+    paths = _object(spec, what).get("path")
+    if not isinstance(paths, list):
+        _check_data(what, spec, recipe_dir, box)
+        return
+    hashes = spec.get("sha256")
+    if not paths:
+        raise PlanError(f"{what}: its path is an empty list (a dataset needs at least one file)")
+    if not isinstance(hashes, list) or len(hashes) != len(paths):
+        raise PlanError(
+            f"{what}: its path lists {len(paths)} files, so its sha256 must be a list of {len(paths)} hashes (null for hf: parts)"
+        )
+    for i, (path, digest_) in enumerate(zip(paths, hashes, strict=True)):
+        if digest_ is not None and not isinstance(digest_, str):
+            raise PlanError(f"{what}, file {i + 1}: its sha256 must be a string or null")
+        part = {"path": path} if digest_ is None else {"path": path, "sha256": digest_}
+        _check_data(f"{what}, file {i + 1}", part, recipe_dir, box)
+
+
+def _check_data(what: str, spec: Any, recipe_dir: Path, box: tuple[Path, ...]) -> None:
+    """One data file (a dataset's, or an evaluation's): a known built-in set, a hub id, or a local
+    file inside the roots with its content hash."""
     from ralign import inputs
+    from ralign.imports import confined
 
     path = _object(spec, what).get("path")
+    if "dataset" in spec and isinstance(path, list):
+        raise PlanError(f"{what}: an evaluation reads one file, not a list of them")
     if "dataset" in spec and path is None:
         return  # an evaluation of a declared dataset: checked with the datasets
     if not isinstance(path, str) or "\0" in path:

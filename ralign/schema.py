@@ -18,6 +18,7 @@ TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 INT, NUMBER, STRING, BOOL = "int", "number", "string", "bool"
 MODEL, DATASET, TEMPLATE, TEXTS, DATA = "model", "dataset", "template", "texts", "data"
 EXPR_BOOL, EXPR_NUMBER, LORA = "expr:bool", "expr:number", "lora"
+PATHS = "paths"  # one data file, or a non-empty list of them read one after another
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,20 @@ DECLS: dict[str, Block] = {
         },
     ),
     "dataset": Block(
-        "prompts: a `.jsonl`/`.json`/`.csv`/`.parquet` file, `hf:org/name[:split]`, or built-in `ralign:NAME`",
+        "prompts: a `.jsonl`/`.json`/`.csv`/`.parquet` file, `hf:org/name[:split]`, built-in `ralign:NAME`, or a list of these",
         {
             "path": Attr(
-                STRING,
-                "file (relative to the recipe), `hf:...` or `ralign:seeds/hhh`",
+                PATHS,
+                "file (relative to the recipe), `hf:...` or `ralign:seeds/hhh`, or a list of them"
+                " read one after another",
                 required=True,
             ),
-            "field": Attr(STRING, "the record field that holds the prompt text", "prompt"),
-            "limit": Attr(INT, "use at most this many records (the first ones)", min=1),
+            "field": Attr(
+                STRING, "the record field that holds the prompt text (in every file)", "prompt"
+            ),
+            "limit": Attr(
+                INT, "use at most this many records (the first ones, over all the files)", min=1
+            ),
         },
     ),
     "evaluate": Block(

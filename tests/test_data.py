@@ -182,6 +182,149 @@ def test_records_keep_scalar_fields_and_strip_the_prompt(tmp_path: Path) -> None
     assert got == {"q": "  Why?  ", "id": 3, "ok": True, "prompt": "Why?"}
 
 
+# ------------------------------------------------------------------ a dataset of several files
+
+LIST_RECIPE = """recipe "parts" {}
+model policy { path = "ralign:tiny-llama" }
+dataset seeds {
+  path = ["ralign:seeds/red_team", "more.jsonl"]
+  field = "prompt"LIMIT
+}
+phase answer { sample { from = seeds } }
+"""
+MORE = '{"prompt": "local one", "id": 1}\n{"prompt": " local two "}\n'
+
+
+def _train_prompts(name: str) -> list[str]:
+    """The prompts of a built-in set a step may read, straight from its file (held-out left out)."""
+    from ralign.inputs import resolve_dataset
+
+    rows = [json.loads(line) for line in resolve_dataset(name).read_text().splitlines()]
+    return [r["prompt"] for r in rows if r["split"] != "heldout"]
+
+
+def _compiled_list(tmp_path: Path, limit: int | None, more: str = MORE) -> dict:
+    from ralign.compile import compile_file
+
+    (tmp_path / "more.jsonl").write_text(more, encoding="utf-8")
+    recipe = tmp_path / "r.ralign"
+    written = "" if limit is None else f"\n  limit = {limit}"
+    recipe.write_text(LIST_RECIPE.replace("LIMIT", written), encoding="utf-8")
+    return dict(compile_file(recipe).datasets["seeds"])
+
+
+@pytest.mark.parametrize(
+    ("limit", "tail"),
+    [
+        (None, ["local one", "local two"]),
+        (74, ["local one", "local two"]),
+        (73, ["local one"]),  # red_team keeps 72 of its 96 prompts; the limit counts over both
+        (72, []),
+    ],
+)
+def test_a_list_of_paths_is_read_in_order(tmp_path: Path, limit: int | None, tail: list) -> None:
+    spec = _compiled_list(tmp_path, limit)
+    assert spec["path"] == ["ralign:seeds/red_team", "more.jsonl"]
+    local = hashlib.sha256(MORE.encode()).hexdigest()
+    assert len(spec["sha256"]) == 2 and spec["sha256"][1] == local
+    records = data.load_records(spec, tmp_path)
+    red_team = _train_prompts("seeds/red_team")
+    assert len(red_team) == 72
+    assert [r["prompt"] for r in records] == red_team + tail
+    assert all(r.get("split") != "heldout" for r in records)
+    if tail:
+        assert records[72] == {"prompt": "local one", "id": 1}
+
+
+def test_a_limit_inside_the_first_file_leaves_the_rest_unread(tmp_path: Path) -> None:
+    records = data.load_records(
+        {"path": ["ralign:seeds/hhh", "ralign:seeds/hhh"], "limit": 3}, tmp_path
+    )
+    assert [r["prompt"] for r in records] == _train_prompts("seeds/hhh")[:3]
+
+
+def test_a_file_may_appear_twice_and_keeps_its_own_rows(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
+    records = data.load_records({"path": ["a.jsonl", "a.jsonl"]}, tmp_path)
+    assert [r["prompt"] for r in records] == ["x", "y", "x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("more", "error"),
+    [
+        (
+            '{"prompt": "fine"}\n{"text": "no prompt"}\n',
+            "more.jsonl:2: the record has no text field 'prompt'",
+        ),
+        ('{"prompt": "fine"}\n{"prompt": "cut', "more.jsonl:2: not valid JSON"),
+        ("\n\n", "more.jsonl: the dataset has no records"),
+    ],
+)
+def test_a_bad_record_in_a_later_file_names_that_file(
+    tmp_path: Path, more: str, error: str
+) -> None:
+    spec = _compiled_list(tmp_path, None, more)
+    with pytest.raises(DataError, match=error) as err:
+        data.load_records(spec, tmp_path)
+    assert str(tmp_path / "more.jsonl") in str(err.value)
+
+
+def test_a_changed_part_fails_before_any_is_read(tmp_path: Path, monkeypatch) -> None:
+    spec = _compiled_list(tmp_path, None)
+    (tmp_path / "more.jsonl").write_text('{"prompt": "swapped"}\n', encoding="utf-8")
+    monkeypatch.setattr(data, "record", lambda *a: pytest.fail("a record was read"))
+    with pytest.raises(DataError, match="more.jsonl: the file changed after the plan was compiled"):
+        data.load_records(spec, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ({"path": []}, "needs at least one file"),
+        ({"path": ["a.jsonl", "b.jsonl"], "sha256": ["0" * 64]}, "not a list of one hash per file"),
+        ({"path": ["a.jsonl"], "sha256": "0" * 64}, "not a list of one hash per file"),
+    ],
+)
+def test_a_malformed_list_spec_is_a_data_error(tmp_path: Path, spec: dict, error: str) -> None:
+    with pytest.raises(DataError, match=error):
+        data.load_records(spec, tmp_path)
+
+
+def test_an_evaluation_file_is_never_a_list(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="a list of files, where one file is expected"):
+        data.dataset_file({"path": ["ralign:evals/hhh-mini"]}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "at", "message"),
+    [
+        (
+            '["ralign:seeds/hhh", "gone.jsonl", "more.jsonl"]',
+            '"gone.jsonl"',
+            "'gone.jsonl' does not exist",
+        ),
+        ('["more.jsonl", "../out.jsonl"]', '"../out.jsonl"', "'../out.jsonl' is outside"),
+        ('["more.jsonl", "more.jsonl", 7]', "7", "each file in the list must be a string"),
+        ("[]", "[]", "`path` needs at least one file"),
+    ],
+)
+def test_a_list_error_points_at_its_element(
+    tmp_path: Path, value: str, at: str, message: str
+) -> None:
+    from ralign.compile import check_file
+    from ralign.errors import RecipeError
+
+    (tmp_path / "more.jsonl").write_text(MORE, encoding="utf-8")
+    recipe = tmp_path / "r.ralign"
+    line = f"dataset d {{ path = {value} }}"
+    recipe.write_text(f'recipe "e" {{}}\nmodel policy {{ path = "ralign:tiny-llama" }}\n{line}\n')
+    with pytest.raises(RecipeError) as err:
+        check_file(recipe)
+    (d,) = err.value.diagnostics
+    assert d.span.line == 3 and line[d.span.column - 1 :].startswith(at), str(err.value)
+    assert message in d.message and f"r.ralign:3:{d.span.column}: error: " in str(err.value)
+
+
 # ------------------------------------------------------------------ an over-long prompt reaches generation
 
 SHORT = ["What is 2 plus 3?", "Hi", "The cat reads the book at home.", "Why is the sky blue?"]

@@ -295,6 +295,7 @@ TYPE_WORDS = {
     sc.DATASET: "dataset name",
     sc.TEMPLATE: "template",
     sc.TEXTS: "list of strings",
+    sc.PATHS: "string or list of strings",
     sc.DATA: "dataset name or string",
     sc.EXPR_BOOL: "bool expression",
     sc.EXPR_NUMBER: "number expression",

@@ -407,3 +407,149 @@ phase answer { sample { from = seeds, context = context } }
     assert shown.startswith("Answer carefully. ") and shown.endswith("\nHi")
     recipe.write_text(text.replace("carefully", "gently"), encoding="utf-8")
     assert compile_file(recipe).step("r1/answer/sample").hash != plan.step("r1/answer/sample").hash
+
+
+# ---- a dataset of several files ----------------------------------------------------------------
+
+LIST_RECIPE = """recipe "parts" {}
+model policy { path = "ralign:tiny-llama" }
+dataset seeds { path = ["ralign:seeds/hhh", "data/more.jsonl", "hf:org/name:train"] }
+phase answer { sample { from = seeds } }
+evaluate behavior { data = "ralign:evals/behavior", limit = 4 }
+"""
+
+
+@pytest.fixture()
+def list_plan(tmp_path: Path) -> tuple[Path, Plan]:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "more.jsonl").write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    (tmp_path / "r.ralign").write_text(LIST_RECIPE, encoding="utf-8")
+    return tmp_path, compile_file(tmp_path / "r.ralign")
+
+
+def test_a_list_of_paths_is_planned_with_a_hash_per_file(list_plan: tuple[Path, Plan]) -> None:
+    import hashlib
+
+    from ralign.inputs import resolve_dataset
+
+    folder, plan = list_plan
+    spec = plan.datasets["seeds"]
+    assert spec["path"] == ["ralign:seeds/hhh", "data/more.jsonl", "hf:org/name:train"]
+    built_in = hashlib.sha256(resolve_dataset("seeds/hhh").read_bytes()).hexdigest()
+    local = hashlib.sha256(b'{"prompt": "hi"}\n').hexdigest()
+    assert spec["sha256"] == [built_in, local, None]
+    again = Plan.load(_written(folder, plan.to_json()))
+    assert again.hash == plan.hash
+
+
+def test_a_change_to_any_part_reaches_the_steps(list_plan: tuple[Path, Plan]) -> None:
+    folder, plan = list_plan
+    (folder / "data" / "more.jsonl").write_text('{"prompt": "hello"}\n', encoding="utf-8")
+    changed = compile_file(folder / "r.ralign")
+    assert changed.step("r1/answer/sample").hash != plan.step("r1/answer/sample").hash
+    assert changed.step("r0/evaluate/behavior").hash == plan.step("r0/evaluate/behavior").hash
+
+
+def _written(folder: Path, data: object) -> Path:
+    path = folder / "p.plan.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+TAMPERED_LISTS = {
+    "a part outside the roots": (
+        ["ralign:seeds/hhh", "../../../../etc/passwd"],
+        ["BUILTIN", "0" * 64],
+        "dataset 'seeds', file 2: data file '../../../../etc/passwd' is outside the recipe's folder",
+    ),
+    "an absolute part": (
+        ["/etc/passwd"],
+        ["0" * 64],
+        "dataset 'seeds', file 1: data file '/etc/passwd' is outside",
+    ),
+    "a local part without its hash": (
+        ["ralign:seeds/hhh", "data/more.jsonl"],
+        ["BUILTIN", None],
+        "file 2: data file 'data/more.jsonl' has no content hash in the plan",
+    ),
+    "hashes dropped": (
+        ["ralign:seeds/hhh", "data/more.jsonl"],
+        "DROP",
+        "its path lists 2 files, so its sha256 must be a list of 2 hashes",
+    ),
+    "one hash short": (
+        ["ralign:seeds/hhh", "data/more.jsonl"],
+        ["BUILTIN"],
+        "so its sha256 must be a list of 2 hashes",
+    ),
+    "a hash that is a number": (
+        ["data/more.jsonl"],
+        [7],
+        "file 1: its sha256 must be a string or null",
+    ),
+    "a part that is not a string": (
+        ["ralign:seeds/hhh", ["data/more.jsonl"]],
+        ["BUILTIN", "0" * 64],
+        "file 2: its path must be a string without NUL characters",
+    ),
+    "an empty list": ([], [], "its path is an empty list"),
+    "an hf: part pointing at a folder": (
+        ["hf:/etc"],
+        [None],
+        "file 1: 'hf:/etc' is an absolute path, not a Hugging Face hub id",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED_LISTS))
+def test_a_tampered_list_is_refused_on_load(list_plan: tuple[Path, Plan], case: str) -> None:
+    from dataclasses import replace
+
+    from ralign.plan import PlanError, check_inputs, with_hashes
+
+    folder, plan = list_plan
+    paths, hashes, error = TAMPERED_LISTS[case]
+    builtin = plan.datasets["seeds"]["sha256"][0]
+    spec = {"path": paths, "field": "prompt"}
+    if hashes != "DROP":
+        spec["sha256"] = [builtin if h == "BUILTIN" else h for h in hashes]
+    # Every hash recomputed, as an attacker would: only the input checks can catch it.
+    tampered = with_hashes(replace(plan, datasets={"seeds": spec}))
+    loaded = Plan.load(_written(folder, tampered.to_json()))
+    with pytest.raises(PlanError) as err:
+        check_inputs(loaded, folder)
+    assert error in str(err.value)
+
+
+def test_an_evaluation_of_a_list_is_refused_on_load(list_plan: tuple[Path, Plan]) -> None:
+    from dataclasses import replace
+
+    from ralign.plan import PlanError, check_inputs, with_hashes
+
+    folder, plan = list_plan
+    steps = tuple(
+        replace(s, params={**s.params, "data": {"dataset": "seeds", **plan.datasets["seeds"]}})
+        if s.kind == "evaluate"
+        else s
+        for s in plan.steps
+    )
+    tampered = Plan.load(_written(folder, with_hashes(replace(plan, steps=steps)).to_json()))
+    with pytest.raises(PlanError, match="an evaluation reads one file, not a list of them"):
+        check_inputs(tampered, folder)
+
+
+def test_a_wrong_part_hash_fails_the_run_naming_the_file(list_plan: tuple[Path, Plan]) -> None:
+    from dataclasses import replace
+
+    from ralign.errors import DataError
+    from ralign.plan import with_hashes
+    from ralign.runtime.data import load_records
+    from ralign.runtime.executor import load_plan
+
+    folder, plan = list_plan
+    built_in = plan.datasets["seeds"]["sha256"][0]
+    spec = {**plan.datasets["seeds"], "sha256": [built_in, "f" * 64, None]}
+    path = _written(folder, with_hashes(replace(plan, datasets={"seeds": spec})).to_json())
+    loaded, _, recipe_dir = load_plan(path, None, ())  # the shape is right: the load accepts it
+    with pytest.raises(DataError, match="more.jsonl: the file changed after the plan was compiled"):
+        load_records(loaded.datasets["seeds"], recipe_dir)

@@ -14,8 +14,9 @@ from typing import Any
 from ralign import inputs
 from ralign import nodes as n
 from ralign import schema as sc
-from ralign.check.attrs import check_attrs
+from ralign.check.attrs import BAD, check_attrs, value_check
 from ralign.check.context import Context, Work
+from ralign.check.steps import EVAL_SETS
 from ralign.errors import DataError
 from ralign.imports import Unit, confined
 from ralign.source import Span
@@ -165,15 +166,59 @@ def _local_folder(w: Work, unit: Unit, path: str, span: Span) -> dict[str, Any] 
     return {"path": rel, "sha256": digest}
 
 
+@value_check(sc.PATHS)
+def _paths(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: Any) -> Any:
+    """A string, or a non-empty list of string literals (each element's error at its own span)."""
+    if isinstance(v, n.String):
+        return v.value
+    if not isinstance(v, n.ListExpr):
+        w.error(v.span, f"{label} must be a string or a list of strings")
+        return BAD
+    if not v.items:
+        w.error(v.span, f"{label} is an empty list: `path` needs at least one file")
+        return BAD
+    paths = [item.value for item in v.items if isinstance(item, n.String)]
+    for item in v.items:
+        if not isinstance(item, n.String):
+            w.error(item.span, f"{label}: each file in the list must be a string")
+    return paths if len(paths) == len(v.items) else BAD
+
+
 def _dataset(w: Work, main: Unit, decl: n.Dataset) -> dict[str, Any]:
     what = f"dataset '{decl.name}'"
     attrs = check_attrs(w, main, decl.attrs, sc.DECLS["dataset"].attrs, what, decl.span)
     path_attr = next((a for a in decl.attrs if a.name == "path"), None)
-    if path_attr is not None and "path" in attrs:
-        resolved = data_path(w, main, attrs["path"], path_attr.value.span)
+    value = None if path_attr is None else path_attr.value
+    if isinstance(value, n.ListExpr):
+        # Each file is checked as a single path would be, its errors at its own span (the string
+        # ones too when another element is not a string: all errors are reported at once). The
+        # plan keeps `path` a list and adds `sha256` as a list beside it (null for hub parts).
+        files = [item for item in value.items if isinstance(item, n.String)]
+        parts = [p for f in files if (p := _part(w, main, f.value, f.span)) is not None]
+        if "path" in attrs and len(parts) == len(value.items):
+            attrs["path"] = [part["path"] for part in parts]
+            attrs["sha256"] = [part.get("sha256") for part in parts]
+    elif value is not None and "path" in attrs:
+        resolved = data_path(w, main, attrs["path"], value.span)
         if resolved is not None:
             attrs.update(resolved)
     return attrs
+
+
+def _part(w: Work, unit: Unit, path: str, span: Span) -> dict[str, Any] | None:
+    """One file of a dataset's list: as `data_path` resolves it, with its path always given.
+
+    Evaluation sets may not be parts: a list can only be sampled from (an evaluation reads one
+    file), and steps never read evaluation prompts.
+    """
+    if path.startswith(EVAL_SETS):
+        w.error(
+            span,
+            f"'{path}' is an evaluation set: it cannot be part of a dataset's list of files (steps never read evaluation prompts)",
+        )
+        return None
+    resolved = data_path(w, unit, path, span)
+    return None if resolved is None else {"path": path, **resolved}
 
 
 def data_path(w: Work, unit: Unit, path: str, span: Span) -> dict[str, Any] | None:
@@ -250,6 +295,12 @@ def _evaluation(
             attrs["data"] = {"path": data["path"], **resolved}
     elif isinstance(data, dict) and "dataset" in data:
         attrs["data"] = {"dataset": data["dataset"], **datasets.get(data["dataset"], {})}
+        if isinstance(attrs["data"].get("path"), list):
+            span = next(a.value.span for a in decl.attrs if a.name == "data")
+            w.error(
+                span,
+                f"dataset '{data['dataset']}' is a list of files, and an evaluation reads one file: give it the file itself",
+            )
     return {**attrs, "name": decl.name, "line": decl.span.line}
 
 

@@ -217,8 +217,14 @@ READERS: dict[str, Callable[[Path, str], Rows]] = {
 
 
 def dataset_file(spec: dict[str, Any], recipe_dir: Path) -> Path | None:
-    """The local file behind a dataset spec (None for `hf:` datasets)."""
+    """The local file behind a one-file dataset spec (None for `hf:` datasets).
+
+    Raises:
+        DataError: the spec lists several files (an evaluation reads one).
+    """
     path = spec["path"]
+    if not isinstance(path, str):
+        raise DataError(f"{path!r}: a list of files, where one file is expected")
     if path.startswith("ralign:"):
         return resolve_dataset(path[len("ralign:") :])
     if path.startswith("hf:"):
@@ -323,14 +329,36 @@ def _file_rows(spec: dict[str, Any], file: Path, field: str) -> Rows:
     return reader(file, field)
 
 
+def dataset_parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The files of a dataset spec, in order, each as a one-file spec `{path, sha256}`.
+
+    Args:
+        spec: the plan's dataset entry; its `path` is one path or a list of them, and its `sha256`
+            (where there is one) a hash or a list of the same length (null for `hf:` parts).
+    Raises:
+        DataError: `path` is an empty list, or `sha256` does not match it.
+    """
+    path, digest = spec["path"], spec.get("sha256")
+    if isinstance(path, str):
+        return [{"path": path, "sha256": digest}]
+    if not path:
+        raise DataError("a dataset's path is an empty list: it needs at least one file")
+    if digest is None:
+        digest = [None] * len(path)
+    if not isinstance(digest, list) or len(digest) != len(path):
+        raise DataError(f"{path!r}: the plan's sha256 is not a list of one hash per file")
+    return [{"path": p, "sha256": d} for p, d in zip(path, digest, strict=True)]
+
+
 def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]:
     """Records of a dataset spec, each with its prompt under "prompt" (from `field`) plus its other fields.
 
     Args:
-        spec: the plan's dataset entry: path, field, limit, sha256.
+        spec: the plan's dataset entry: path (one or a list, read in order), field, limit, sha256.
         recipe_dir: what a relative path is relative to.
     Returns:
-        The records, at most `limit` of them (built-in sets leave out their held-out split).
+        The records of the files one after another, at most `limit` of them in all (built-in
+        sets leave out their held-out split).
     Raises:
         DataError: naming the file (and the record where there is one) for anything wrong with it:
             unreadable, changed since compile, not UTF-8, bad JSON/CSV/Parquet, no records, a
@@ -339,20 +367,30 @@ def load_records(spec: dict[str, Any], recipe_dir: Path) -> list[dict[str, Any]]
     """
     field = spec.get("field", "prompt")
     limit = spec.get("limit")
-    file = dataset_file(spec, recipe_dir)
-    rows = _rows_hf(spec["path"]) if file is None else _file_rows(spec, file, field)
+    # Every file is found and its hash checked before any is read: a changed third file fails
+    # the step at once, not after the first two were parsed.
+    parts = [(part, dataset_file(part, recipe_dir)) for part in dataset_parts(spec)]
+    sources = [
+        (part, file, _rows_hf(part["path"]) if file is None else _file_rows(part, file, field))
+        for part, file in parts
+    ]
     out: list[dict[str, Any]] = []
-    builtin = spec["path"].startswith("ralign:")
-    seen = 0
-    for where, row in rows:
-        seen += 1
+    for part, file, rows in sources:
         if limit is not None and len(out) >= limit:
             break
-        if builtin and isinstance(row, dict) and row.get("split") == "heldout":
-            continue  # built-in sets keep their held-out prompts for evaluation only
-        out.append(record(where, row, field))
-    if not seen:
-        raise DataError(f"{file if file is not None else spec['path']}: the dataset has no records")
+        builtin = part["path"].startswith("ralign:")
+        seen = 0
+        for where, row in rows:
+            seen += 1
+            if limit is not None and len(out) >= limit:
+                break
+            if builtin and isinstance(row, dict) and row.get("split") == "heldout":
+                continue  # built-in sets keep their held-out prompts for evaluation only
+            out.append(record(where, row, field))
+        if not seen:
+            raise DataError(
+                f"{file if file is not None else part['path']}: the dataset has no records"
+            )
     return out
 
 
