@@ -106,6 +106,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     base = Variant(BASE, sized)
     ranked = Variant(RECIPES / "efficacy_rank.ralign", sized)
     contrast = Variant(RECIPES / "efficacy_contrast.ralign", sized)
+    red_team = Variant(RECIPES / "efficacy_red_team.ralign", sized)
     return {
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": ranked,
@@ -116,6 +117,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         "DPO only": Variant(RECIPES / "efficacy_dpo_only.ralign", sized),
         "no context": Variant(RECIPES / "efficacy_no_context.ralign", sized),
         "few-shot context": Variant(RECIPES / "efficacy_fewshot.ralign", sized),
+        "+ red_team prompts": red_team,
+        "+ red_team prompts, negative context": red_team.but(
+            "sample/sample.negative_context=refuse"
+        ),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),
