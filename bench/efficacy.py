@@ -69,6 +69,7 @@ HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
 DEV_RESULT = "hhh_dev.json"  # a run directory's HHH dev evaluation of its final/
 SMALL = ("recipe.rounds=1", "seeds.limit=64")  # --scale small: one round on 64 prompts
 AGREE = "agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"
+BALANCED = ["ralign:seeds/hhh", "ralign:seeds/red_team", "ralign:seeds/safe"]
 
 # ---- the variants: a recipe file and overrides --------------------------------------------
 
@@ -107,6 +108,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     ranked = Variant(RECIPES / "efficacy_rank.ralign", sized)
     contrast = Variant(RECIPES / "efficacy_contrast.ralign", sized)
     red_team = Variant(RECIPES / "efficacy_red_team.ralign", sized)
+    balanced = red_team.but(f"seeds.path={literal(BALANCED)}")
     return {
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": ranked,
@@ -121,6 +123,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         "+ red_team prompts, negative context": red_team.but(
             "sample/sample.negative_context=refuse"
         ),
+        # The harmful prompts grow and so do the harmless ones, so the pressure against refusing
+        # grows with the pressure to refuse (408 training prompts instead of 264).
+        "+ red_team and safe prompts": balanced,
+        "+ red_team and safe prompts, 4 answers": balanced.but("sample/sample.per_prompt=4"),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),

@@ -32,6 +32,7 @@ SKIPPED_FOLDERS = frozenset({".cache"})  # huggingface_hub's download bookkeepin
 DATASETS: dict[str, str] = {
     "seeds/hhh": "seeds/hhh.jsonl",
     "seeds/red_team": "seeds/red_team.jsonl",
+    "seeds/safe": "seeds/safe.jsonl",
     "evals/hhh-mini": "evals/hhh_mini.jsonl",
     "evals/behavior": "evals/behavior.jsonl",
 }

@@ -656,7 +656,13 @@ POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
 
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.
-BUILTIN_DATASETS = ("seeds/hhh", "seeds/red_team", "evals/hhh-mini", "evals/behavior")
+BUILTIN_DATASETS = (
+    "seeds/hhh",
+    "seeds/red_team",
+    "seeds/safe",
+    "evals/hhh-mini",
+    "evals/behavior",
+)
 # How many positions (tokens) each built-in model takes: a recipe's `max_length` may not pass it.
 BUILTIN_POSITIONS = {"smollm2-135m": 8192, "tiny-llama": 512, "tiny-gpt2": 512, "tiny-qwen2": 512}
 BUILTIN_MODELS = (

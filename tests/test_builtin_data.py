@@ -35,7 +35,8 @@ def test_unknown_name_suggests_the_close_one():
     with pytest.raises(DataError, match="did you mean 'seeds/hhh'"):
         resolve_dataset("seeds/hhhh")
     with pytest.raises(
-        DataError, match="known: evals/behavior, evals/hhh-mini, seeds/hhh, seeds/red_team"
+        DataError,
+        match="known: evals/behavior, evals/hhh-mini, seeds/hhh, seeds/red_team, seeds/safe",
     ):
         resolve_dataset("nothing-like-it")
 
@@ -65,8 +66,28 @@ def test_red_team_is_harmful_split_and_distinct_from_hhh_seeds():
     assert not hhh & {_norm(r["prompt"]) for r in red}
 
 
+def test_safe_seeds_are_harmless_kinds_split_and_distinct():
+    safe = _rows("seeds/safe")
+    kinds = Counter(r["kind"] for r in safe)
+    assert set(kinds) == {"scary_harmless", "everyday"}
+    assert kinds["scary_harmless"] >= 120 and kinds["everyday"] >= 60
+    for kind in kinds:
+        # Every fourth prompt of each kind (its index 3, 7, 11, ...) is held out: exactly 25%.
+        splits = [r["split"] for r in safe if r["kind"] == kind]
+        assert splits == ["heldout" if i % 4 == 3 else "train" for i in range(len(splits))], kind
+    assert all(
+        set(r) == {"prompt", "kind", "split"} and r["prompt"].strip() == r["prompt"] for r in safe
+    )
+    others = {_norm(r["prompt"]) for name in ("seeds/hhh", "seeds/red_team") for r in _rows(name)}
+    assert not others & {_norm(r["prompt"]) for r in safe}
+
+
 def test_no_duplicate_prompts_anywhere():
-    prompts = [_norm(r["prompt"]) for name in ("seeds/hhh", "seeds/red_team") for r in _rows(name)]
+    prompts = [
+        _norm(r["prompt"])
+        for name in ("seeds/hhh", "seeds/red_team", "seeds/safe")
+        for r in _rows(name)
+    ]
     dupes = [p for p, n in Counter(prompts).items() if n > 1]
     assert not dupes
 
