@@ -246,6 +246,59 @@ def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     assert "reward" not in step.params and "records" not in result
 
 
+def test_a_behavior_evaluation_scored_by_older_detectors_is_rescored_not_rerun(
+    finished, tmp_path, capsys
+):
+    """After an upgrade that changes the refusal or admits detectors, resuming a run re-scores
+    each finished behaviour evaluation from its stored answers; nothing is generated again."""
+    from ralign.runtime import rundir
+    from ralign.runtime.behavior import DETECTORS, is_refusal, rates
+
+    plan, plan_file, first = finished("llama")
+    run_dir = tmp_path / "run"
+    shutil.copytree(first, run_dir)
+    evals = [s for s in plan.steps if s.kind == "evaluate" and s.params["task"] == "behavior"]
+    assert evals
+    for s in evals:  # what an older ralign left: other verdicts and rates, other detectors
+        folder = step_folder(run_dir, s)
+        meta = json.loads((folder / rundir.META).read_text())
+        assert meta["detectors"] == DETECTORS
+        rows = read_jsonl(folder / "answers.jsonl")
+        (folder / "answers.jsonl").write_text(
+            "".join(json.dumps({**r, "refused": not r["refused"]}) + "\n" for r in rows)
+        )
+        (folder / "metrics.json").write_text(json.dumps({"rates.over_refusal_rate": 0.5}))
+        rundir.write_json(folder / rundir.MANIFEST, rundir.manifest(folder))
+        rundir.write_json(folder / rundir.META, {**meta, "detectors": "older"})
+    untouched = {
+        s.id: (step_folder(run_dir, s) / rundir.META).read_bytes()
+        for s in plan.steps
+        if s not in evals
+    }
+    capsys.readouterr()
+    execute_here(plan_file, run_dir)
+    log = capsys.readouterr().err
+    assert "running it again" not in log and "nothing to do" in log
+    for s in evals:
+        folder = step_folder(run_dir, s)
+        assert f"{s.id}: re-scored its stored answers" in log
+        assert rundir.verify(folder, s.hash) is None
+        assert json.loads((folder / rundir.META).read_text())["detectors"] == DETECTORS
+        rows = read_jsonl(folder / "answers.jsonl")
+        assert [r["refused"] for r in rows] == [is_refusal(r["answer"]) for r in rows]
+        got = json.loads((folder / "metrics.json").read_text())
+        want = rates(rows)
+        assert {k: got[f"rates.{k}"] for k in want if want[k]["n"]} == {
+            k: v["value"] for k, v in want.items() if v["n"]
+        }
+        assert "mean_reward" in got
+    assert untouched == {
+        s.id: (step_folder(run_dir, s) / rundir.META).read_bytes()
+        for s in plan.steps
+        if s not in evals
+    }
+
+
 def test_the_same_plan_and_seed_give_identical_runs(finished, tmp_path):
     """A second run in another process, with another hash seed for Python's sets and dicts."""
     plan, plan_file, first = finished("llama")

@@ -163,8 +163,34 @@ class Run:
         return self.verified[step.id] is None
 
     # ---- running
+    def refresh(self, step: Step) -> None:
+        """Bring a finished step up to this ralign: a behaviour evaluation scored by other
+        detectors is re-scored from its stored answers (seconds), not generated again (minutes)."""
+        from ralign.runtime.steps import rescore, stamp
+
+        want = stamp(step)
+        if not want or not self.accelerator.is_main_process:
+            return
+        folder = step_folder(self.run_dir, step)
+        meta = json.loads((folder / rundir.META).read_text(encoding="utf-8"))
+        if all(meta.get(k) == v for k, v in want.items()):
+            return
+        tmp = self.run_dir / ".tmp" / f"{step.hash[:16]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        try:
+            metrics = rescore(tmp)
+        except (OSError, ValueError, KeyError, RalignError) as exc:
+            raise StepError(f"{step.id}: cannot re-score its stored answers: {exc}") from None
+        rundir.write_json(tmp / "metrics.json", metrics)
+        rundir.commit(tmp, folder, {**meta, **want})
+        self.log(
+            f"{step.id}: re-scored its stored answers with this ralign's detectors "
+            + _short(metrics)
+        )
+
     def run_step(self, step: Step) -> None:
-        from ralign.runtime.steps import STEP_FUNCTIONS
+        from ralign.runtime.steps import STEP_FUNCTIONS, stamp
 
         acc = self.accelerator
         tmp = self.run_dir / ".tmp" / f"{step.hash[:16]}"
@@ -201,6 +227,7 @@ class Run:
                 "kind": step.kind,
                 "hash": step.hash,
                 "seconds": round(seconds, 3),
+                **stamp(step),
             }
             rundir.commit(tmp, step_folder(self.run_dir, step), meta)
         acc.wait_for_everyone()
@@ -224,6 +251,7 @@ class Run:
         )
         for step in plan.steps:
             if self.done(step):
+                self.refresh(step)
                 continue
             why = self.verified.get(step.id)
             if why not in (None, "not finished"):
@@ -383,7 +411,9 @@ def _third_party_to(log_file: Path) -> None:
     warnings.simplefilter("default")
     for name in ("py.warnings", "transformers", "accelerate", "peft", "datasets", "torch"):
         logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(old)  # an earlier run's log, in this process: close it too
+            old.close()
         logger.addHandler(handler)
         logger.propagate = False
     try:

@@ -18,6 +18,9 @@ from ralign.errors import StepError
 from ralign.runtime.data import write_jsonl
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ralign.plan import Step
     from ralign.runtime.context import StepContext
 
 StepFn = Callable[["StepContext"], dict[str, Any]]
@@ -586,6 +589,34 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
     )
     ctx.save_policy(unsharded(model, ctx.accelerator), tok)
     return {**metrics, "dropped_long_prompt": long}
+
+
+def stamp(step: Step) -> dict[str, str]:
+    """What a finished step's outputs depend on beyond its hash, recorded in its meta.json: a
+    behaviour evaluation's verdicts depend on the detectors of the ralign that made them."""
+    if step.kind == "evaluate" and step.params.get("task") == "behavior":
+        from ralign.runtime.behavior import DETECTORS
+
+        return {"detectors": DETECTORS}
+    return {}
+
+
+def rescore(folder: Path) -> dict[str, Any]:
+    """Re-score a behaviour evaluation's stored answers with the current detectors, in `folder`
+    (a copy of the finished step's): answers.jsonl and result.json rewritten, the greedy answers
+    and the mean reward kept. Returns the step's new metrics."""
+    from ralign.runtime.behavior import score_records
+    from ralign.runtime.data import read_jsonl
+    from ralign.runtime.evaluators import flatten_eval
+
+    old = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    new = score_records(read_jsonl(folder / "answers.jsonl"))
+    write_jsonl(folder / "answers.jsonl", new.pop("records"))
+    result = {k: v for k, v in old.items() if k != "subsets"} | new
+    (folder / "result.json").write_text(
+        json.dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
+    )
+    return flatten_eval(result)
 
 
 @step("evaluate")
