@@ -81,14 +81,21 @@ def test_labels_are_well_formed_and_enough():
         assert sum(not r[flag] for r in rows) >= 15
 
 
+def measured(rows: list[dict], flag: str, name: str) -> tuple[float, list[str]]:
+    """The detector `flag`'s accuracy on labelled rows (its confusion printed, for `-s`), and the
+    openings of the answers it gets wrong."""
+    detect = DETECTORS[flag]
+    c = confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows])
+    s = scores(c)
+    print(f"{name} {flag}: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))
+    return s["accuracy"], [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
+
+
 @pytest.mark.parametrize("flag", sorted(DETECTORS))
 def test_detector_agrees_with_hand_labels(flag):
     # Issue 15's bar: >= 95% on answers from before and after training, together.
-    rows = load_labels()
-    detect = DETECTORS[flag]
-    s = scores(confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows]))
-    missed = [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
-    assert s["accuracy"] >= LEAST_ACCURACY, missed
+    accuracy, missed = measured(load_labels(), flag, "all")
+    assert accuracy >= LEAST_ACCURACY, missed
 
 
 # Each model apart, a floor below the bar: training changes how answers decline. Measured: refusal
@@ -101,12 +108,8 @@ LEAST_ACCURACY_PER_MODEL = 0.90
 @pytest.mark.parametrize("flag", sorted(DETECTORS))
 def test_detector_agrees_with_hand_labels_per_model(flag, model):
     rows = [r for r in load_labels() if r["model"] == model]
-    detect = DETECTORS[flag]
-    c = confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows])
-    s = scores(c)
-    print(f"{model} {flag}: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))
-    missed = [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
-    assert s["accuracy"] >= LEAST_ACCURACY_PER_MODEL, missed
+    accuracy, missed = measured(rows, flag, model)
+    assert accuracy >= LEAST_ACCURACY_PER_MODEL, missed
 
 
 def test_new_labels_are_well_formed_and_balanced():
@@ -144,12 +147,8 @@ def test_new_labels_are_well_formed_and_balanced():
 @pytest.mark.parametrize("flag", sorted(DETECTORS))
 def test_detector_agrees_with_new_labels(flag, split):
     rows = [r for r in load_labels(LABELS_2) if r["split"] == split]
-    detect = DETECTORS[flag]
-    c = confusion([r[flag] for r in rows], [detect(r["answer"]) for r in rows])
-    s = scores(c)
-    print(f"{split} {flag}: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))
-    missed = [r["answer"][:80] for r in rows if detect(r["answer"]) != r[flag]]
-    assert s["accuracy"] >= LEAST_ACCURACY, missed
+    accuracy, missed = measured(rows, flag, split)
+    assert accuracy >= LEAST_ACCURACY, missed
 
 
 # One hand-written case per rule of the revision: (answer, refusal, admits).

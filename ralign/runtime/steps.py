@@ -613,10 +613,14 @@ def rescore(folder: Path) -> dict[str, Any]:
     new = score_records(read_jsonl(folder / "answers.jsonl"))
     write_jsonl(folder / "answers.jsonl", new.pop("records"))
     result = {k: v for k, v in old.items() if k != "subsets"} | new
+    _write_result(folder, result)
+    return flatten_eval(result)
+
+
+def _write_result(folder: Path, result: dict[str, Any]) -> None:
     (folder / "result.json").write_text(
         json.dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
     )
-    return flatten_eval(result)
 
 
 @step("evaluate")
@@ -643,7 +647,5 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             [{"prompt": r["prompt"], "response": r["answer"]} for r in records],
         ).values
         result["mean_reward"] = {"value": sum(values) / len(values), "n": len(values)}
-    (ctx.out / "result.json").write_text(
-        json.dumps(result, indent=2, sort_keys=True, default=str), encoding="utf-8"
-    )
+    _write_result(ctx.out, result)
     return flatten_eval(result)
