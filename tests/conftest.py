@@ -29,9 +29,18 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+# The slowest files, slowest first. Under `pytest -n` (pyproject: `--dist loadfile
+# --no-loadscope-reorder`) files go to workers in collection order, so a file that runs for minutes
+# must start first, not be the last one left while the other worker idles.
+SLOWEST_FIRST = ("test_quickstart.py", "test_bench_train.py", "test_executor.py", "test_attacks.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `long` run only with RALIGN_LONG=1 (they repeat, on the real model and at length,
-    what faster tests check in every run); without it they are reported as skipped, with why."""
+    """Slowest files first (see SLOWEST_FIRST). Tests marked `long` run only with RALIGN_LONG=1
+    (they repeat, on the real model and at length, what faster tests check in every run); without
+    it they are reported as skipped, with why."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep order
     if os.environ.get("RALIGN_LONG") == "1":
         return
     skip = pytest.mark.skip(reason="long test: run it with RALIGN_LONG=1 (README, Tests)")
