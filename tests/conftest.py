@@ -6,8 +6,14 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-from lark.exceptions import UnexpectedInput
+# Under `pytest -n N` each worker gets its share of the cores, and the runs it starts inherit it:
+# two workers each running torch on every core spin against each other (a 5-minute test took 17).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+import pytest  # noqa: E402 (after the thread count, which torch reads when it is imported)
+from lark.exceptions import UnexpectedInput  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ralign import syntax
