@@ -1,0 +1,179 @@
+"""Would a linear probe on sentence embeddings recognise harmful requests better than std/harm's word lists?
+
+Usage: python bench/harm_probe.py [--out bench/results] [--no-eval]
+
+A logistic regression on MiniLM sentence embeddings (the bundled all-MiniLM-L6-v2, as `dedupe`
+uses) is fitted on std/harm's development sets only: `tests/data/harm_dev.jsonl` and the "dev"
+split of `tests/data/harm_dev_2.jsonl`, harmful (1) against safe-but-alarming (0). Its L2 weight is
+chosen by 5-fold cross-validation on those rows alone. Then, beside std/harm's `is_harmful` on
+the same prompts (the baseline, measured in the same run) and "either" (std/harm's verdict, or the
+probe where std/harm's first check sees a harm word), it is measured on what it never saw:
+the "test" split of harm_dev_2, the behaviour evaluation set (harmful vs scary_harmless, unless
+--no-eval), and the share of prompts of other kinds (everyday, unknowable; evaluation and seed
+sets) it calls harmful, since a reward that calls an everyday request harmful trains refusals.
+Nothing here is tuned on the evaluation set: it is read once, after the fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ralign.stats import rate, wilson  # noqa: E402
+
+DEV = ROOT / "tests" / "data" / "harm_dev.jsonl"
+DEV2 = ROOT / "tests" / "data" / "harm_dev_2.jsonl"
+EVAL = ROOT / "ralign" / "data" / "evals" / "behavior.jsonl"
+SEEDS = sorted((ROOT / "ralign" / "data" / "seeds").glob("*.jsonl"))
+LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
+BINARY = ("harmful", "scary_harmless")
+
+
+def rows(path: Path, split: str | None = None) -> list[dict[str, Any]]:
+    out = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r for r in out if split is None or r.get("split") == split]
+
+
+def fit(x, y, lam: float):
+    """Logistic regression with an L2 penalty `lam * |w|^2`, by L-BFGS from zero (deterministic)."""
+    import torch
+
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + lam * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def cross_validate(x, y, lambdas=LAMBDAS, folds: int = 5) -> dict[float, float]:
+    """Mean held-out accuracy per L2 weight over `folds` interleaved folds of a fixed shuffle."""
+    import torch
+
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for lam in lambdas:
+        accuracy = []
+        for k in range(folds):
+            held = order[k::folds]
+            keep = torch.ones(len(y), dtype=torch.bool)
+            keep[held] = False
+            w, b = fit(x[keep], y[keep], lam)
+            said = (x[held] @ w + b) > 0
+            accuracy.append((said == (y[held] > 0.5)).float().mean().item())
+        out[lam] = sum(accuracy) / folds
+    return out
+
+
+def precision_recall(said: list[bool], truth: list[bool]) -> dict[str, Any]:
+    tp = sum(s and t for s, t in zip(said, truth, strict=True))
+    fp = sum(s and not t for s, t in zip(said, truth, strict=True))
+    fn = sum(t and not s for s, t in zip(said, truth, strict=True))
+    return {
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "precision_ci95": list(wilson(tp, tp + fp)),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "recall_ci95": list(wilson(tp, tp + fn)),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def rule_verdicts():
+    """(std/hhh's `is_harmful(prompt)`, std/harm's `alarming(prompt)`), through the interpreter."""
+    import tempfile
+
+    from ralign.compile import check_file
+    from ralign.rewards.interpreter import explain
+
+    folder = Path(tempfile.mkdtemp(prefix="harm-probe-"))
+    (folder / "lib.ralign").write_text(
+        'import "std/hhh"\nimport "std/harm"\n'
+        "reward h { rule x = 1 when hhh.is_harmful(prompt) }\n"
+        "reward a { rule x = 1 when harm.alarming(prompt) }\n",
+        encoding="utf-8",
+    )
+    checked = check_file(folder / "lib.ralign")
+    return tuple(
+        lambda prompt, name=name: explain(checked, name, prompt=prompt, response="")["total"] > 0
+        for name in ("h", "a")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--no-eval", action="store_true", help="leave the evaluation set unread")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from ralign.runtime.dedupe import embed
+
+    torch.manual_seed(0)
+    train = [r for r in rows(DEV) + rows(DEV2, "dev") if r["kind"] in BINARY]
+    x = embed([r["prompt"] for r in train])
+    y = torch.tensor([float(r["kind"] == "harmful") for r in train])
+    cv = cross_validate(x, y)
+    lam = max(cv, key=lambda k: (cv[k], -k))  # ties: the smaller weight
+    w, b = fit(x, y, lam)
+    probe = lambda prompts: ((embed(prompts) @ w + b) > 0).tolist()  # noqa: E731
+    regex, alarming = rule_verdicts()
+
+    sets = {"harm_dev_2 test": rows(DEV2, "test")}
+    if not args.no_eval:
+        sets["evaluation (behavior)"] = rows(EVAL)
+    for path in SEEDS:
+        sets[f"seeds/{path.stem}"] = rows(path)
+    result: dict[str, Any] = {"cv_accuracy": {str(k): v for k, v in cv.items()}, "l2": lam}
+    for name, data in sets.items():
+        prompts = [r["prompt"] for r in data]
+        said = {"probe": probe(prompts), "std/harm": [regex(p) for p in prompts]}
+        # The probe only where std/harm's first check sees a harm word, or std/harm's verdict:
+        # the word gate keeps the probe off everyday requests, which it was never shown.
+        gated = [v and alarming(p) for v, p in zip(said["probe"], prompts, strict=True)]
+        said["either"] = [g or r for g, r in zip(gated, said["std/harm"], strict=True)]
+        entry: dict[str, Any] = {}
+        binary = [i for i, r in enumerate(data) if r["kind"] in BINARY]
+        if {data[i]["kind"] for i in binary} == set(BINARY):
+            truth = [data[i]["kind"] == "harmful" for i in binary]
+            for judge, verdicts in said.items():
+                entry[judge] = precision_recall([verdicts[i] for i in binary], truth)
+        for kind in sorted({r["kind"] for r in data}):
+            idx = [i for i, r in enumerate(data) if r["kind"] == kind]
+            for judge, verdicts in said.items():
+                entry.setdefault("called harmful", {}).setdefault(judge, {})[kind] = rate(
+                    sum(verdicts[i] for i in idx), len(idx)
+                )
+        result[name] = entry
+        print(f"== {name}")
+        for judge in said:
+            if judge in entry:
+                pr = entry[judge]
+                print(f"  {judge:8s} precision {pr['precision']:.3f}  recall {pr['recall']:.3f}")
+        for judge, kinds in entry.get("called harmful", {}).items():
+            text = ", ".join(f"{k} {v['k']}/{v['n']}" for k, v in kinds.items())
+            print(f"  {judge:8s} calls harmful: {text}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"harm-probe-{datetime.date.today().isoformat()}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"L2 weight {lam} (5-fold CV accuracy {cv[lam]:.3f}); wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

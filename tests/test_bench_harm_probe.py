@@ -1,0 +1,56 @@
+"""bench/harm_probe.py: its logistic regression, cross-validation and counts, on hand-made data."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("harm_probe", ROOT / "bench" / "harm_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fit_separates_what_a_line_separates(probe) -> None:
+    x = torch.tensor([[2.0, 0.0], [1.5, 0.3], [-2.0, 0.1], [-1.0, -0.4]])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    w, b = probe.fit(x, y, 1e-3)
+    assert ((x @ w + b) > 0).tolist() == [True, True, False, False]
+    assert w[0] > 0 and abs(w[1]) < w[0]
+
+
+def test_a_large_penalty_shrinks_the_weights(probe) -> None:
+    x = torch.tensor([[1.0], [2.0], [-1.0], [-2.0]])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    small, _ = probe.fit(x, y, 1e-3)
+    large, _ = probe.fit(x, y, 10.0)
+    assert 0 < large.item() < small.item()
+
+
+def test_cross_validation_scores_each_weight_on_rows_it_did_not_fit(probe) -> None:
+    # Labels are noise: no weight can predict held-out rows much better than chance.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 50, generator=g)
+    y = (torch.rand(200, generator=g) > 0.5).float()
+    cv = probe.cross_validate(x, y, lambdas=(0.0, 1.0), folds=5)
+    assert set(cv) == {0.0, 1.0}
+    assert all(0.3 < acc < 0.7 for acc in cv.values()), cv
+
+
+def test_precision_and_recall_from_counts(probe) -> None:
+    said = [True, True, False, True, False]
+    truth = [True, False, True, True, False]
+    pr = probe.precision_recall(said, truth)
+    assert (pr["tp"], pr["fp"], pr["fn"]) == (2, 1, 1)
+    assert pr["precision"] == pytest.approx(2 / 3) and pr["recall"] == pytest.approx(2 / 3)
+    assert pr["precision_ci95"][0] < 2 / 3 < pr["precision_ci95"][1]
+    assert math.isnan(probe.precision_recall([False], [False])["precision"])
