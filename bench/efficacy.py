@@ -130,6 +130,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),
+        # Three rounds of std/hhh alone teach "I don't know" plus a copy of the request everywhere.
+        "plain answers, 3 rounds": Variant(RECIPES / "efficacy_plain.ralign", sized).but(
+            "recipe.rounds=3", 'behavior.every="round"'
+        ),
     }
 
 
