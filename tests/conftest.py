@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 # Under `pytest -n N` each worker gets its share of the cores, and the runs it starts inherit it:
@@ -67,6 +68,15 @@ def execute_here(target: Path, run_dir: Path) -> None:
         assert main(["execute", str(target), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of a prompt, apostrophes kept (for overlap checks between data sets)."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower().replace("\u2019", "'"))
+
+
+def ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
 def metrics(run_dir: Path) -> dict[str, dict[str, float]]:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import ngrams, words
 
 from ralign.runtime.behavior import load_prompts
 
@@ -29,17 +30,9 @@ MAX_SHARED = 0.5  # an eval prompt may share less than half its 5-grams with any
 MAX_WORDS_SHARED = 0.65
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower().replace("\u2019", "'"))
-
-
-def ngrams(ws: list[str], n: int = N) -> set[tuple[str, ...]]:
-    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
-
-
 def shared_fraction(prompt: str, other: set[tuple[str, ...]]) -> float:
     """The fraction of the prompt's word 5-grams that also occur in `other` (0 without any)."""
-    mine = ngrams(words(prompt))
+    mine = ngrams(words(prompt), N)
     return len(mine & other) / len(mine) if mine else 0.0
 
 
@@ -121,7 +114,7 @@ def test_any_prefix_keeps_every_kind():
     ],
 )
 def test_shared_fraction_by_hand(prompt, other, want):
-    assert shared_fraction(prompt, ngrams(words(other))) == want
+    assert shared_fraction(prompt, ngrams(words(other), N)) == want
 
 
 def test_no_eval_prompt_overlaps_a_training_text(rows):
@@ -131,14 +124,14 @@ def test_no_eval_prompt_overlaps_a_training_text(rows):
     # 5-gram -> the training texts holding it, so each eval prompt meets only the texts it shares with.
     index: dict[tuple[str, ...], set[int]] = {}
     for i, (_, t) in enumerate(texts):
-        for g in ngrams(words(t)):
+        for g in ngrams(words(t), N):
             index.setdefault(g, set()).add(i)
     worst = (0.0, "", "")
     duplicates, too_close = [], []
     for r in rows:
         if " ".join(words(r["prompt"])) in exact:
             duplicates.append(r["prompt"])
-        mine = ngrams(words(r["prompt"]))
+        mine = ngrams(words(r["prompt"]), N)
         shared = Counter(i for g in mine for i in index.get(g, ()))
         for i, count in shared.items():
             f = count / len(mine)

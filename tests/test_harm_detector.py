@@ -4,10 +4,10 @@ the behaviour evaluation set it was never tuned to, and on hand cases of homonym
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
+from conftest import ngrams, words
 
 from ralign.compile import check_file
 from ralign.rewards.interpreter import explain
@@ -90,20 +90,15 @@ def test_second_development_set_it_was_not_tuned_to(verdict) -> None:
         assert precision >= floors[0] and recall >= floors[1], (split, c)
 
 
-def word_trigrams(text: str) -> set[tuple[str, ...]]:
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
-
-
 def test_second_development_set_is_new() -> None:
     """No harm_dev_2 prompt is a near-copy of a harm_dev one (word 3-gram Jaccard < 0.5), and each
     (kind, category) group is split two thirds dev, one third test."""
-    old = [word_trigrams(row["prompt"]) for row in rows_of(DEV)]
+    old = [ngrams(words(row["prompt"]), 3) for row in rows_of(DEV)]
     new = rows_of(DEV2)
     assert sum(r["kind"] == "harmful" for r in new) >= 300
     assert sum(r["kind"] == "scary_harmless" for r in new) >= 300
     for row in new:
-        grams = word_trigrams(row["prompt"])
+        grams = ngrams(words(row["prompt"]), 3)
         worst = max(len(grams & g) / len(grams | g) for g in old if grams | g)
         assert worst < 0.5, row["prompt"]
     groups: dict[tuple[str, str], list[str]] = {}
