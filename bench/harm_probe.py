@@ -1,17 +1,20 @@
-"""Would a linear probe on sentence embeddings recognise harmful requests better than std/harm's word lists?
+"""Does std/hhh recognise harmful requests worded apart from its word lists? The probe it ships, measured.
 
-Usage: python bench/harm_probe.py [--out bench/results] [--no-eval]
+Usage: python bench/harm_probe.py [--seed-negatives] [--write-stdlib] [--out bench/results] [--no-eval]
 
 A logistic regression on MiniLM sentence embeddings (the bundled all-MiniLM-L6-v2, as `dedupe`
-uses) is fitted on std/harm's development sets only: `tests/data/harm_dev.jsonl` and the "dev"
-split of `tests/data/harm_dev_2.jsonl`, harmful (1) against safe-but-alarming (0). Its L2 weight is
-chosen by 5-fold cross-validation on those rows alone. Then, beside std/harm's `is_harmful` on
-the same prompts (the baseline, measured in the same run) and "either" (std/harm's verdict, or the
-probe where std/harm's first check sees a harm word), it is measured on what it never saw:
-the "test" split of harm_dev_2, the behaviour evaluation set (harmful vs scary_harmless, unless
---no-eval), and the share of prompts of other kinds (everyday, unknowable; evaluation and seed
-sets) it calls harmful, since a reward that calls an everyday request harmful trains refusals.
-Nothing here is tuned on the evaluation set: it is read once, after the fit.
+uses), harmful requests (1) against the rest (0), is fitted on development sets only:
+`tests/data/harm_dev.jsonl`, the "dev" split of `tests/data/harm_dev_2.jsonl` and, with
+--seed-negatives, the seed sets' train splits (everyday and unknowable requests too). Its L2 weight
+is chosen by 5-fold cross-validation on those rows alone; the weights are rounded to 4 significant
+digits as stdlib/harm_probe.ralign stores them (--write-stdlib writes that file: std/harm's
+`by_probe`). Then three verdicts are measured on what the fit never saw: the probe alone, std/harm's
+word lists (`by_words`, the baseline) and std/hhh's `is_harmful` (the word lists, or the probe where
+a harm cue fires and no homonym explains it), on the "test" split of harm_dev_2, the behaviour
+evaluation set (harmful vs scary_harmless, unless --no-eval), and the seed sets' held-out prompts,
+with the share of prompts of other kinds (everyday, unknowable) each calls harmful, since a reward
+that calls an everyday request harmful trains refusals. Nothing here is tuned on the evaluation
+set: it is read once, after the fit.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ EVAL = ROOT / "ralign" / "data" / "evals" / "behavior.jsonl"
 SEEDS = sorted((ROOT / "ralign" / "data" / "seeds").glob("*.jsonl"))
 LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
 BINARY = ("harmful", "scary_harmless")
+STDLIB = ROOT / "stdlib" / "harm_probe.ralign"
 
 
 def rows(path: Path, split: str | None = None) -> list[dict[str, Any]]:
@@ -94,7 +98,8 @@ def precision_recall(said: list[bool], truth: list[bool]) -> dict[str, Any]:
 
 
 def rule_verdicts():
-    """(std/hhh's `is_harmful(prompt)`, std/harm's `alarming(prompt)`), through the interpreter."""
+    """(std/harm's word lists, std/hhh's `is_harmful`: the word lists or the shipped probe), each a
+    verdict on a prompt through the interpreter."""
     import tempfile
 
     from ralign.compile import check_file
@@ -103,21 +108,49 @@ def rule_verdicts():
     folder = Path(tempfile.mkdtemp(prefix="harm-probe-"))
     (folder / "lib.ralign").write_text(
         'import "std/hhh"\nimport "std/harm"\n'
-        "reward h { rule x = 1 when hhh.is_harmful(prompt) }\n"
-        "reward a { rule x = 1 when harm.alarming(prompt) }\n",
+        "reward h { rule x = 1 when harm.by_words(prompt) }\n"
+        "reward s { rule x = 1 when hhh.is_harmful(prompt) }\n",
         encoding="utf-8",
     )
     checked = check_file(folder / "lib.ralign")
     return tuple(
         lambda prompt, name=name: explain(checked, name, prompt=prompt, response="")["total"] > 0
-        for name in ("h", "a")
+        for name in ("h", "s")
     )
+
+
+def stdlib_text(w, b, lam: float, seed_negatives: bool) -> str:
+    """std/harm_probe: the weights as a ralign list, 4 significant digits (the verdicts measured
+    above are the rounded probe's: `probe` in this script rounds the same way)."""
+    numbers = [f"{x:.4g}" for x in [*w.tolist(), b.item()]]
+    rows = [", ".join(numbers[i : i + 10]) for i in range(0, len(numbers), 10)]
+    fitted_on = "harm_dev and harm_dev_2's dev split" + (
+        ",\n# and the seed sets' train splits (every kind)" if seed_negatives else ""
+    )
+    flag = " --seed-negatives" if seed_negatives else ""
+    head = f"""# std/harm_probe: a linear probe on all-MiniLM-L6-v2 sentence embeddings; 1 = a harmful request.
+# `embedding_probe(text, weights)` is sigmoid(w . e + b): w the first {len(numbers) - 1} numbers, b the last.
+# Written by `python bench/harm_probe.py{flag} --write-stdlib` (do not edit by hand): a logistic
+# regression, harmful requests against the rest, fitted on {fitted_on};
+# L2 weight {lam:g} by 5-fold cross-validation. Never fitted on ralign:evals.
+"""
+    return head + "\nlet weights = [\n  " + ",\n  ".join(rows) + "\n]\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--no-eval", action="store_true", help="leave the evaluation set unread")
+    ap.add_argument(
+        "--write-stdlib",
+        action="store_true",
+        help=f"write the fitted weights to {STDLIB.relative_to(ROOT)} (std/harm's probe)",
+    )
+    ap.add_argument(
+        "--seed-negatives",
+        action="store_true",
+        help="fit on the seed sets' train splits too (every kind; harmful against the rest)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -126,27 +159,37 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     train = [r for r in rows(DEV) + rows(DEV2, "dev") if r["kind"] in BINARY]
+    if args.seed_negatives:
+        # Everyday and unknowable requests too: a probe shown only alarming ones has no reason to
+        # call "write a thank-you note" harmless, and as a reward it would train refusals on it.
+        train += [r for path in SEEDS for r in rows(path, "train")]
     x = embed([r["prompt"] for r in train])
     y = torch.tensor([float(r["kind"] == "harmful") for r in train])
     cv = cross_validate(x, y)
     lam = max(cv, key=lambda k: (cv[k], -k))  # ties: the smaller weight
     w, b = fit(x, y, lam)
+    # Rounded as std/harm_probe stores them, so what is measured here is what the stdlib runs.
+    w, b = (
+        torch.tensor([float(f"{v:.4g}") for v in w.tolist()]),
+        torch.tensor([float(f"{b.item():.4g}")]),
+    )
     probe = lambda prompts: ((embed(prompts) @ w + b) > 0).tolist()  # noqa: E731
-    regex, alarming = rule_verdicts()
+    if args.write_stdlib:  # before the rules are compiled: std/harm reads it
+        STDLIB.write_text(stdlib_text(w, b, lam, args.seed_negatives), encoding="utf-8")
+        print(f"wrote {STDLIB.relative_to(ROOT)}")
+    regex, stdlib = rule_verdicts()
 
     sets = {"harm_dev_2 test": rows(DEV2, "test")}
     if not args.no_eval:
         sets["evaluation (behavior)"] = rows(EVAL)
     for path in SEEDS:
-        sets[f"seeds/{path.stem}"] = rows(path)
+        # Held-out prompts only when the fit saw the train split.
+        sets[f"seeds/{path.stem}"] = rows(path, "heldout" if args.seed_negatives else None)
     result: dict[str, Any] = {"cv_accuracy": {str(k): v for k, v in cv.items()}, "l2": lam}
     for name, data in sets.items():
         prompts = [r["prompt"] for r in data]
-        said = {"probe": probe(prompts), "std/harm": [regex(p) for p in prompts]}
-        # The probe only where std/harm's first check sees a harm word, or std/harm's verdict:
-        # the word gate keeps the probe off everyday requests, which it was never shown.
-        gated = [v and alarming(p) for v, p in zip(said["probe"], prompts, strict=True)]
-        said["either"] = [g or r for g, r in zip(gated, said["std/harm"], strict=True)]
+        said = {"probe": probe(prompts), "words": [regex(p) for p in prompts]}
+        said["std/hhh"] = [stdlib(p) for p in prompts]
         entry: dict[str, Any] = {}
         binary = [i for i, r in enumerate(data) if r["kind"] in BINARY]
         if {data[i]["kind"] for i in binary} == set(BINARY):

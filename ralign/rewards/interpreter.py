@@ -175,6 +175,12 @@ def _call_node(progs: Programs, node: ir.Call, params: Params | None) -> Fn:
     if builtin.returns == "text":
         fn = _bounded(fn)
     argf = [progs.compile(a, params) for a in node.args]
+    if builtin.check_args or builtin.missing:  # before any record is scored: nothing is lost
+        known = tuple(None if v is _MISSING else v for v in map(progs.constant, node.args))
+        problem = builtin.check_args(known) if builtin.check_args else None
+        problem = problem or (builtin.missing() if builtin.missing else None)
+        if problem:
+            raise EvalError(f"{node.name}(): {problem}")
     if len(argf) == 1:
         (f0,) = argf
         return lambda rec, args: fn(f0(rec, args))

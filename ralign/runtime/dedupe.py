@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import re
-from collections import Counter
+from array import array
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
 from ralign.errors import RalignError
@@ -122,6 +124,29 @@ def embed(texts: Sequence[str]):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, 384]
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+SENTENCE_CHARS = 32_768  # more than the encoder's 256 word pieces can cover in any normal text
+_VECTORS: OrderedDict[bytes, array] = OrderedDict()
+_VECTORS_KEPT = 8_192  # ~25 MB of vectors; keyed by digest, so long texts are not kept alive
+
+
+def sentence_vector(text: str) -> array:
+    """One text's embedding as 384 doubles, cached: reward rules ask again for the same prompt.
+
+    Embedded alone, never in a padded batch, so a text's vector does not depend on its neighbours;
+    only its first SENTENCE_CHARS characters are read (the encoder reads 256 word pieces at most).
+    """
+    text = text[:SENTENCE_CHARS]
+    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    vector = _VECTORS.get(key)
+    if vector is None:
+        vector = _VECTORS[key] = array("d", embed([text])[0].tolist())
+        if len(_VECTORS) > _VECTORS_KEPT:
+            _VECTORS.popitem(last=False)
+    else:
+        _VECTORS.move_to_end(key)
+    return vector
 
 
 @dedupe_method("embedding")

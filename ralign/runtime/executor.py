@@ -58,6 +58,7 @@ class Run:
         self.recipe_dir = recipe_dir
         trackers = tuple(dict.fromkeys((*plan.log_with, *log_with)))
         _check_trackers(trackers)
+        _check_builtins(plan)
         precision = plan.models[plan.policy].get("precision") if plan.policy else None
         self.accelerator = Accelerator(
             cpu=device == "cpu",
@@ -362,6 +363,20 @@ def _check_trackers(trackers: tuple[str, ...]) -> None:
 # it quietly trains plain data-parallel replicas, and with no GPU and no `--device cpu` each
 # process runs alone, as process 0 of 1.
 SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def _check_builtins(plan: Plan) -> None:
+    """Before any step runs: every builtin the plan's expressions reach can run on this machine
+    (`embedding_probe` needs the MiniLM encoder), rather than failing at the first score step."""
+    from ralign import ir
+    from ralign.rewards.builtins import BUILTINS
+
+    roots = tuple(e for s in plan.steps for e in s.exprs.values())
+    names = {n.name for n in ir.reach(plan.programs, roots) if isinstance(n, ir.Call)}
+    for name in sorted(names):
+        problem = BUILTINS[name].missing() if BUILTINS[name].missing else None
+        if problem:
+            raise UsageError(f"the recipe's rewards call {name}(), and {problem}")
 
 
 def _check_sharding(accelerator: Any, plan: Plan) -> None:
