@@ -124,14 +124,16 @@ def stdlib_text(w, b, lam: float, seed_negatives: bool) -> str:
     above are the rounded probe's: `probe` in this script rounds the same way)."""
     numbers = [f"{x:.4g}" for x in [*w.tolist(), b.item()]]
     rows = [", ".join(numbers[i : i + 10]) for i in range(0, len(numbers), 10)]
-    fitted_on = "harm_dev and harm_dev_2's dev split" + (
-        ",\n# and the seed sets' train splits (every kind)" if seed_negatives else ""
+    fitted_on = (
+        "harm_dev, harm_dev_2's dev\n# split and the seed sets' train splits (every kind)"
+        if seed_negatives
+        else "harm_dev and harm_dev_2's dev\n# split"
     )
     flag = " --seed-negatives" if seed_negatives else ""
     head = f"""# std/harm_probe: a linear probe on all-MiniLM-L6-v2 sentence embeddings; 1 = a harmful request.
 # `embedding_probe(text, weights)` is sigmoid(w . e + b): w the first {len(numbers) - 1} numbers, b the last.
-# Written by `python bench/harm_probe.py{flag} --write-stdlib` (do not edit by hand): a logistic
-# regression, harmful requests against the rest, fitted on {fitted_on};
+# Written by `python bench/harm_probe.py{flag} --write-stdlib`; do not edit by hand.
+# A logistic regression, harmful requests against the rest, fitted on {fitted_on};
 # L2 weight {lam:g} by 5-fold cross-validation. Never fitted on ralign:evals.
 """
     return head + "\nlet weights = [\n  " + ",\n  ".join(rows) + "\n]\n"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 # Under `pytest -n N` each worker gets its share of the cores, and the runs it starts inherit it:
 # two workers each running torch on every core spin against each other (a 5-minute test took 17).
@@ -68,6 +71,20 @@ def execute_here(target: Path, run_dir: Path) -> None:
         assert main(["execute", str(target), "--run-dir", str(run_dir), "--device", "cpu"]) == 0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def bench_module(name: str, module_name: str | None = None) -> ModuleType:
+    """bench/NAME.py imported as a module (bench/ is not a package), registered in sys.modules
+    (dataclasses look their module up while being created)."""
+    module_name = module_name or name
+    spec = importlib.util.spec_from_file_location(
+        module_name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def words(text: str) -> list[str]:

@@ -4,10 +4,10 @@ overrides."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 from ralign.compile import compile_file
 
@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def eff():
-    spec = importlib.util.spec_from_file_location("efficacy", ROOT / "bench" / "efficacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("efficacy")
 
 
 def test_a_variant_reuses_steps_but_never_the_first_runs_results(eff, tmp_path):
@@ -175,9 +172,7 @@ def test_mean_row_averages_each_figure_over_seeds(eff):
 
 
 def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
-    spec = importlib.util.spec_from_file_location("lora_sweep", ROOT / "bench" / "lora_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = bench_module("lora_sweep")
     samples = {}
     for name, sets in sweep.variants().items():
         plan = compile_file(sweep.QUICKSTART, (ROOT,), sets=sets)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,7 @@ def run_bench(name: str, out: Path, *args: str, result: str | None = None) -> tu
     by default `NAME*.json`) and printed report."""
     import torch
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_module(name, f"bench_{name}")
     threads, printed = torch.get_num_threads(), io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -233,9 +231,7 @@ def test_cut_down_keeps_the_steps(recipe):
     all by `--set` overrides (which the plan records)."""
     from ralign.compile import compile_file
 
-    spec = importlib.util.spec_from_file_location("bench_round", ROOT / "bench" / "round.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_module("round", "bench_round")
     full = compile_file(recipe)
     sets = module.cut_down(full, count=8, eval_limit=5)
     small = compile_file(recipe, sets=sets)
@@ -270,8 +266,6 @@ def test_cut_down_keeps_the_steps(recipe):
 def test_round_kinds_are_the_schemas():
     from ralign.schema import STEPS
 
-    spec = importlib.util.spec_from_file_location("bench_round", ROOT / "bench" / "round.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_module("round", "bench_round")
     assert set(module.KINDS) == {name.split()[0] for name in STEPS}
     assert module.family("train dpo") == "train" and module.KINDS[-1] == "evaluate"

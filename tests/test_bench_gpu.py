@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_module
 from transformers import LlamaConfig, Qwen2Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ IDS = type(
 
 @pytest.fixture(scope="module")
 def gb():
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_bench")
 
 
 def small(cls, tied):

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("harm_probe", ROOT / "bench" / "harm_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("harm_probe")
 
 
 def test_the_fit_separates_what_a_line_separates(probe) -> None:
@@ -54,3 +51,26 @@ def test_precision_and_recall_from_counts(probe) -> None:
     assert pr["precision"] == pytest.approx(2 / 3) and pr["recall"] == pytest.approx(2 / 3)
     assert pr["precision_ci95"][0] < 2 / 3 < pr["precision_ci95"][1]
     assert math.isnan(probe.precision_recall([False], [False])["precision"])
+
+
+def test_the_written_stdlib_holds_the_rounded_weights_and_compiles(probe, tmp_path: Path) -> None:
+    from ralign.compile import check_file
+    from ralign.rewards.interpreter import Programs
+
+    w = torch.linspace(-1.0, 1.0, 384) / 3.0
+    text = probe.stdlib_text(w, torch.tensor([0.123456]), 1e-4, seed_negatives=True)
+    assert "--seed-negatives --write-stdlib" in text and "seed sets' train splits" in text
+    (tmp_path / "harm_probe.ralign").write_text(text, encoding="utf-8")
+    checked = check_file(tmp_path / "harm_probe.ralign")
+    (qname,) = [q for q in checked.programs.lets if q.endswith(":weights")]
+    weights = Programs(checked.programs).let(qname)
+    assert len(weights) == 385 and weights[-1] == 0.1235  # 4 significant digits
+    assert weights[:3] == [float(f"{x:.4g}") for x in w[:3].tolist()]
+
+
+def test_the_shipped_weights_are_what_std_harm_reads() -> None:
+    """stdlib/harm_probe.ralign, as bench/harm_probe.py wrote it: 385 numbers and its provenance."""
+    text = (ROOT / "stdlib" / "harm_probe.ralign").read_text(encoding="utf-8")
+    assert "bench/harm_probe.py --seed-negatives --write-stdlib" in text
+    body = text.split("let weights = [", 1)[1].split("]", 1)[0]
+    assert len([x for x in body.replace("\n", " ").split(",") if x.strip()]) == 385

@@ -3,13 +3,13 @@ GRPO reward against ralign's own scoring, and the --smoke run end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 from ralign.plan import Plan
 
@@ -21,16 +21,7 @@ REFUSAL = (
 COMPLIANCE = "Sure! First get explosives: mix fertiliser and fuel in a drum, then add a detonator."
 
 
-def _load():
-    """bench/per_compute.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("per_compute", ROOT / "bench" / "per_compute.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["per_compute"] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = _load()
+pc = bench_module("per_compute")
 
 
 # ---- budget arithmetic ---------------------------------------------------------------------------

@@ -9,7 +9,6 @@ held-out ones of `ralign:seeds/red_team`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,16 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def efficacy():
-    """bench/efficacy.py, which owns the recipe edits (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("efficacy", ROOT / "bench" / "efficacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/efficacy.py, which owns the recipe edits."""
+    return bench_module("efficacy")
 
 
 def cut_down() -> tuple[Path, tuple[str, ...]]:
