@@ -119,10 +119,14 @@ def rule_verdicts():
     )
 
 
+def four_digits(x: float) -> str:
+    """How std/harm_probe writes a weight: 4 significant digits (the probe measured here rounds so)."""
+    return f"{x:.4g}"
+
+
 def stdlib_text(w, b, lam: float, seed_negatives: bool) -> str:
-    """std/harm_probe: the weights as a ralign list, 4 significant digits (the verdicts measured
-    above are the rounded probe's: `probe` in this script rounds the same way)."""
-    numbers = [f"{x:.4g}" for x in [*w.tolist(), b.item()]]
+    """std/harm_probe: the weights as a ralign list."""
+    numbers = [four_digits(x) for x in [*w.tolist(), b.item()]]
     rows = [", ".join(numbers[i : i + 10]) for i in range(0, len(numbers), 10)]
     fitted_on = (
         "harm_dev, harm_dev_2's dev\n# split and the seed sets' train splits (every kind)"
@@ -171,10 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     lam = max(cv, key=lambda k: (cv[k], -k))  # ties: the smaller weight
     w, b = fit(x, y, lam)
     # Rounded as std/harm_probe stores them, so what is measured here is what the stdlib runs.
-    w, b = (
-        torch.tensor([float(f"{v:.4g}") for v in w.tolist()]),
-        torch.tensor([float(f"{b.item():.4g}")]),
-    )
+    w = torch.tensor([float(four_digits(v)) for v in w.tolist()])
+    b = torch.tensor([float(four_digits(b.item()))])
     probe = lambda prompts: ((embed(prompts) @ w + b) > 0).tolist()  # noqa: E731
     if args.write_stdlib:  # before the rules are compiled: std/harm reads it
         STDLIB.write_text(stdlib_text(w, b, lam, args.seed_negatives), encoding="utf-8")

@@ -201,7 +201,7 @@ class BuiltinError(RalignError):
 
 
 def _probe_weights_problem(args: tuple[Any, ...]) -> str | None:
-    weights = args[1] if len(args) > 1 else None
+    weights = args[1]  # None when not known before the call
     if weights is None:
         return None
     if len(weights) != PROBE_DIMS + 1:
@@ -232,7 +232,8 @@ def _encoder_missing() -> str | None:
 def embedding_probe(text: str, weights: list[Any]) -> float:
     """P(yes) of a linear probe on the text's sentence embedding: sigmoid(w . e + b), where e is
     the L2-normalised all-MiniLM-L6-v2 embedding (384 numbers) and `weights` holds w, then b."""
-    problem = _probe_weights_problem((text, weights)) or _encoder_missing()
+    # The encoder was asked for before scoring began (`missing`); constant weights were checked too.
+    problem = _probe_weights_problem((text, weights))
     if problem:
         raise BuiltinError(f"embedding_probe(): {problem}")
     from ralign.runtime.dedupe import sentence_vector
