@@ -96,6 +96,12 @@ def lora_targets(recipe: Path, targets: list[str]) -> str:
     return f"{plan.policy}.lora={literal({**lora, 'targets': targets})}"
 
 
+RLCD_NEGATIVES = (
+    "sample/sample.negative_context=refuse",
+    "sample/sample.negative_only_rejected=true",
+)
+
+
 def variants(scale: str = "full") -> dict[str, Variant]:
     """Name -> variant. The first one is run first and seeds the others' run directories.
 
@@ -127,6 +133,13 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # grows with the pressure to refuse (408 training prompts instead of 264).
         "+ red_team and safe prompts": balanced,
         "+ red_team and safe prompts, 4 answers": balanced.but("sample/sample.per_prompt=4"),
+        # RLCD's rule: one refusal per prompt sampled under `refuse`, only ever the rejected side,
+        # so every harmless prompt gets an answer-over-refusal pair and no harmful one a refusal
+        # the policy did not write itself.
+        "+ over-refusal pairs": red_team.but(
+            f"seeds.path={literal(['ralign:seeds/hhh'])}", *RLCD_NEGATIVES
+        ),
+        "+ red_team and safe prompts, over-refusal pairs": balanced.but(*RLCD_NEGATIVES),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),

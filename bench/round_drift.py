@@ -3,11 +3,11 @@
 Usage: python bench/round_drift.py RUN_DIR [--kinds FILE ...] [--out FILE]
 
 For each round of a run (finished or not), from its step folders:
-- the sampled answers (the `sample` step's responses.jsonl): the share that refuse, that admit not
-  knowing, and that copy the request (most of the answer's words are the request's), per kind of
-  prompt;
+- the policy's sampled answers (the `sample` step's responses.jsonl, less any sampled under a
+  `negative_context`): the share that refuse, that admit not knowing, and that copy the request
+  (most of the answer's words are the request's), per kind of prompt;
 - each prompt's best answer by the `score` step's total, the answer `train sft { on = "best" }`
-  starts from: the same shares;
+  starts from (never a `negative_only_rejected` one): the same shares;
 - the preference pairs (pairs.jsonl): refusal over compliance, compliance over refusal, and
   neither, per kind;
 - the behaviour evaluation after the round, when the run evaluates every round.
@@ -93,18 +93,25 @@ def round_summary(round_dir: Path, kinds: dict[str, str]) -> dict[str, Any]:
     if responses is None:
         return out
     records = read_jsonl(responses)
+    # Answers sampled under a `negative_context` are the recipe's, not the policy's own choice.
     out["sampled"] = shares(
         [
             (kinds.get(r["prompt"], "other"), traits(r["prompt"], a))
             for r in records
-            for a in r["responses"]
+            for a, negative in zip(
+                r["responses"], r.get("negative") or [False] * len(r["responses"]), strict=True
+            )
+            if not negative
         ]
     )
     scores = step_file(round_dir, "score", "score.total.jsonl")
     if scores is not None:
         best = []
         for r, s in zip(records, read_jsonl(scores), strict=True):
-            i = max(range(len(s["scores"])), key=lambda j: s["scores"][j])  # first of ties
+            may = r.get("may_choose") or [True] * len(s["scores"])
+            i = max(  # first of ties, among the answers `train sft` may learn
+                (j for j in range(len(s["scores"])) if may[j]), key=lambda j: s["scores"][j]
+            )
             best.append((kinds.get(r["prompt"], "other"), traits(r["prompt"], r["responses"][i])))
         out["best"] = shares(best)
     pairs = step_file(round_dir, "pairs", "pairs.jsonl")

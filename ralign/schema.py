@@ -341,6 +341,14 @@ TRAINING: dict[str, Attr] = {
 }
 
 
+def _negative_rules(params: Mapping[str, Any]) -> list[str]:
+    if params.get("negative_only_rejected") and "negative_context" not in params:
+        return [
+            "`negative_only_rejected` needs `negative_context`, the template its answers are sampled under"
+        ]
+    return []
+
+
 def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
     contrast = params.get("mode") == "contrast"
     if contrast and "principle" not in params:
@@ -434,6 +442,10 @@ STEPS: dict[str, StepKind] = {
             "negative_per_prompt": Attr(
                 INT, "answers per prompt sampled under `negative_context`", 1, min=1, max=64
             ),
+            "negative_only_rejected": Attr(
+                BOOL,
+                "answers sampled under `negative_context` may be a pair's rejected answer but never its chosen one, nor an answer `train sft` learns (RLCD's rule: the negative context's outputs are the dispreferred side, Yang et al. 2023); unset, they compete with the others",
+            ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
         inputs=lambda p: ("dataset" if "from" in p else "prompts", "policy"),
@@ -441,6 +453,7 @@ STEPS: dict[str, StepKind] = {
         template_vars={"context": ("prompt",), "negative_context": ("prompt",)},
         hint="add a `generate` step before it, or give it a dataset: `sample { from = NAME }`",
         after=_fresh_answers,
+        rules=lambda params, flow: _negative_rules(params),
     ),
     "revise": StepKind(
         "revise",

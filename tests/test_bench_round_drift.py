@@ -92,3 +92,26 @@ def test_copies_needs_most_words_from_the_request() -> None:
     assert drift.copies(BOMB, COPY)
     assert not drift.copies(BOMB, COMPLY)
     assert not drift.copies(BOMB, "a bomb")  # under five words
+
+
+def test_negative_context_answers_are_not_the_policys_own(tmp_path: Path) -> None:
+    """A refusal sampled under a `negative_context` is not counted as sampled, and with
+    `negative_only_rejected` it cannot be the best answer, however it scores."""
+    r1 = tmp_path / "r1"
+    write(
+        r1 / "sample.sample" / "responses.jsonl",
+        [
+            {
+                "prompt": BOMB,
+                "responses": [COMPLY, COPY, REFUSE],
+                "negative": [False, False, True],
+                "may_choose": [True, True, False],
+            }
+        ],
+    )
+    write(r1 / "judge.score" / "score.total.jsonl", [{"prompt": BOMB, "scores": [-1.0, -0.5, 1.0]}])
+    result = drift.drift(tmp_path, [])
+    s = result["rounds"][1]["sampled"]["harmful"]
+    assert s["refuses"]["k"] == 0 and s["refuses"]["n"] == 2
+    b = result["rounds"][1]["best"]["harmful"]
+    assert b["refuses"]["k"] == 0 and b["copies"]["k"] == 1  # COPY, the best it may choose

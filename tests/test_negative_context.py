@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from ralign.cli import main
 from ralign.runtime.steps import sft_examples
 
@@ -21,12 +23,19 @@ phase answer {
 """
 
 
-def test_negative_answers_join_each_prompts_answers(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("only_rejected", [False, True])
+def test_negative_answers_join_each_prompts_answers(
+    tmp_path: Path, monkeypatch, only_rejected: bool
+) -> None:
     from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "negative.ralign"
-    recipe.write_text(RECIPE, encoding="utf-8")
+    extra = ", negative_only_rejected = true" if only_rejected else ""
+    recipe.write_text(
+        RECIPE.replace("negative_per_prompt = 1", f"negative_per_prompt = 1{extra}"),
+        encoding="utf-8",
+    )
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         assert (
@@ -47,6 +56,10 @@ def test_negative_answers_join_each_prompts_answers(tmp_path: Path, monkeypatch)
         assert r["negative"] == [False, False, True]
         assert r["contexts"][:2] == [f"Be careful. {r['prompt']}"] * 2
         assert r["contexts"][2] == f"Refuse this: {r['prompt']}"
+        if only_rejected:
+            assert r["may_choose"] == [True, True, False]
+        else:
+            assert "may_choose" not in r  # they compete with the others
     metrics = json.loads((tmp_path / "run" / "r1" / "answer.sample" / "metrics.json").read_text())
     assert metrics["responses"] == 9
 
@@ -63,3 +76,57 @@ def test_sft_trains_each_answer_in_the_context_it_was_sampled_in() -> None:
     assert [(e["prompt"], e["response"]) for e in all_] == [("C P", "good"), ("N P", "refusal")]
     bare = sft_examples([record], None, on="all", drop_context=True)
     assert {e["prompt"] for e in bare} == {"P"}
+
+
+def test_only_rejected_answers_are_never_chosen_nor_trained_on() -> None:
+    """RLCD's rule: a negative-context answer may be the rejected side of a pair, never the
+    chosen one, whatever the scores say."""
+    from ralign.runtime.pairs import make_pairs
+
+    texts = [["answer", "other answer", "refusal"], ["bad", "worse", "refusal"]]
+    scores = [[0.8, 0.2, -1.0], [0.1, 0.0, 1.5]]  # the refusal scores lowest, then highest
+    may = [[True, True, False], [True, True, False]]
+    made, stats = make_pairs(["safe", "harmful"], texts, scores, choosable=may)
+    # Safe prompt: the best answer over the refusal. Harmful: the refusal outscores both
+    # answers but may not be chosen, so the pair is the two answers.
+    assert [(p["chosen"], p["rejected"]) for p in made] == [("answer", "refusal"), ("bad", "worse")]
+    assert stats["dropped"]["unchoosable"] == 0
+    # When the answer left to reject outscores the chosen one, the pair is dropped, never flipped.
+    made, stats = make_pairs(["p"], [["a", "refusal"]], [[0.0, 1.0]], choosable=[[True, False]])
+    assert made == [] and stats["dropped"]["unchoosable"] == 1
+    # A random chosen is drawn from the answers that may be chosen only.
+    for seed in range(5):
+        made, _ = make_pairs(
+            ["p"], texts[:1], scores[:1], chosen="random", seed=seed, choosable=may[:1]
+        )
+        assert made[0]["chosen"] in ("answer", "other answer")
+    # Without flags, the same scores let the refusal win.
+    made, _ = make_pairs(["harmful"], texts[1:], scores[1:])
+    assert made[0]["chosen"] == "refusal"
+
+    record = {
+        "prompt": "P",
+        "context": "C P",
+        "contexts": ["C P", "C P", "N P"],
+        "responses": ["good", "fine", "refusal"],
+        "finished": [True, True, True],
+        "negative": [False, False, True],
+        "may_choose": [True, True, False],
+    }
+    best = sft_examples([record], [{"scores": [0.1, 0.2, 3.0]}], on="best")
+    assert [e["response"] for e in best] == ["fine"]
+    assert [e["response"] for e in sft_examples([record], None, on="all")] == ["good", "fine"]
+
+
+def test_only_rejected_needs_a_negative_context(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "bad.ralign"
+    recipe.write_text(
+        RECIPE.replace("negative_context = refusing, negative_per_prompt = 1", "").replace(
+            "context = careful,", "context = careful, negative_only_rejected = true"
+        ),
+        encoding="utf-8",
+    )
+    assert main(["check", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "`negative_only_rejected` needs `negative_context`" in err
+    assert "bad.ralign:7:3: error" in err

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 CHOOSERS = ("best", "random")
 REJECTERS = ("worst", "random")
-DROP_REASONS = ("too_few", "tie", "same_text", "low_margin", "low_score", "low_grade")
+DROP_REASONS = (
+    "too_few",
+    "tie",
+    "same_text",
+    "low_margin",
+    "low_score",
+    "low_grade",
+    "unchoosable",
+)
 
 
 def _pick(how: str, candidates: list[int], scores: Sequence[float], rng: random.Random) -> int:
@@ -30,6 +38,7 @@ def make_pairs(
     min_score: float | None = None,
     seed: int = 0,
     finished: Sequence[Sequence[bool]] | None = None,
+    choosable: Sequence[Sequence[bool]] | None = None,
     grades: Sequence[Sequence[float]] | None = None,
     min_grade: float | None = None,
 ) -> tuple[list[dict], dict]:
@@ -48,10 +57,14 @@ def make_pairs(
         seed: seeds the "random" selectors.
         finished, grades: optional, aligned with `responses`: whether each answer ended on its
             own, and a pointwise judge's raw grades; pairs then carry them for both answers.
+        choosable: optional, aligned with `responses`: whether each answer may be the chosen
+            one (RLCD's negative-context answers may only be rejected). "best" and "random"
+            choose among these; a pair whose rejected answer outscores its chosen one is dropped.
     Returns:
         (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
         "pairs" and "dropped", a count for each of DROP_REASONS ("too_few": under two answers,
-        "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade").
+        "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade", "unchoosable":
+        the higher-scored answer of the two may not be chosen)."
     """
     if chosen not in CHOOSERS:
         raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
@@ -63,8 +76,6 @@ def make_pairs(
             f"{len(prompts)}, {len(responses)}, {len(scores)}"
         )
     rng = random.Random(seed)
-    # Deterministic selectors go first so "random" draws from what is left.
-    first, second = (rejected, chosen) if chosen == "random" else (chosen, rejected)
 
     pairs: list[dict] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -72,15 +83,23 @@ def make_pairs(
     if len(ends) != len(prompts):
         raise ValueError(f"finished has {len(ends)} entries for {len(prompts)} prompts")
     graded = grades if grades is not None else [None] * len(prompts)
+    allowed = choosable if choosable is not None else [None] * len(prompts)
+    if len(allowed) != len(prompts):
+        raise ValueError(f"choosable has {len(allowed)} entries for {len(prompts)} prompts")
     floors = (min_margin, min_score, min_grade)
-    for prompt, texts, marks, done, grade in zip(
-        prompts, responses, scores, ends, graded, strict=True
+    for prompt, texts, marks, done, grade, may in zip(
+        prompts, responses, scores, ends, graded, allowed, strict=True
     ):
         if len(texts) != len(marks):
             raise ValueError(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
             )
-        picked = _pick_pair(texts, marks, grade, first, second, floors, rng)
+        if may is not None and len(may) != len(texts):
+            raise ValueError(
+                f"{len(texts)} responses but {len(may)} choosable flags for prompt {prompt!r}"
+            )
+        may = may if may is not None else [True] * len(texts)
+        picked = _pick_pair(texts, marks, grade, may, (chosen, rejected), floors, rng)
         if isinstance(picked, str):
             dropped[picked] += 1
             continue
@@ -103,22 +122,36 @@ def _pick_pair(
     texts: Sequence[str],
     marks: Sequence[float],
     grade: Sequence[float] | None,
-    first: str,
-    second: str,
+    may: Sequence[bool],
+    how: tuple[str, str],
     floors: tuple[float, float | None, float | None],
     rng: random.Random,
 ) -> tuple[int, int] | str:
     """(chosen, rejected) indices of one prompt's pair, oriented by score, or why there is none."""
     min_margin, min_score, min_grade = floors
-    if len(texts) < 2:
-        return "too_few"
     everyone = list(range(len(texts)))
-    a = _pick(first, everyone, marks, rng)
-    b = _pick(second, [i for i in everyone if i != a], marks, rng)
+    eligible = [i for i in everyone if may[i]]
+    if len(texts) < 2 or not eligible:
+        return "too_few"
+    # The chooser picks among the answers that may be chosen, the rejecter among all; the
+    # deterministic one goes first so "random" draws from what is left.
+    chosen, rejected = how
+    if chosen == "random":
+        b = _pick(rejected, everyone, marks, rng)
+        rest = [i for i in eligible if i != b]
+        a = _pick(chosen, rest, marks, rng) if rest else -1
+    else:
+        a = _pick(chosen, eligible, marks, rng)
+        rest = [i for i in everyone if i != a]
+        b = _pick(rejected, rest, marks, rng)
+    if a < 0:
+        return "too_few"
     hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
     margin = float(marks[hi]) - float(marks[lo])
     if margin == 0:
         return "tie"
+    if not may[hi]:
+        return "unchoosable"
     if texts[hi].strip() == texts[lo].strip():
         return "same_text"
     if margin < min_margin:

@@ -186,6 +186,8 @@ def _answers(
         k = len(row) - p["negative_per_prompt"]
         record["contexts"] = [context] * k + [negative] * p["negative_per_prompt"]
         record["negative"] = [False] * k + [True] * p["negative_per_prompt"]
+        if p.get("negative_only_rejected"):
+            record["may_choose"] = [not x for x in record["negative"]]
     return record
 
 
@@ -193,6 +195,12 @@ def finished_flags(record: dict[str, Any]) -> list[bool]:
     """Per response, whether it ended on its own (False: cut off by the length limit). Records
     without the field (older runs, hand-made data) count as finished."""
     return list(record.get("finished") or [True] * len(record["responses"]))
+
+
+def choosable_flags(record: dict[str, Any]) -> list[bool]:
+    """Per response, whether a pair or `train sft` may prefer it (False: sampled under a
+    `negative_context` with `negative_only_rejected`). Without the field, every answer may."""
+    return list(record.get("may_choose") or [True] * len(record["responses"]))
 
 
 @step("revise")
@@ -423,6 +431,7 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         min_score=p.get("min_score"),
         seed=ctx.seed,
         finished=[finished_flags(r) for r in records],
+        choosable=[choosable_flags(r) for r in records],
         grades=[s["grades"] for s in scores] if "min_grade" in p else None,
         min_grade=p.get("min_grade"),
     )
@@ -450,7 +459,8 @@ def sft_examples(
     """The (prompt, response) examples `train sft` trains on.
 
     Args:
-        records: response records {prompt, context, responses[, finished]}.
+        records: response records {prompt, context, responses[, finished, may_choose]}; an
+            answer with may_choose False is never trained on.
         scores: score records aligned with `records` ({scores: [...]}), for on = "best" or a floor.
         on: "best" (each prompt's top answer; ties to the first), "all" or "revised" (every answer).
         min_score: keep only answers scoring at least this.
@@ -462,19 +472,19 @@ def sft_examples(
         # Each answer with the context it was sampled in (a negative context's answers have theirs).
         contexts = r.get("contexts") or [r.get("context")] * len(r["responses"])
         answers = list(zip(r["responses"], finished_flags(r), contexts, strict=True))
+        keep = [j for j, ok in enumerate(choosable_flags(r)) if ok]
         if scores is not None:
             marks = scores[i]["scores"]
-            keep = range(len(answers))
-            if on == "best":
+            if on == "best" and keep:
                 keep = [max(keep, key=marks.__getitem__)]
             grades = scores[i].get("grades") if min_grade is not None else None
-            answers = [
-                answers[j]
+            keep = [
+                j
                 for j in keep
                 if (min_score is None or marks[j] >= min_score)
                 and (grades is None or grades[j] >= min_grade)
             ]
-        picked.append((r, answers))
+        picked.append((r, [answers[j] for j in keep]))
     return [
         {
             "prompt": r["prompt"] if drop_context or not context else context,
