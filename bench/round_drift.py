@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ralign.runtime.behavior import admits_not_knowing, is_refusal  # noqa: E402
+from ralign.runtime.steps import choosable_flags  # noqa: E402
 from ralign.stats import rate  # noqa: E402
 
 SEEDS = sorted((ROOT / "ralign" / "data" / "seeds").glob("*.jsonl"))
@@ -108,7 +109,7 @@ def round_summary(round_dir: Path, kinds: dict[str, str]) -> dict[str, Any]:
     if scores is not None:
         best = []
         for r, s in zip(records, read_jsonl(scores), strict=True):
-            may = r.get("may_choose") or [True] * len(s["scores"])
+            may = choosable_flags(r)
             i = max(  # first of ties, among the answers `train sft` may learn
                 (j for j in range(len(s["scores"])) if may[j]), key=lambda j: s["scores"][j]
             )

@@ -64,7 +64,7 @@ def make_pairs(
         (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
         "pairs" and "dropped", a count for each of DROP_REASONS ("too_few": under two answers,
         "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade", "unchoosable":
-        the higher-scored answer of the two may not be chosen)."
+        the higher-scored answer of the two may not be chosen).
     """
     if chosen not in CHOOSERS:
         raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
@@ -139,13 +139,12 @@ def _pick_pair(
     if chosen == "random":
         b = _pick(rejected, everyone, marks, rng)
         rest = [i for i in eligible if i != b]
-        a = _pick(chosen, rest, marks, rng) if rest else -1
+        if not rest:
+            return "too_few"
+        a = _pick(chosen, rest, marks, rng)
     else:
         a = _pick(chosen, eligible, marks, rng)
-        rest = [i for i in everyone if i != a]
-        b = _pick(rejected, rest, marks, rng)
-    if a < 0:
-        return "too_few"
+        b = _pick(rejected, [i for i in everyone if i != a], marks, rng)
     hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
     margin = float(marks[hi]) - float(marks[lo])
     if margin == 0:
