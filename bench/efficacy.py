@@ -100,6 +100,11 @@ RLCD_NEGATIVES = (
     "sample/sample.negative_context=refuse",
     "sample/sample.negative_only_rejected=true",
 )
+# SmolLM2-135M refuses 8% of prompts when told to refuse, but continues a refusal it is given.
+FORCED_REFUSAL = (
+    "sample/sample.negative_context=refuse",
+    "sample/sample.negative_prefix=" + literal("I'm sorry, but I can't"),
+)
 
 
 def variants(scale: str = "full") -> dict[str, Variant]:
@@ -140,9 +145,33 @@ def variants(scale: str = "full") -> dict[str, Variant]:
             f"seeds.path={literal(['ralign:seeds/hhh'])}", *RLCD_NEGATIVES
         ),
         "+ red_team and safe prompts, over-refusal pairs": balanced.but(*RLCD_NEGATIVES),
+        # One forced refusal per prompt ("I'm sorry, but I can't" continued by the policy),
+        # scored with the policy's answers: the rules choose it on harmful prompts and reject
+        # it on the others, so every training prompt has a refusal-vs-answer pair.
+        "+ forced refusals": red_team.but(
+            f"seeds.path={literal(['ralign:seeds/hhh'])}", *FORCED_REFUSAL
+        ),
+        # The balanced prompt set (harmful requests and harmless ones that sound alarming) with a
+        # forced refusal on every prompt: each harmless prompt's refusal is there to be rejected.
+        "+ red_team and safe prompts, forced refusals": balanced.but(*FORCED_REFUSAL),
+        # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
+        "+ forced over-refusal pairs": red_team.but(
+            f"seeds.path={literal(['ralign:seeds/hhh'])}",
+            *FORCED_REFUSAL,
+            "sample/sample.negative_only_rejected=true",
+        ),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),
+        # Three rounds on fresh prompts: the 408 balanced prompts in three slices of 136, one a
+        # round (bench/round_drift.py: on the same prompts every round, later rounds refuse
+        # their training prompts more and the evaluation's harmful requests less).
+        "+ red_team and safe prompts, forced refusals, fresh prompts, 3 rounds": balanced.but(
+            *FORCED_REFUSAL,
+            "sample/sample.per_round=136",
+            "recipe.rounds=3",
+            'behavior.every="round"',
+        ),
         # Three rounds of std/hhh alone teach "I don't know" plus a copy of the request everywhere.
         "plain answers, 3 rounds": Variant(RECIPES / "efficacy_plain.ralign", sized).but(
             "recipe.rounds=3", 'behavior.every="round"'

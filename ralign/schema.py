@@ -341,12 +341,16 @@ TRAINING: dict[str, Attr] = {
 }
 
 
-def _negative_rules(params: Mapping[str, Any]) -> list[str]:
-    if params.get("negative_only_rejected") and "negative_context" not in params:
-        return [
-            "`negative_only_rejected` needs `negative_context`, the template its answers are sampled under"
-        ]
-    return []
+def _sample_rules(params: Mapping[str, Any]) -> list[str]:
+    if "per_round" in params and "from" not in params:
+        return ["`per_round` slices a dataset: it needs `from`"]
+    if "negative_context" in params:
+        return []
+    return [
+        f"`{name}` needs `negative_context`, the template its answers are sampled under"
+        for name in ("negative_only_rejected", "negative_prefix")
+        if params.get(name) not in (None, False)
+    ][:1]
 
 
 def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
@@ -427,6 +431,11 @@ STEPS: dict[str, StepKind] = {
         "the policy answers each prompt several times",
         {
             "from": Attr(DATASET, "answer this dataset instead of the round's prompts"),
+            "per_round": Attr(
+                INT,
+                "answer a different slice of `from` each round: round r answers items (r-1)*N to r*N-1 of the dataset in an order shuffled once by the recipe's seed, wrapping around; unset, every round answers all of it",
+                min=1,
+            ),
             "per_prompt": Attr(INT, "answers per prompt (K)", 4, min=1, max=64),
             "temperature": Attr(NUMBER, "sampling temperature (0 = greedy)", 0.8, min=0, max=10),
             "top_p": Attr(NUMBER, "nucleus sampling mass", 1.0, min=0, max=1, min_open=True),
@@ -446,6 +455,10 @@ STEPS: dict[str, StepKind] = {
                 BOOL,
                 "answers sampled under `negative_context` may be a pair's rejected answer but never its chosen one, nor an answer `train sft` learns (RLCD's rule: the negative context's outputs are the dispreferred side, Yang et al. 2023); unset, they compete with the others",
             ),
+            "negative_prefix": Attr(
+                STRING,
+                "the answers sampled under `negative_context` start with this text, which the policy continues: a forced opening such as a refusal's, for a model that ignores an instruction to refuse but not a refusal it has begun",
+            ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
         inputs=lambda p: ("dataset" if "from" in p else "prompts", "policy"),
@@ -453,7 +466,7 @@ STEPS: dict[str, StepKind] = {
         template_vars={"context": ("prompt",), "negative_context": ("prompt",)},
         hint="add a `generate` step before it, or give it a dataset: `sample { from = NAME }`",
         after=_fresh_answers,
-        rules=lambda params, flow: _negative_rules(params),
+        rules=lambda params, flow: _sample_rules(params),
     ),
     "revise": StepKind(
         "revise",

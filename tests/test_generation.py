@@ -14,6 +14,7 @@ from ralign.runtime.generation import (
     clean_instruction,
     generate,
     sample,
+    sample_completions,
     self_instruct,
 )
 from ralign.runtime.models import format_prompt
@@ -146,6 +147,35 @@ def test_context_replaces_the_bare_prompt(tiny_models, monkeypatch):
     assert sorted(seen) == sorted(
         [format_prompt(tok, "Earlier turns, then: p1"), format_prompt(tok, "p2")]
     )
+
+
+def test_a_forced_prefix_is_continued_and_starts_every_answer(tiny_models, monkeypatch):
+    """`prefix`: the model continues an opening it did not write; the answer's text is the
+    opening plus what followed, joined exactly as the tokens decode (no space added or lost)."""
+    model, tok = tiny_models("llama")
+    prefix = "I'm sorry, but I"
+    seen = []
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.extend(
+            tok.decode(row[m.bool()])
+            for row, m in zip(kwargs["input_ids"], kwargs["attention_mask"], strict=True)
+        )
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    kw = dict(per_prompt=2, temperature=0.0, max_new_tokens=5, seed=0)
+    forced = sample_completions(model, tok, ["p1", "p2"], prefix=prefix, **kw)
+    assert sorted(seen) == sorted(format_prompt(tok, p) + prefix for p in ["p1", "p2"])
+    texts = [format_prompt(tok, p) + prefix for p in ["p1", "p2"]]
+    plain = generate(model, tok, texts, n=1, temperature=0.0, max_new_tokens=5, seed=0)
+    for row, (alone,) in zip(forced, plain, strict=True):
+        assert all(c.text.startswith(prefix) for c in row)
+        assert row[0].tokens == alone.tokens  # the prefix's tokens are not counted as generated
+        # The same continuation, joined to the prefix as decoded (a leading space kept).
+        assert row[0].text.removeprefix(prefix).strip() == alone.text
+        assert row[0].text == row[1].text
 
 
 def test_progress_counts_prompts_and_tokens(tiny_models):

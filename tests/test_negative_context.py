@@ -23,15 +23,16 @@ phase answer {
 """
 
 
-@pytest.mark.parametrize("only_rejected", [False, True])
+@pytest.mark.parametrize("only_rejected, prefix", [(False, ""), (True, ""), (False, "No, I")])
 def test_negative_answers_join_each_prompts_answers(
-    tmp_path: Path, monkeypatch, only_rejected: bool
+    tmp_path: Path, monkeypatch, only_rejected: bool, prefix: str
 ) -> None:
     from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "negative.ralign"
     extra = ", negative_only_rejected = true" if only_rejected else ""
+    extra += f', negative_prefix = "{prefix}"' if prefix else ""
     recipe.write_text(
         RECIPE.replace("negative_per_prompt = 1", f"negative_per_prompt = 1{extra}"),
         encoding="utf-8",
@@ -60,6 +61,8 @@ def test_negative_answers_join_each_prompts_answers(
             assert r["may_choose"] == [True, True, False]
         else:
             assert "may_choose" not in r  # they compete with the others
+        # A forced opening starts the negative answers only (the tiny model never writes it).
+        assert [a.startswith("No, I") for a in r["responses"]] == [False, False, bool(prefix)]
     metrics = json.loads((tmp_path / "run" / "r1" / "answer.sample" / "metrics.json").read_text())
     assert metrics["responses"] == 9
 
@@ -118,15 +121,36 @@ def test_only_rejected_answers_are_never_chosen_nor_trained_on() -> None:
     assert [e["response"] for e in sft_examples([record], None, on="all")] == ["good", "fine"]
 
 
-def test_only_rejected_needs_a_negative_context(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "attr, value",
+    [
+        ("negative_only_rejected", "true"),
+        ("negative_prefix", '"I\'m sorry"'),
+        ("negative_prefix", '""'),
+    ],
+)
+def test_negative_attributes_need_a_negative_context(
+    tmp_path: Path, capsys, attr: str, value: str
+) -> None:
     recipe = tmp_path / "bad.ralign"
     recipe.write_text(
         RECIPE.replace("negative_context = refusing, negative_per_prompt = 1", "").replace(
-            "context = careful,", "context = careful, negative_only_rejected = true"
+            "context = careful,", f"context = careful, {attr} = {value}"
         ),
         encoding="utf-8",
     )
     assert main(["check", str(recipe)]) != 0
     err = capsys.readouterr().err
-    assert "`negative_only_rejected` needs `negative_context`" in err
+    assert f"`{attr}` needs `negative_context`" in err
     assert "bad.ralign:7:3: error" in err
+
+
+def test_only_rejected_false_needs_nothing(tmp_path: Path) -> None:
+    recipe = tmp_path / "ok.ralign"
+    recipe.write_text(
+        RECIPE.replace("negative_context = refusing, negative_per_prompt = 1", "").replace(
+            "context = careful,", "context = careful, negative_only_rejected = false"
+        ),
+        encoding="utf-8",
+    )
+    assert main(["check", str(recipe)]) == 0

@@ -100,6 +100,7 @@ def generate(
     sort_by_length: bool = True,
     progress: Progress | None = None,
     max_length: int | None = None,
+    prefix: str = "",
 ) -> list[list[Completion]]:
     """Continue each text n times, batched by token length with left padding and the KV cache.
 
@@ -118,6 +119,8 @@ def generate(
             loop; sampled answers then differ, greedy ones not). Results keep the input order.
         progress: called as progress(texts_done, tokens_generated) after each batch.
         max_length: text plus continuation, in tokens (default: the model's positions, or 2048).
+        prefix: appended to every text, and the start of every completion's `text`: an opening
+            the model is made to continue (its tokens are not counted as generated).
     Returns:
         Per text, n Completions in the input order.
     """
@@ -128,7 +131,7 @@ def generate(
     greedy = temperature == 0
     rows = 1 if greedy else n
     budget = (max_length if max_length is not None else _max_positions(model)) - max_new_tokens
-    encoded = [_encode_within(tokenizer, t, budget, add_special_tokens) for t in texts]
+    encoded = [_encode_within(tokenizer, t + prefix, budget, add_special_tokens) for t in texts]
     kept = [i for i, ids in enumerate(encoded) if ids is not None]
     # Shortest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(kept, key=lambda i: (len(encoded[i] or ()), i)) if sort_by_length else kept
@@ -151,7 +154,7 @@ def generate(
             out = _generate_rows(model, input_ids.to(device), mask.to(device), cfg, rows)
             new = out[:, input_ids.shape[1] :].tolist()  # out: [B * rows, T + new]
             batch = [
-                [_completion(tokenizer, new[b * rows + r], eos) for r in range(rows)]
+                [_completion(tokenizer, new[b * rows + r], eos, prefix) for r in range(rows)]
                 for b in range(len(idx))
             ]
             for i, row in zip(idx, batch, strict=True):
@@ -248,11 +251,12 @@ def _generate_rows(model, input_ids, mask, cfg, rows: int):
     )
 
 
-def _completion(tokenizer, tokens: list[int], eos: set[int]) -> Completion:
-    """Cut at the first end token, decode without special tokens."""
+def _completion(tokenizer, tokens: list[int], eos: set[int], prefix: str = "") -> Completion:
+    """Cut at the first end token, decode without special tokens, after the forced `prefix`
+    (decoded unstripped, so the space between the prefix and the first new word stays)."""
     cut = next((k for k, t in enumerate(tokens) if t in eos), None)
     kept = tokens if cut is None else tokens[:cut]
-    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    text = (prefix + tokenizer.decode(kept, skip_special_tokens=True)).strip()
     return Completion(text, cut is not None, len(tokens) if cut is None else cut + 1)
 
 
@@ -278,6 +282,7 @@ def sample_completions(
     sort_by_length: bool = True,
     progress: Progress | None = None,
     max_length: int | None = None,
+    prefix: str = "",
 ) -> list[list[Completion]]:
     """Sample responses to prompts, each wrapped as a user turn with the chat template.
 
@@ -297,9 +302,11 @@ def sample_completions(
         progress: called as progress(prompts_done, tokens_generated) after each batch.
         max_length: as `generate`'s: an over-long prompt gets K `TOO_LONG` completions. One
             certainly too long by its characters is never even formatted.
+        prefix: every response starts with this text, which the model continues (after the
+            chat template's generation prompt): a forced opening, part of each `text`.
     Returns:
-        Per prompt, K Completions (text: new tokens only, special tokens skipped, stripped; and
-        whether each ended on its own).
+        Per prompt, K Completions (text: the prefix and the new tokens, special tokens skipped,
+        stripped; and whether each ended on its own).
     """
     if context is not None and len(context) != len(prompts):
         raise ValueError(f"context has {len(context)} entries for {len(prompts)} prompts")
@@ -324,6 +331,7 @@ def sample_completions(
         sort_by_length=sort_by_length,
         progress=progress,
         max_length=max_length,
+        prefix=prefix,
     )
     out = [[TOO_LONG] * per_prompt for _ in prompts]
     for i, row in zip(kept, done, strict=True):

@@ -115,6 +115,9 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     records = _nonempty(
         ctx, ctx.input(slot), f"dataset '{p['from']}'" if "from" in p else "the prompt set"
     )
+    if "per_round" in p:
+        records = round_slice(records, p["per_round"], ctx.step.round, ctx.run.plan.seed)
+        ctx.log(f"round {ctx.step.round}: {len(records)} prompts of dataset '{p['from']}'")
     prompts = [r["prompt"] for r in records]
     contexts = [ctx.render("context", {"prompt": x}) if "context" in p else None for x in prompts]
     model, tok = ctx.model("policy")
@@ -124,7 +127,11 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     total = ctx.max_length if limit is None else min(ctx.max_length, limit + p["max_new_tokens"])
 
     def run_shard(
-        idx: list[int], under: list[Any] = contexts, k: int = p["per_prompt"], part: int = 0
+        idx: list[int],
+        under: list[Any] = contexts,
+        k: int = p["per_prompt"],
+        part: int = 0,
+        prefix: str = "",
     ) -> list[list[Any]]:
         return run(
             model,
@@ -139,6 +146,7 @@ def sample(ctx: StepContext) -> dict[str, Any]:
             context=[under[i] for i in idx],
             progress=ctx.progress(len(idx), "prompts"),
             max_length=total,
+            prefix=prefix,
         )
 
     done = ctx.sharded(len(prompts), run_shard)
@@ -146,8 +154,9 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     negatives: list[str | None] = [None] * len(prompts)
     if "negative_context" in p:  # more answers under the second context, after the first ones
         negatives = [ctx.render("negative_context", {"prompt": x}) for x in prompts]
+        lead = p.get("negative_prefix", "")
         more = ctx.sharded(
-            len(prompts), lambda idx: run_shard(idx, negatives, p["negative_per_prompt"], 1)
+            len(prompts), lambda idx: run_shard(idx, negatives, p["negative_per_prompt"], 1, lead)
         )
         spent += generated_tokens(more, p["temperature"])
         done = [a + b if not a[0].prompt_too_long else a for a, b in zip(done, more, strict=True)]
@@ -170,6 +179,16 @@ def sample(ctx: StepContext) -> dict[str, Any]:
         "dropped_too_long": len(prompts) - len(kept),
         "generated_tokens": spent,
     }
+
+
+def round_slice(records: list[Any], size: int, rnd: int, seed: int) -> list[Any]:
+    """Round `rnd`'s `size` records: the next slice of one seeded shuffle of them all, wrapping
+    around, so consecutive rounds see different prompts until the dataset is used up."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)  # one order for every round: the slices partition it
+    size = min(size, len(records))
+    start = (rnd - 1) * size
+    return [records[order[(start + i) % len(records)]] for i in range(size)]
 
 
 def _answers(
