@@ -121,9 +121,9 @@ def test_left_padding_and_length_sorted_batches(tiny_models, monkeypatch):
         assert bool((ids[mask == 0] == tok.pad_token_id).all())
 
 
-def test_context_replaces_the_bare_prompt(tiny_models, monkeypatch):
-    model, tok = tiny_models("llama")
-    seen = []
+def _texts_fed(model, tok, monkeypatch) -> list[str]:
+    """A list that collects, decoded, every text `model.generate` is given from now on."""
+    seen: list[str] = []
     real = model.generate
 
     def spy(**kwargs):
@@ -134,6 +134,12 @@ def test_context_replaces_the_bare_prompt(tiny_models, monkeypatch):
         return real(**kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_context_replaces_the_bare_prompt(tiny_models, monkeypatch):
+    model, tok = tiny_models("llama")
+    seen = _texts_fed(model, tok, monkeypatch)
     sample(
         model,
         tok,
@@ -154,17 +160,7 @@ def test_a_forced_prefix_is_continued_and_starts_every_answer(tiny_models, monke
     opening plus what followed, joined exactly as the tokens decode (no space added or lost)."""
     model, tok = tiny_models("llama")
     prefix = "I'm sorry, but I"
-    seen = []
-    real = model.generate
-
-    def spy(**kwargs):
-        seen.extend(
-            tok.decode(row[m.bool()])
-            for row, m in zip(kwargs["input_ids"], kwargs["attention_mask"], strict=True)
-        )
-        return real(**kwargs)
-
-    monkeypatch.setattr(model, "generate", spy)
+    seen = _texts_fed(model, tok, monkeypatch)
     kw = dict(per_prompt=2, temperature=0.0, max_new_tokens=5, seed=0)
     forced = sample_completions(model, tok, ["p1", "p2"], prefix=prefix, **kw)
     assert sorted(seen) == sorted(format_prompt(tok, p) + prefix for p in ["p1", "p2"])
