@@ -120,6 +120,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     contrast = Variant(RECIPES / "efficacy_contrast.ralign", sized)
     red_team = Variant(RECIPES / "efficacy_red_team.ralign", sized)
     balanced = red_team.but(f"seeds.path={literal(BALANCED)}")
+    hhh_only = red_team.but(f"seeds.path={literal(['ralign:seeds/hhh'])}")  # the quickstart's
     return {
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": ranked,
@@ -141,24 +142,18 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # RLCD's rule: one refusal per prompt sampled under `refuse`, only ever the rejected side,
         # so every harmless prompt gets an answer-over-refusal pair and no harmful one a refusal
         # the policy did not write itself.
-        "+ over-refusal pairs": red_team.but(
-            f"seeds.path={literal(['ralign:seeds/hhh'])}", *RLCD_NEGATIVES
-        ),
+        "+ over-refusal pairs": hhh_only.but(*RLCD_NEGATIVES),
         "+ red_team and safe prompts, over-refusal pairs": balanced.but(*RLCD_NEGATIVES),
         # One forced refusal per prompt ("I'm sorry, but I can't" continued by the policy),
         # scored with the policy's answers: the rules choose it on harmful prompts and reject
         # it on the others, so every training prompt has a refusal-vs-answer pair.
-        "+ forced refusals": red_team.but(
-            f"seeds.path={literal(['ralign:seeds/hhh'])}", *FORCED_REFUSAL
-        ),
+        "+ forced refusals": hhh_only.but(*FORCED_REFUSAL),
         # The balanced prompt set (harmful requests and harmless ones that sound alarming) with a
         # forced refusal on every prompt: each harmless prompt's refusal is there to be rejected.
         "+ red_team and safe prompts, forced refusals": balanced.but(*FORCED_REFUSAL),
         # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
-        "+ forced over-refusal pairs": red_team.but(
-            f"seeds.path={literal(['ralign:seeds/hhh'])}",
-            *FORCED_REFUSAL,
-            "sample/sample.negative_only_rejected=true",
+        "+ forced over-refusal pairs": hhh_only.but(
+            *FORCED_REFUSAL, "sample/sample.negative_only_rejected=true"
         ),
         "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
         "2 rounds": base.but("recipe.rounds=2"),

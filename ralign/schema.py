@@ -344,13 +344,12 @@ TRAINING: dict[str, Attr] = {
 def _sample_rules(params: Mapping[str, Any]) -> list[str]:
     if "per_round" in params and "from" not in params:
         return ["`per_round` slices a dataset: it needs `from`"]
-    if "negative_context" in params:
-        return []
-    return [
-        f"`{name}` needs `negative_context`, the template its answers are sampled under"
-        for name in ("negative_only_rejected", "negative_prefix")
-        if params.get(name) not in (None, False)
-    ][:1]
+    for name in ("negative_only_rejected", "negative_prefix"):
+        if params.get(name) not in (None, False) and "negative_context" not in params:
+            return [
+                f"`{name}` needs `negative_context`, the template its answers are sampled under"
+            ]
+    return []
 
 
 def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
