@@ -106,6 +106,8 @@ FORCED_REFUSAL = (
     "sample/sample.negative_prefix=" + literal("I'm sorry, but I can't"),
 )
 
+HARD_SFT = ("distill/train.sft.lr=1e-3", "distill/train.sft.epochs=3")
+
 
 def variants(scale: str = "full") -> dict[str, Variant]:
     """Name -> variant. The first one is run first and seeds the others' run directories.
@@ -151,6 +153,24 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # The balanced prompt set (harmful requests and harmless ones that sound alarming) with a
         # forced refusal on every prompt: each harmless prompt's refusal is there to be rejected.
         "+ red_team and safe prompts, forced refusals": balanced.but(*FORCED_REFUSAL),
+        # The same answers (the cached sampling), fitted harder: bench/train_fit.py measured the
+        # quickstart's SFT (lr 2e-4, 2 epochs) leaving 60% of its own harmful training prompts
+        # answered, so the forced refusals were there but not learnt.
+        "+ red_team and safe prompts, forced refusals, SFT lr 1e-3, 3 epochs": balanced.but(
+            *FORCED_REFUSAL, *HARD_SFT
+        ),
+        # ... and without DPO (it takes the refusals back), or with DPO anchored to the SFT model.
+        "+ red_team and safe prompts, forced refusals, SFT lr 1e-3, 3 epochs, no DPO": Variant(
+            RECIPES / "efficacy_sft_only.ralign", sized
+        ).but(f"seeds.path={literal(BALANCED)}", *FORCED_REFUSAL, *HARD_SFT),
+        "+ red_team and safe prompts, forced refusals, SFT lr 1e-3, 3 epochs, DPO from SFT": (
+            balanced.but(*FORCED_REFUSAL, *HARD_SFT, 'distill/train.dpo.reference="previous"')
+        ),
+        # More capacity for the same data: bench/refusal_roc.py measured the trained policies
+        # separating harmful from safe requests (AUC) at most 0.85, short of what the goals need.
+        "+ red_team and safe prompts, forced refusals, LoRA on all linear layers": balanced.but(
+            *FORCED_REFUSAL, lora_targets(BASE, ["all-linear"])
+        ),
         # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
         "+ forced over-refusal pairs": hhh_only.but(
             *FORCED_REFUSAL, "sample/sample.negative_only_rejected=true"
