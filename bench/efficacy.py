@@ -171,6 +171,13 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         "+ red_team and safe prompts, forced refusals, LoRA on all linear layers": balanced.but(
             *FORCED_REFUSAL, lora_targets(BASE, ["all-linear"])
         ),
+        # ... with DPO's push towards answering cut to one epoch: that policy ranks harmful above
+        # safe requests well enough for the goals (AUC 0.89), but answers nearly all of them.
+        "+ red_team and safe prompts, forced refusals, LoRA on all linear layers, 1 DPO epoch": (
+            balanced.but(
+                *FORCED_REFUSAL, lora_targets(BASE, ["all-linear"]), "distill/train.dpo.epochs=1"
+            )
+        ),
         # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
         "+ forced over-refusal pairs": hhh_only.but(
             *FORCED_REFUSAL, "sample/sample.negative_only_rejected=true"
