@@ -54,9 +54,11 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float) -> fl
 def requests(data: str) -> list[dict[str, Any]]:
     """The data set's harmful and safe-but-alarming rows."""
     from ralign.runtime.behavior import load_prompts
-    from ralign.runtime.builtin_data import resolve_dataset
+    from ralign.runtime.data import dataset_file
 
-    path = resolve_dataset(data.removeprefix("ralign:")) if data.startswith("ralign:") else data
+    path = dataset_file({"path": data}, Path.cwd())  # a built-in name or a file, as `ralign eval`
+    if path is None:
+        raise SystemExit(f"--data {data}: a local file or built-in set is needed")
     return [r for r in load_prompts(path) if r["kind"] in KINDS]
 
 
