@@ -123,6 +123,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     red_team = Variant(RECIPES / "efficacy_red_team.ralign", sized)
     balanced = red_team.but(f"seeds.path={literal(BALANCED)}")
     hhh_only = red_team.but(f"seeds.path={literal(['ralign:seeds/hhh'])}")  # the quickstart's
+    all_linear = lora_targets(BASE, ["all-linear"])  # compiles BASE: once, not per row
     return {
         "quickstart (rules, SFT+DPO)": base,
         "self-ranking only": ranked,
@@ -169,20 +170,18 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # More capacity for the same data: bench/refusal_roc.py measured the trained policies
         # separating harmful from safe requests (AUC) at most 0.85, short of what the goals need.
         "+ red_team and safe prompts, forced refusals, LoRA on all linear layers": balanced.but(
-            *FORCED_REFUSAL, lora_targets(BASE, ["all-linear"])
+            *FORCED_REFUSAL, all_linear
         ),
         # ... with DPO's push towards answering cut to one epoch: that policy ranks harmful above
         # safe requests well enough for the goals (AUC 0.89), but answers nearly all of them.
         "+ red_team and safe prompts, forced refusals, LoRA on all linear layers, 1 DPO epoch": (
-            balanced.but(
-                *FORCED_REFUSAL, lora_targets(BASE, ["all-linear"]), "distill/train.dpo.epochs=1"
-            )
+            balanced.but(*FORCED_REFUSAL, all_linear, "distill/train.dpo.epochs=1")
         ),
         # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
         "+ forced over-refusal pairs": hhh_only.but(
             *FORCED_REFUSAL, "sample/sample.negative_only_rejected=true"
         ),
-        "LoRA on all linear layers": base.but(lora_targets(BASE, ["all-linear"])),
+        "LoRA on all linear layers": base.but(all_linear),
         "2 rounds": base.but("recipe.rounds=2"),
         "3 rounds": base.but("recipe.rounds=3"),
         # Three rounds on fresh prompts: the 408 balanced prompts in three slices of 136, one a
