@@ -28,7 +28,7 @@ Simplifications, stated up front:
 - `--scale small` (the default) is the cut-down quickstart the slow CI test runs (64 prompts, one
   round unless a variant says otherwise: `--set seeds.limit=64 --set recipe.rounds=1`);
   `--scale full` keeps the quickstart's sizes.
-- Variants share steps: each run directory starts as a copy of the first variant's, and the
+- Variants share steps: each run directory starts as a copy of the first variant run's, and the
   executor skips every step whose content hash is unchanged (the round-0 evaluations and the
   first round's sampling are the same in all of them), so only what differs is recomputed.
 - HHH dev accuracy (`../shared/data/hhh_alignment_dev.jsonl`, 115 items, development split of
@@ -107,6 +107,7 @@ FORCED_REFUSAL = (
 )
 
 HARD_SFT = ("distill/train.sft.lr=1e-3", "distill/train.sft.epochs=3")
+RPO = ("distill/train.dpo.nll_weight=1.0",)  # Pang et al. 2024's weight, as TRL's rpo_alpha
 
 
 def variants(scale: str = "full") -> dict[str, Variant]:
@@ -176,6 +177,11 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # safe requests well enough for the goals (AUC 0.89), but answers nearly all of them.
         "+ red_team and safe prompts, forced refusals, LoRA on all linear layers, 1 DPO epoch": (
             balanced.but(*FORCED_REFUSAL, all_linear, "distill/train.dpo.epochs=1")
+        ),
+        # ... fitted harder and with DPO's chosen answers kept likely (RPO's NLL term): plain DPO
+        # widens the margins by making the forced refusals unlikely too, and answers again.
+        "+ red_team and safe prompts, forced refusals, LoRA on all linear layers, SFT lr 1e-3, 3 epochs, DPO + NLL": (
+            balanced.but(*FORCED_REFUSAL, all_linear, *HARD_SFT, *RPO)
         ),
         # RLCD's rule with a forced refusal: only ever rejected (pressure against over-refusal).
         "+ forced over-refusal pairs": hhh_only.but(
@@ -329,7 +335,9 @@ def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=("small", "full"), default="small")
-    ap.add_argument("--only", nargs="*", help="run only these variants (the first always runs)")
+    ap.add_argument(
+        "--only", nargs="*", help="run only these variants (the base row comes from the first)"
+    )
     ap.add_argument("--seeds", nargs="*", type=int, help="run every variant once per seed")
     ap.add_argument("--hhh-dev", type=Path, default=HHH_DEV, help="the HHH dev split (JSONL)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "efficacy")
@@ -343,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.only) - set(names)
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)}; choose from {names}")
-        names = [names[0], *(n for n in names[1:] if n in args.only)]
+        # Only these: a row that shares nothing with the first (other LoRA targets, so another
+        # model hash) would pay for the first's whole run and gain nothing from it.
+        names = [n for n in names if n in args.only]
     if not args.hhh_dev.is_file():
         ap.error(f"no HHH dev split at {args.hhh_dev} (--hhh-dev FILE)")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -345,8 +345,17 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A DPO loss of `DPO_LOSSES` on a batch of pairs, averaged over the pairs.
+
+    With `nll_weight` > 0 the chosen responses' mean per-token negative log-likelihood is added
+    (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization"):
+
+        L = L_dpo + nll_weight * mean_pairs(-log pi(y_w|x) / |y_w|)
+
+    DPO alone can raise the margin by lowering both responses, the chosen one too; the NLL term
+    keeps the chosen responses likely (e.g. a refusal the pairs prefer stays the greedy answer).
 
     Args:
         policy_chosen_logps: (B,) summed log-probs of the chosen responses under the policy.
@@ -358,6 +367,7 @@ def dpo_loss(
         label_smoothing: for the losses that take it (`LABEL_SMOOTHING`).
         chosen_tokens: (B,) response lengths; only IPO reads them (default: 1, no averaging).
         rejected_tokens: (B,) likewise.
+        nll_weight: weight of the RPO term (>= 0); needs `chosen_tokens` when > 0.
     Returns:
         (loss () mean over the batch, chosen_rewards (B,), rejected_rewards (B,)); the rewards are
         beta * log-ratios, detached.
@@ -372,4 +382,8 @@ def dpo_loss(
         ones if rejected_tokens is None else rejected_tokens,
     )
     losses = DPO_LOSSES[kind](scores, beta, label_smoothing)
+    if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("the NLL term needs chosen_tokens, the chosen responses' lengths")
+        losses = losses - nll_weight * policy_chosen_logps / chosen_tokens
     return losses.mean(), beta * chosen.detach(), beta * rejected.detach()

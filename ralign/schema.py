@@ -653,6 +653,12 @@ STEPS: dict[str, StepKind] = {
                 min=0,
                 max=0.49,
             ),
+            # No default: a recipe that does not set it keeps its plan hash.
+            "nll_weight": Attr(
+                NUMBER,
+                "weight of the chosen answers' per-token negative log-likelihood added to the loss, so DPO cannot lower them (RPO, Pang et al. 2024); unset: 0",
+                min=0,
+            ),
             **TRAINING,
         },
         inputs=_always("pairs", "policy", "reference"),

@@ -158,6 +158,18 @@ def test_lora_targets_keeps_the_recipes_adapter_on_other_layers(eff):
         eff.lora_targets(ROOT / "recipes" / "constitutional_sl.ralign", ["all-linear"])
 
 
+def test_the_rpo_row_adds_the_nll_term_to_the_fitted_all_linear_row(eff):
+    rows = eff.variants()
+    name = "+ red_team and safe prompts, forced refusals, LoRA on all linear layers"
+    rpo = _plan(rows[name + ", SFT lr 1e-3, 3 epochs, DPO + NLL"])
+    plain = _plan(rows[name])
+    assert rpo.step("r1/distill/train.dpo").params["nll_weight"] == 1.0
+    assert "nll_weight" not in plain.step("r1/distill/train.dpo").params
+    assert rpo.step("r1/distill/train.sft").params["lr"] == 1e-3
+    # the same sampled answers: a new row costs training and evaluations only
+    assert rpo.step("r1/sample/sample").hash == plain.step("r1/sample/sample").hash
+
+
 def test_mean_row_averages_each_figure_over_seeds(eff):
     def run(acc, harmful, dev, seconds, extra=None):
         after = {"hhh:acc": acc, "behavior:harmful_compliance_rate": harmful, **(extra or {})}

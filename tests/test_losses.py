@@ -178,6 +178,25 @@ def test_dpo_loss_passes_kind_smoothing_and_lengths():
     assert loss.item() == pytest.approx((-0.75 * LOG_3_4 + 0.25 * LOG_1_4) / 0.5)
 
 
+def test_dpo_loss_adds_the_chosen_per_token_nll():
+    """RPO (Pang et al. 2024): L_dpo + w * (-log pi(y_w|x) / |y_w|), averaged over pairs."""
+    t = lambda *x: torch.tensor(x, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    pc, pr = t(-2.0, -6.0), t(-3.0, -1.0)
+    # policy = reference: the sigmoid loss is log 2 per pair; NLL per token 2/4 and 6/2
+    loss, chosen_r, _ = dpo_loss(
+        pc, pr, t(-2.0, -6.0), t(-3.0, -1.0), 0.1,
+        chosen_tokens=torch.tensor([4.0, 2.0], dtype=torch.float64), nll_weight=0.5,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * (0.5 + 3.0) / 2, abs=1e-12)
+    assert chosen_r.tolist() == [0.0, 0.0]  # the rewards are the preference loss's alone
+    loss.backward()
+    # d/dpc_i = (-beta * sigmoid(0) - w / |y_w,i|) / B; the rejected side only sees DPO
+    assert pc.grad.tolist() == pytest.approx([(-0.05 - 0.125) / 2, (-0.05 - 0.25) / 2])
+    assert pr.grad.tolist() == pytest.approx([0.05 / 2, 0.05 / 2])
+    with pytest.raises(ValueError, match="needs chosen_tokens"):
+        dpo_loss(t(-1.0), t(-1.0), t(-1.0), t(-1.0), 0.1, nll_weight=1.0)
+
+
 # --- the fused LM head + log-softmax -------------------------------------------------------------
 
 # One position whose logits are (0, ln 3): hidden (1, 0) through a head whose rows are (0, 0) and

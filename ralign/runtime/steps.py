@@ -614,6 +614,7 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
         on_step=ctx.on_train_step(),
         loss=p.get("loss", "sigmoid"),
         label_smoothing=p.get("label_smoothing", 0.0),
+        nll_weight=p.get("nll_weight", 0.0),
         **training_controls(ctx),
     )
     ctx.save_policy(unsharded(model, ctx.accelerator), tok)

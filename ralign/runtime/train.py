@@ -846,6 +846,7 @@ class _DpoMicro:
     beta: float
     kind: str
     label_smoothing: float
+    nll_weight: float
 
     def __call__(self, policy: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, mask = batch_token_logps(policy, batch)
@@ -862,6 +863,7 @@ class _DpoMicro:
             label_smoothing=self.label_smoothing,
             chosen_tokens=chosen_tokens,
             rejected_tokens=rejected_tokens,
+            nll_weight=self.nll_weight,
         )
         return mean, {"chosen": chosen_rewards, "rejected": rejected_rewards}
 
@@ -882,6 +884,7 @@ def train_dpo(
     on_step: OnStep | None = None,
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
     grad_accum: int = 1,
     schedule: str = "constant",
     warmup: float | int = 0,
@@ -906,6 +909,8 @@ def train_dpo(
             the step's pairs.
         loss: a name in `ralign.losses.DPO_LOSSES`: "sigmoid", "ipo", "hinge" or "robust".
         label_smoothing: the robust loss's label flip rate, in [0, 0.5); 0 for the others.
+        nll_weight: weight (>= 0) of the chosen responses' per-token NLL added to the loss (RPO,
+            `ralign.losses.dpo_loss`); 0: the preference loss alone.
         grad_accum, schedule, warmup, weight_decay, max_grad_norm, gradient_checkpointing,
             precision: see `Controls`.
     Returns:
@@ -917,6 +922,8 @@ def train_dpo(
         grad_accum, schedule, warmup, weight_decay, max_grad_norm, gradient_checkpointing, precision
     )
     check_dpo_loss(loss, beta, label_smoothing)
+    if not (_number(nll_weight) and nll_weight >= 0):
+        raise RalignError(f"nll_weight must be a number >= 0, got {nll_weight!r}")
     if reference_model is None and not is_peft(model):
         raise RalignError("DPO needs a reference model unless the policy is a LoRA (peft) model")
     rows = encode_pairs(tokenizer, pairs, max_length)
@@ -937,7 +944,7 @@ def train_dpo(
             model, loader, lr=lr, epochs=epochs, controls=controls, accelerator=accelerator
         )
         with _seeded(seed, device), _mode(run.model, dropout=False):
-            micro = _DpoMicro(ref_chosen, ref_rejected, beta, loss, label_smoothing)
+            micro = _DpoMicro(ref_chosen, ref_rejected, beta, loss, label_smoothing, nll_weight)
             history = _loop(run, epochs, micro, _pairs_in, _reward_stats, on_step)
     last_epoch = [h for h in history if h["epoch"] == epochs - 1]
     rewards = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
