@@ -168,6 +168,12 @@ def test_the_rpo_row_adds_the_nll_term_to_the_fitted_all_linear_row(eff):
     assert rpo.step("r1/distill/train.sft").params["lr"] == 1e-3
     # the same sampled answers: a new row costs training and evaluations only
     assert rpo.step("r1/sample/sample").hash == plain.step("r1/sample/sample").hash
+    # recipes/balanced_hhh.ralign is this row, minus its red-team evaluation: what the row
+    # measured is what the shipped recipe does
+    shipped = compile_file(ROOT / "recipes" / "balanced_hhh.ralign")
+    assert {s.id: s.hash for s in shipped.steps} == {
+        s.id: s.hash for s in rpo.steps if "red_team" not in s.id
+    }
 
 
 def test_mean_row_averages_each_figure_over_seeds(eff):
