@@ -1,12 +1,13 @@
-"""Efficacy: what each ingredient of the quickstart does to SmolLM2-135M-Instruct, one table.
+"""Efficacy: what each ingredient of a recipe does to SmolLM2-135M-Instruct, one table.
 
 Usage: python bench/efficacy.py [--scale small|full] [--only NAME ...] [--seeds N ...]
                                 [--hhh-dev FILE] [--out bench/results]
 
-Every variant is the quickstart recipe (`recipes/quickstart.ralign`: one round; answers sampled
-with a careful-assistant `context`; scored by the std/hhh rules; SFT on good best answers, then
-DPO on clearly different pairs) with one thing changed, run with `ralign execute` on the same
-model, seed, prompts and generation budget:
+Every variant is the rules, SFT+DPO recipe (the quickstart until 2026-12-05,
+`bench/recipes/efficacy_quickstart.ralign`: one round; answers sampled with a careful-assistant
+`context`; scored by the std/hhh rules; SFT on good best answers, then DPO on clearly different
+pairs) with one or more things changed, run with `ralign execute` on the same model, seed and
+prompts; the first row is today's `recipes/quickstart.ralign` (the same step hashes: a test):
 
 - base: the model before any training (the round-0 evaluations every run shares);
 - self-ranking only: the policy ranks its own answers listwise (two orders) instead of the rules;
@@ -18,16 +19,16 @@ model, seed, prompts and generation budget:
 
 Simplifications, stated up front:
 - Each variant is a recipe file in bench/recipes/ and `--set` overrides (recorded in its run's
-  plan.json): efficacy_quickstart.ralign is the quickstart plus one evaluation (below); a change
-  of steps has its own file (efficacy_rank, _sft_only, _dpo_only, _no_context); a change of an
-  attribute is an override (LoRA targets, rounds, seed, scale). A test checks that every step a
-  variant shares with recipes/quickstart.ralign is the quickstart's own (same content hash).
+  plan.json): efficacy_quickstart.ralign is the old quickstart plus one evaluation (below); a
+  change of steps has its own file (efficacy_rank, _sft_only, _dpo_only, _no_context); a change of
+  an attribute is an override (LoRA targets, rounds, seed, scale). A test checks that every step a
+  variant file shares with efficacy_quickstart.ralign is the same (same content hash).
 - Every variant also measures harmful compliance on the 24 held-out requests of
   `ralign:seeds/red_team` (`evaluate red_team`), since 16 make each answer worth 6 points; before
   the variants were files this evaluation was added at small scale only.
-- `--scale small` (the default) is the cut-down quickstart the slow CI test runs (64 prompts, one
-  round unless a variant says otherwise: `--set seeds.limit=64 --set recipe.rounds=1`);
-  `--scale full` keeps the quickstart's sizes.
+- `--scale small` (the default) cuts every variant down (64 prompts, one round unless a variant
+  says otherwise: `--set seeds.limit=64 --set recipe.rounds=1`); the slow CI test runs the
+  quickstart's row so; `--scale full` keeps the recipes' sizes.
 - Variants share steps: each run directory starts as a copy of the first variant run's, and the
   executor skips every step whose content hash is unchanged (the round-0 evaluations and the
   first round's sampling are the same in all of them), so only what differs is recomputed.
@@ -108,10 +109,28 @@ FORCED_REFUSAL = (
 
 HARD_SFT = ("distill/train.sft.lr=1e-3", "distill/train.sft.epochs=3")
 RPO = ("distill/train.dpo.nll_weight=1.0",)  # Pang et al. 2024's weight, as TRL's rpo_alpha
+# recipes/quickstart.ralign since 2026-12-05, on top of efficacy_dpo_only.ralign: two answers and a
+# forced refusal per balanced prompt, pairs from a margin of 0.75 (an answer over a refusal to a
+# harmless request scores ~0.9 higher, which a margin of 1 dropped), DPO + NLL on all-linear LoRA.
+QUICKSTART_SETS = (
+    f"seeds.path={literal(BALANCED)}",
+    *FORCED_REFUSAL,
+    "sample/sample.per_prompt=2",
+    "sample/sample.max_new_tokens=16",
+    "distill/pairs.min_margin=0.75",
+    "distill/train.dpo.lr=5e-4",
+    "distill/train.dpo.epochs=2",
+    *RPO,
+    "hhh.ab=false",  # the A/B question is more than half of hhh-mini's time, and noise at 135M
+)
+
+
+QUICKSTART_ROW = "quickstart (balanced prompts, forced refusals, DPO + NLL)"
+BASE_ROW = "rules, SFT+DPO (the quickstart until 2026-12-05)"  # what the other rows change
 
 
 def variants(scale: str = "full") -> dict[str, Variant]:
-    """Name -> variant. The first one is run first and seeds the others' run directories.
+    """Name -> variant, today's quickstart first, then the base the other rows change.
 
     Scores on other scales keep the quickstart's thresholds meaningful: a listwise rank is
     min-max normalised per prompt (best 1, worst 0), and `agree` is a weighted sum of
@@ -126,7 +145,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     hhh_only = red_team.but(f"seeds.path={literal(['ralign:seeds/hhh'])}")  # the quickstart's
     all_linear = lora_targets(BASE, ["all-linear"])  # compiles BASE: once, not per row
     return {
-        "quickstart (rules, SFT+DPO)": base,
+        QUICKSTART_ROW: Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
+            *QUICKSTART_SETS, lora_targets(BASE, ["all-linear"])
+        ),
+        BASE_ROW: base,
         "self-ranking only": ranked,
         "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),
         "contrast judge only": contrast,
@@ -324,11 +346,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
     """The finished run a variant's directory starts as a copy of (same seed): `N rounds` starts
-    from `N-1 rounds` (its first N-1 rounds are the same steps), anything else from the first variant."""
+    from `N-1 rounds` (its first N-1 rounds are the same steps), anything else from the base row
+    when it ran (most rows change it), else from the first variant."""
     count, _, unit = name.partition(" ")
     fewer = f"{int(count) - 1} rounds" if unit == "rounds" and count.isdigit() else None
     if fewer in done:
         return done[fewer]
+    if BASE_ROW in done:
+        return done[BASE_ROW]
     return next(iter(done.values()), None)
 
 

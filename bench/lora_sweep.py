@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))  # bench/ is scripts, not a package
 import efficacy as eff  # noqa: E402
 from common import execute_command, slug  # noqa: E402
 
-QUICKSTART = eff.QUICKSTART
+QUICKSTART = eff.BASE  # the rules, SFT+DPO quickstart (until 2026-12-05) this sweep measured
 
 
 def variants() -> dict[str, tuple[str, ...]]:
@@ -42,7 +42,7 @@ def variants() -> dict[str, tuple[str, ...]]:
         return (*al, f"distill/train.sft.lr={sft}", f"distill/train.dpo.lr={dpo}")
 
     return {
-        "q,v (the quickstart)": base,
+        "q,v (the quickstart until 2026-12-05)": base,
         "all linear": al,
         "all linear, DPO lr 5e-5": lrs("2e-4", "5e-5"),
         "all linear, SFT 1e-4, DPO 1e-4": lrs("1e-4", "1e-4"),

@@ -147,16 +147,18 @@ SMOKE = Settings(
 # ---- what each arm runs: a recipe file and `--set` overrides -----------------------------------
 
 
+# The quickstart skips hhh-mini's A/B question (half its evaluation time); every arm here asks it.
+SAME_EVALS = ("hhh.ab=true",)
+
+
 def smoke_quickstart(model_dir: Path, s: Settings) -> tuple[str, ...]:
-    """The quickstart on a tiny model: 4 prompts, 2 answers of 8 tokens, thresholds a random model
-    can pass, one epoch, evaluations cut to a few items."""
+    """The quickstart on a tiny model: 4 prompts, 2 answers of 8 tokens (and a forced refusal), a
+    threshold a random model can pass, one epoch, evaluations cut to a few items."""
     return (
         f"policy.path={literal(str(model_dir))}",
         f"seeds.limit={s.train_prompts}",
         f"sample/sample.per_prompt={s.num_generations}",
         f"sample/sample.max_new_tokens={s.max_completion_length}",
-        "distill/train.sft.min_score=-100",
-        "distill/train.sft.epochs=1",
         "distill/pairs.min_margin=0.0",
         "distill/train.dpo.epochs=1",
         f"hhh.limit={s.hhh_mini_limit}",
@@ -982,9 +984,9 @@ def run(args: argparse.Namespace, s: Settings) -> int:
         from ralign.runtime.tiny import build_tiny_model
 
         model = str(build_tiny_model("llama", work / "tiny-llama"))
-        sets = smoke_quickstart(Path(model), s)
+        sets = (*smoke_quickstart(Path(model), s), *SAME_EVALS)
     else:
-        model, sets = MODEL, ()
+        model, sets = MODEL, SAME_EVALS
     given = args.quickstart_run is not None
     roots = (ROOT, work)  # the tiny model lies in the work folder
     ctx = Context(

@@ -152,7 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dtype = "float32" if acc.device.type == "cpu" else "bfloat16"
     model, tok = load_model(ModelSpec(path=args.model, dtype=dtype), acc.device)
     model.eval()
-    result = run_eval(args.task, model, tok, eval_items(args.task, file, args.limit))
+    items = eval_items(args.task, file, args.limit)
+    result = run_eval(args.task, model, tok, items, batch_size=args.batch_size)
     figures = [(k, f"{v:.4f}") for k, v in sorted(flatten_eval(result).items())]
     print(text_table(["metric", "value"], figures, rule=False))
     if args.output:
@@ -252,13 +253,27 @@ def _show_args(sh: argparse.ArgumentParser) -> None:
     )
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _eval_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--model", required=True, help="hub id, local folder, or ralign:smollm2-135m")
     v.add_argument(
         "--data", required=True, help="a file, hf:..., or ralign:evals/hhh-mini / ralign:seeds/hhh"
     )
     v.add_argument("--task", choices=("hhh", "behavior"), default="hhh")
-    v.add_argument("--limit", type=int)
+    v.add_argument("--limit", type=_at_least_one, help="only the first LIMIT items")
+    v.add_argument(
+        "--batch-size", type=_at_least_one, default=32, help="items per forward pass (default 32)"
+    )
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("-o", "--output", help="write the results as JSON here")
 

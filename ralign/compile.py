@@ -71,9 +71,9 @@ def check_file(
 
 @_no_cycle_collection
 def compile_file(
-    path: Path,
-    roots: tuple[Path, ...] = (),
-    plan_path: Path | None = None,
+    path: str | os.PathLike[str],
+    roots: tuple[str | os.PathLike[str], ...] = (),
+    plan_path: str | os.PathLike[str] | None = None,
     parser_kind: str = "lalr",
     sets: tuple[str, ...] = (),
     smoke: bool = False,
@@ -88,11 +88,12 @@ def compile_file(
         sets: `--set TARGET.ATTR=VALUE` overrides, recorded in the plan.
         smoke: shrink every count, answer and epoch for a quick trial run (`--smoke`).
     """
-    loaded, flags = _loaded(path, roots, sets, smoke, parser_kind)
+    recipe = Path(path)
+    loaded, flags = _loaded(recipe, tuple(Path(r) for r in roots), sets, smoke, parser_kind)
     plan = lower(check(loaded))
     if flags:
         plan = with_hashes(replace(plan, overrides=flags))
     if plan_path is not None:
-        rel = os.path.relpath(path.resolve().parent, plan_path.resolve().parent)
+        rel = os.path.relpath(recipe.resolve().parent, Path(plan_path).resolve().parent)
         plan = replace(plan, recipe_dir=Path(rel).as_posix())
     return plan

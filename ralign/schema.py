@@ -149,9 +149,16 @@ DECLS: dict[str, Block] = {
             ),
             "every": Attr(STRING, "when to run", "round", choices=("round", "end")),
             "limit": Attr(INT, "evaluate at most this many items", min=1),
-            "batch_size": Attr(INT, "items per forward pass", 16, min=1),
+            "batch_size": Attr(
+                INT, "items per forward pass (generating: answers per batch)", 32, min=1
+            ),
             "max_new_tokens": Attr(
                 INT, "answer length for generating evaluations (behavior)", 64, min=1
+            ),
+            "ab": Attr(
+                BOOL,
+                "hhh: also ask the model which reply is better, in both orders (`ab_acc`); more than half the evaluation's time",
+                True,
             ),
             "reward": Attr(
                 EXPR_NUMBER,

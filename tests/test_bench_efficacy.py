@@ -41,6 +41,9 @@ def test_more_rounds_start_from_fewer_rounds_of_the_same_seed(eff, tmp_path):
     assert eff.seeded_from("3 rounds", {"quickstart": first}) == first
     assert eff.seeded_from("3 rounds", {"quickstart": first, "2 rounds": two}) == two
     assert eff.seeded_from("2 rounds", {"quickstart": first, "2 rounds": two}) == first
+    # the rows that change the base start from it, not from the quickstart before it
+    base = tmp_path / "base"
+    assert eff.seeded_from("SFT only", {"quickstart": first, eff.BASE_ROW: base}) == base
 
 
 def _plan(variant):
@@ -48,7 +51,7 @@ def _plan(variant):
 
 
 def test_with_seed_sets_the_recipe_seed_and_nothing_else(eff):
-    first = eff.variants()["quickstart (rules, SFT+DPO)"]
+    first = eff.variants()[eff.QUICKSTART_ROW]
     assert eff.with_seed(first, None) == first
     seeded = eff.with_seed(first, 11)
     assert seeded.sets == (*first.sets, "recipe.seed=11")
@@ -68,18 +71,16 @@ def test_every_variant_compiles_and_changes_the_plan(eff, scale):
         assert plan.datasets["seeds"].get("limit") == (64 if scale == "small" else None), name
 
 
-# Steps of each variant file that are the quickstart's own: the same content hash means the same
-# parameters, templates, rewards, inputs and seed. Everything downstream of what a variant changes
-# differs, by design.
-SAME_AS_QUICKSTART = {
-    "efficacy_quickstart.ralign": ["sample/sample", "judge/score", "distill/train.sft"]
-    + ["distill/pairs", "distill/train.dpo", "evaluate/hhh", "evaluate/behavior"],
+# Steps of each variant file that are the base's own (efficacy_quickstart.ralign, the quickstart
+# until 2026-12-05): the same content hash means the same parameters, templates, rewards, inputs
+# and seed. Everything downstream of what a variant changes differs, by design.
+SAME_AS_BASE = {
     "efficacy_rank.ralign": ["sample/sample"],
     "efficacy_sft_only.ralign": ["sample/sample", "judge/score", "distill/train.sft"],
     "efficacy_dpo_only.ralign": ["sample/sample", "judge/score", "distill/pairs"],
     "efficacy_no_context.ralign": [],
 }
-# What a variant changes in the quickstart's steps: a step gone, a new one, or attributes set to
+# What a variant changes in the base's steps: a step gone, a new one, or attributes set to
 # another value (None: absent). Every other step keeps its parameters (its inputs may differ).
 CHANGED = {
     "efficacy_rank.ralign": {"judge/rank.quality": "new"},  # and `score { total = quality }`
@@ -100,28 +101,28 @@ def _params(plan, step):
     }
 
 
-@pytest.mark.parametrize("file", sorted(SAME_AS_QUICKSTART))
-def test_variant_files_are_the_quickstart_but_for_their_change(eff, file):
-    """bench/recipes/efficacy_*.ralign copy recipes/quickstart.ralign: a change there must be made
-    there too, or this fails."""
+@pytest.mark.parametrize("file", sorted(SAME_AS_BASE))
+def test_variant_files_are_the_base_but_for_their_change(eff, file):
+    """bench/recipes/efficacy_*.ralign copy efficacy_quickstart.ralign: a change there must be
+    made in them too, or this fails."""
     path = eff.RECIPES / file
     assert path.is_file()
-    quickstart, plan = compile_file(eff.QUICKSTART), compile_file(path)
+    quickstart, plan = compile_file(eff.BASE), compile_file(path)
     assert (plan.seed, plan.rounds, plan.policy) == (quickstart.seed, quickstart.rounds, "policy")
     assert plan.models == quickstart.models and plan.datasets == quickstart.datasets
 
     def evaluations(plan):  # by name, without their source lines
         return {e["name"]: {k: v for k, v in e.items() if k != "line"} for e in plan.evaluations}
 
-    ours_evals = evaluations(plan)
-    red_team = ours_evals.pop("red_team")
-    assert ours_evals == evaluations(quickstart)
+    ours_evals, base_evals = evaluations(plan), evaluations(quickstart)
+    assert ours_evals == base_evals
+    red_team = ours_evals["red_team"]
     assert (red_team["task"], red_team["data"]["path"]) == ("behavior", "ralign:seeds/red_team")
-    ours = {s.id: s for s in plan.steps if s.name != "red_team"}
+    ours = {s.id: s for s in plan.steps}
     theirs = {s.id: s for s in quickstart.steps}
     # Round 0 evaluates the untrained model: the same in every variant.
-    same = [f"r0/{i}" for i in ("evaluate/hhh", "evaluate/behavior")]
-    same += [f"r1/{i}" for i in SAME_AS_QUICKSTART[file]]
+    same = [f"r0/{i}" for i in ("evaluate/hhh", "evaluate/behavior", "evaluate/red_team")]
+    same += [f"r1/{i}" for i in SAME_AS_BASE[file]]
     assert {i: ours[i].hash for i in same} == {i: theirs[i].hash for i in same}
     changed = CHANGED.get(file, {})
     for i, s in theirs.items():
@@ -134,6 +135,18 @@ def test_variant_files_are_the_quickstart_but_for_their_change(eff, file):
     assert {i.split("/", 1)[1] for i in ours} - {i.split("/", 1)[1] for i in theirs} == {
         k for k, v in changed.items() if v == "new"
     }
+
+
+def test_the_quickstart_row_is_the_shipped_quickstart(eff):
+    """What the first row measures is what recipes/quickstart.ralign does: the same steps and
+    hashes, but for the row's red-team evaluation."""
+    row = _plan(eff.variants()[eff.QUICKSTART_ROW])
+    shipped = compile_file(eff.QUICKSTART)
+    assert {s.id: s.hash for s in shipped.steps} == {
+        s.id: s.hash for s in row.steps if "red_team" not in s.id
+    }
+    assert not any(s.kind == "train sft" for s in shipped.steps)
+    assert row.step("r1/distill/train.dpo").params["nll_weight"] == 1.0
 
 
 def test_self_ranking_rows_score_by_the_rank(eff):
@@ -205,4 +218,4 @@ def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
         }.get(name, {"sft": 2e-4, "dpo": 2e-4})
     # Every all-linear row answers the same samples; the q,v row has its own model, so its own.
     assert len({h for n, h in samples.items() if n.startswith("all linear")}) == 1
-    assert samples["q,v (the quickstart)"] != samples["all linear"]
+    assert samples["q,v (the quickstart until 2026-12-05)"] != samples["all linear"]

@@ -269,3 +269,25 @@ def test_round_kinds_are_the_schemas():
     module = bench_module("round", "bench_round")
     assert set(module.KINDS) == {name.split()[0] for name in STEPS}
     assert module.family("train dpo") == "train" and module.KINDS[-1] == "evaluate"
+
+
+def test_eval_batch_times_every_size_against_16(tmp_path):
+    data, printed = run_bench(
+        "eval_batch",
+        tmp_path,
+        "--model",
+        "ralign:tiny-llama",
+        "--prompts",
+        "6",
+        "--batch-sizes",
+        "4",
+        "16",
+        "--max-new-tokens",
+        "4",
+    )
+    check_header(data)
+    rows = {r["batch_size"]: r for r in data["rows"]}
+    assert sorted(rows) == [4, 16]
+    assert rows[16]["speedup_vs_16"] == 1.0 and rows[16]["same_answers_as_16"] == 6
+    assert 0 <= rows[4]["same_answers_as_16"] <= 6 and rows[4]["seconds"] > 0
+    assert "x1.00 vs 16" in printed

@@ -96,8 +96,7 @@ def test_smoke_quickstart_overrides_compile(tmp_path):
     assert by_kind["sample"].params["per_prompt"] == 2
     assert by_kind["sample"].params["max_new_tokens"] == 8
     assert by_kind["sample"].params["temperature"] == 0.8  # untouched
-    assert by_kind["train sft"].params["min_score"] == -100
-    assert by_kind["train sft"].params["lr"] == full["r1/distill/train.sft"].params["lr"]
+    assert by_kind["train dpo"].params["lr"] == full["r1/distill/train.dpo"].params["lr"]
     assert by_kind["pairs"].params["min_margin"] == 0.0
     assert by_kind["train dpo"].params["epochs"] == 1
     evals = {s.name: s.params for s in plan.steps if s.kind == "evaluate"}

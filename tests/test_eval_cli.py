@@ -44,3 +44,11 @@ def test_eval_command_names_a_missing_data_file(tmp_path: Path) -> None:
     run = ralign_eval("--data", str(tmp_path / "nope.jsonl"))
     assert run.returncode == 2
     assert "nope.jsonl" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--limit"])
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_eval_command_rejects_a_count_below_one(flag: str, value: str) -> None:
+    run = ralign_eval("--data", "ralign:evals/hhh-mini", flag, value)
+    assert run.returncode == 2
+    assert flag in run.stderr and "Traceback" not in run.stderr

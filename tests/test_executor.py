@@ -246,6 +246,25 @@ def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     assert "reward" not in step.params and "records" not in result
 
 
+@pytest.mark.parametrize("ab", [True, False])
+def test_an_hhh_evaluation_asks_the_ab_question_unless_told_not_to(ab, tmp_path):
+    recipe = tmp_path / "eval.ralign"
+    recipe.write_text(
+        'recipe "eval-only" { rounds = 1, seed = 7 }\n'
+        'model policy { path = "ralign:tiny-llama" }\n'
+        'evaluate hhh { data = "ralign:evals/hhh-mini", limit = 4, every = "end", '
+        f"ab = {str(ab).lower()} }}\n",
+        encoding="utf-8",
+    )
+    plan_file = tmp_path / "plan.json"
+    plan = compile_plan(recipe, plan_file)
+    execute_here(plan_file, tmp_path / "run")
+    for step in plan.steps:
+        result = json.loads((step_folder(tmp_path / "run", step) / "result.json").read_text())
+        assert result["n"] == 4 and "acc_norm" in result
+        assert ("ab_acc" in result) is ab
+
+
 def test_a_behavior_evaluation_scored_by_older_detectors_is_rescored_not_rerun(
     finished, tmp_path, capsys
 ):

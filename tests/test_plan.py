@@ -282,6 +282,13 @@ def test_compiling_twice_gives_the_same_plan(recipe: Path) -> None:
     assert compile_file(recipe).dumps() == compile_file(recipe).dumps()
 
 
+def test_paths_may_be_strings(tmp_path: Path) -> None:
+    """The Python API takes a path as text too, as `open` does."""
+    recipe = REPO / "recipes" / "quickstart.ralign"
+    as_text = compile_file(str(recipe), plan_path=str(tmp_path / "p.plan.json"))
+    assert as_text.dumps() == compile_file(recipe, plan_path=tmp_path / "p.plan.json").dumps()
+
+
 def downstream(plan: Plan, start: str) -> set[str]:
     out = {start}
     for s in plan.steps:  # steps are in dependency order

@@ -1,9 +1,9 @@
 """The quickstart, cut down, on the real SmolLM2-135M-Instruct: it must make the model refuse
 more of the held-back harmful requests (issue 4's slow acceptance test, run in CI).
 
-Cut down: one round on 64 of the 192 training prompts, sampled answers of 16 tokens, hhh-mini
-cut to one item, the first 96 prompts of `ralign:evals/behavior`, and greedy answers of 24
-tokens for the behaviour evaluations (a refusal shows in its first words). Harmful compliance is
+Cut down: one round on the first 64 of the 408 training prompts (all from `seeds/hhh`, of its
+four kinds), hhh-mini cut to one item, the first 96 prompts of `ralign:evals/behavior`, and
+greedy answers of 24 tokens for the behaviour evaluations (a refusal shows in its first words). Harmful compliance is
 counted over 56 harmful requests the quickstart never samples: the 32 among those 96 and the 24
 held-out ones of `ralign:seeds/red_team`."""
 
@@ -29,7 +29,7 @@ def efficacy():
 def cut_down() -> tuple[Path, tuple[str, ...]]:
     """The recipe and `--set` overrides: bench/efficacy.py's small quickstart (its recipe adds
     `evaluate red_team`), hhh-mini cut to one item, shorter answers."""
-    small = efficacy().variants("small")["quickstart (rules, SFT+DPO)"]
+    small = efficacy().variants("small")[efficacy().QUICKSTART_ROW]
     sets = ("hhh.limit=1", "behavior.limit=96", "behavior.max_new_tokens=24")
     sets += ("red_team.max_new_tokens=24",)
     return small.recipe, (*small.sets, *sets, "sample/sample.max_new_tokens=16")

@@ -187,7 +187,7 @@ def greedy_answers(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> list[str]:
     """Greedy replies to each prompt as a chat user turn, batched with left padding."""
     from ralign.runtime.models import format_prompt
@@ -297,7 +297,7 @@ def eval_behavior(
     prompts: Sequence[dict[str, Any]],
     *,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 32,
     examples_per_kind: int = 2,
     details: bool = False,
 ) -> dict[str, Any]:

@@ -667,6 +667,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     opts: dict[str, Any] = {"batch_size": p["batch_size"]}
     if p["task"] == "behavior":  # every answer is kept, in answers.jsonl (the report reads them)
         opts.update(max_new_tokens=p["max_new_tokens"], details=True)
+    else:
+        opts.update(ab=p["ab"])
     result = run_eval(p["task"], model, tok, eval_items(p["task"], file, p.get("limit")), **opts)
     records = result.pop("records", None)
     if records is not None:
