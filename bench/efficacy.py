@@ -146,7 +146,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     all_linear = lora_targets(BASE, ["all-linear"])  # compiles BASE: once, not per row
     return {
         QUICKSTART_ROW: Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
-            *QUICKSTART_SETS, lora_targets(BASE, ["all-linear"])
+            *QUICKSTART_SETS, all_linear
         ),
         BASE_ROW: base,
         "self-ranking only": ranked,
