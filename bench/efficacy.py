@@ -33,7 +33,8 @@ Simplifications, stated up front:
   executor skips every step whose content hash is unchanged (the round-0 evaluations and the
   first round's sampling are the same in all of them), so only what differs is recomputed.
 - HHH dev accuracy (`../shared/data/hhh_alignment_dev.jsonl`, 115 items, development split of
-  BIG-bench hhh_alignment; never trained on) is measured with `ralign eval` on each `final/`.
+  BIG-bench hhh_alignment; never trained on) is measured with `ralign eval --no-ab` on each
+  `final/` (acc and acc_norm; runs before 2026-12-05 also asked the A/B question).
 - One seed by default: with 16 held-out prompts per kind, one prompt moves a behavior rate by
   0.0625, so differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
   `--seeds 7 8 9` runs every variant once per seed (`--set recipe.seed=N`, which drives sampling
@@ -68,6 +69,9 @@ RECIPES = HERE / "recipes"
 BASE = RECIPES / "efficacy_quickstart.ralign"  # the quickstart plus `evaluate red_team`
 HHH_DEV = ROOT.parent / "shared" / "data" / "hhh_alignment_dev.jsonl"
 DEV_RESULT = "hhh_dev.json"  # a run directory's HHH dev evaluation of its final/
+# acc and acc_norm only: the A/B question took most of the 7-9 min a model (2026-12-05), and at
+# 135M it is position noise (it answers "A" in either order).
+DEV_FLAGS = ("--no-ab",)
 SMALL = ("recipe.rounds=1", "seeds.limit=64")  # --scale small: one round on 64 prompts
 AGREE = "agree(quality, hhh.helpful, hhh.honest, hhh.harmless)"
 BALANCED = ["ralign:seeds/hhh", "ralign:seeds/red_team", "ralign:seeds/safe"]
@@ -127,6 +131,15 @@ QUICKSTART_SETS = (
 
 QUICKSTART_ROW = "quickstart (balanced prompts, forced refusals, DPO + NLL)"
 BASE_ROW = "rules, SFT+DPO (the quickstart until 2026-12-05)"  # what the other rows change
+QUICKSTART_2_ROUNDS = "quickstart, 2 rounds"
+QUICKSTART_ROUNDS = "quickstart, 3 rounds"
+QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
+# A row whose first steps are other rows' starts as a copy of the first of them that ran.
+STARTS_FROM = {
+    QUICKSTART_2_ROUNDS: (QUICKSTART_ROUNDS, QUICKSTART_ROW),  # a 3-round run has all its steps
+    QUICKSTART_ROUNDS: (QUICKSTART_2_ROUNDS, QUICKSTART_ROW),
+    QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
+}
 
 
 def variants(scale: str = "full") -> dict[str, Variant]:
@@ -144,9 +157,20 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     balanced = red_team.but(f"seeds.path={literal(BALANCED)}")
     hhh_only = red_team.but(f"seeds.path={literal(['ralign:seeds/hhh'])}")  # the quickstart's
     all_linear = lora_targets(BASE, ["all-linear"])  # compiles BASE: once, not per row
+    quickstart = Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
+        *QUICKSTART_SETS, all_linear
+    )
     return {
-        QUICKSTART_ROW: Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
-            *QUICKSTART_SETS, all_linear
+        QUICKSTART_ROW: quickstart,
+        # Today's quickstart for two and three rounds, each round's policy sampling the next,
+        # behaviour measured after every round (their first round is the row above: the same
+        # steps). Later rounds refused more (docs/results.md, 2026-12-05 night).
+        QUICKSTART_2_ROUNDS: quickstart.but("recipe.rounds=2", 'behavior.every="round"'),
+        QUICKSTART_ROUNDS: quickstart.but("recipe.rounds=3", 'behavior.every="round"'),
+        # The same three rounds with the policy's own contrast judgement ranking the answers the
+        # rules do not refuse (its first sampling is the quickstart's).
+        QUICKSTART_CONTRAST: Variant(RECIPES / "efficacy_quickstart_contrast.ralign", sized).but(
+            "recipe.rounds=3"
         ),
         BASE_ROW: base,
         "self-ranking only": ranked,
@@ -271,7 +295,16 @@ def run_variant(
     seconds = time.perf_counter() - started
     dev = run_dir / DEV_RESULT
     if not dev.is_file():
-        ralign("eval", "--model", str(run_dir / "final"), "--data", str(hhh_dev), "-o", str(dev))
+        ralign(
+            "eval",
+            "--model",
+            str(run_dir / "final"),
+            "--data",
+            str(hhh_dev),
+            *DEV_FLAGS,
+            "-o",
+            str(dev),
+        )
     rows = eval_rows(run_dir)
     return {
         "name": name,
@@ -345,9 +378,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
-    """The finished run a variant's directory starts as a copy of (same seed): `N rounds` starts
-    from `N-1 rounds` (its first N-1 rounds are the same steps), anything else from the base row
-    when it ran (most rows change it), else from the first variant."""
+    """The finished run a variant's directory starts as a copy of (same seed): the row STARTS_FROM
+    names, `N rounds` from `N-1 rounds` (its first N-1 rounds are the same steps), anything else
+    from the base row when it ran (most rows change it), else from the first variant."""
+    for row in STARTS_FROM.get(name, ()):
+        if row in done:
+            return done[row]
     count, _, unit = name.partition(" ")
     fewer = f"{int(count) - 1} rounds" if unit == "rounds" and count.isdigit() else None
     if fewer in done:
@@ -402,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ralign:smollm2-135m",
                     "--data",
                     str(args.hhh_dev),
+                    *DEV_FLAGS,
                     "-o",
                     str(base_dev),
                 )

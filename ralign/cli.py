@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ralign import __version__
 from ralign.errors import RalignError, UsageError
@@ -153,7 +154,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_model(ModelSpec(path=args.model, dtype=dtype), acc.device)
     model.eval()
     items = eval_items(args.task, file, args.limit)
-    result = run_eval(args.task, model, tok, items, batch_size=args.batch_size)
+    opts: dict[str, Any] = {"batch_size": args.batch_size}
+    if args.task == "behavior":
+        if args.no_ab:
+            raise UsageError("--no-ab applies to --task hhh only")
+        opts.update(max_new_tokens=args.max_new_tokens, details=args.answers)
+    elif args.answers or args.max_new_tokens != BEHAVIOR_TOKENS:
+        raise UsageError("--max-new-tokens and --answers apply to --task behavior only")
+    else:
+        opts["ab"] = not args.no_ab
+    result = run_eval(args.task, model, tok, items, **opts)
     figures = [(k, f"{v:.4f}") for k, v in sorted(flatten_eval(result).items())]
     print(text_table(["metric", "value"], figures, rule=False))
     if args.output:
@@ -253,6 +263,9 @@ def _show_args(sh: argparse.ArgumentParser) -> None:
     )
 
 
+BEHAVIOR_TOKENS = 64  # `ralign eval --task behavior`'s answer length, as eval_behavior's
+
+
 def _at_least_one(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:
@@ -273,6 +286,22 @@ def _eval_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--limit", type=_at_least_one, help="only the first LIMIT items")
     v.add_argument(
         "--batch-size", type=_at_least_one, default=32, help="items per forward pass (default 32)"
+    )
+    v.add_argument(
+        "--max-new-tokens",
+        type=_at_least_one,
+        default=BEHAVIOR_TOKENS,
+        help=f"behavior: longest answer, in tokens (default {BEHAVIOR_TOKENS})",
+    )
+    v.add_argument(
+        "--no-ab",
+        action="store_true",
+        help="hhh: skip the A/B question (acc and acc_norm only; well over half the time)",
+    )
+    v.add_argument(
+        "--answers",
+        action="store_true",
+        help="behavior: keep every answer and its verdicts in the JSON (`records`)",
     )
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     v.add_argument("-o", "--output", help="write the results as JSON here")

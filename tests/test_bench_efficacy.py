@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import bench_module
 
+from ralign import ir
 from ralign.compile import compile_file
+from ralign.ir import Var
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,32 @@ def test_more_rounds_start_from_fewer_rounds_of_the_same_seed(eff, tmp_path):
     # the rows that change the base start from it, not from the quickstart before it
     base = tmp_path / "base"
     assert eff.seeded_from("SFT only", {"quickstart": first, eff.BASE_ROW: base}) == base
+    # today's quickstart for more rounds starts from its other-round rows, not from the base
+    two, three = tmp_path / "two", tmp_path / "three"
+    done = {eff.QUICKSTART_ROW: first, eff.BASE_ROW: base}
+    assert eff.seeded_from(eff.QUICKSTART_ROUNDS, done) == first
+    assert eff.seeded_from(eff.QUICKSTART_ROUNDS, {**done, eff.QUICKSTART_2_ROUNDS: two}) == two
+    assert eff.seeded_from(eff.QUICKSTART_2_ROUNDS, {**done, eff.QUICKSTART_ROUNDS: three}) == three
+    assert eff.seeded_from(eff.QUICKSTART_ROUNDS, {eff.BASE_ROW: base}) == base
+
+
+def test_quickstart_rounds_rows_share_their_first_rounds(eff):
+    """The 2- and 3-round rows are the quickstart row's steps, round for round, so each starts
+    from another's run and computes only its later rounds."""
+    rows = eff.variants()
+    plans = [
+        _plan(rows[n]) for n in (eff.QUICKSTART_ROW, eff.QUICKSTART_2_ROUNDS, eff.QUICKSTART_ROUNDS)
+    ]
+    assert [p.rounds for p in plans] == [1, 2, 3]
+
+    def trained(plan, upto):  # every step but the evaluations, rounds 1..upto
+        return {s.id: s.hash for s in plan.steps if 1 <= s.round <= upto and "evaluate" not in s.id}
+
+    one, two, three = plans
+    assert trained(one, 1) and trained(one, 1) == trained(two, 1) == trained(three, 1)
+    assert trained(two, 2) == trained(three, 2) != trained(three, 3)
+    # behaviour after every round, so a 3-round run has the 2-round row's evaluations too
+    assert two.step("r1/evaluate/behavior").hash == three.step("r1/evaluate/behavior").hash
 
 
 def _plan(variant):
@@ -107,19 +135,19 @@ def test_variant_files_are_the_base_but_for_their_change(eff, file):
     made in them too, or this fails."""
     path = eff.RECIPES / file
     assert path.is_file()
-    quickstart, plan = compile_file(eff.BASE), compile_file(path)
-    assert (plan.seed, plan.rounds, plan.policy) == (quickstart.seed, quickstart.rounds, "policy")
-    assert plan.models == quickstart.models and plan.datasets == quickstart.datasets
+    base, plan = compile_file(eff.BASE), compile_file(path)
+    assert (plan.seed, plan.rounds, plan.policy) == (base.seed, base.rounds, "policy")
+    assert plan.models == base.models and plan.datasets == base.datasets
 
     def evaluations(plan):  # by name, without their source lines
         return {e["name"]: {k: v for k, v in e.items() if k != "line"} for e in plan.evaluations}
 
-    ours_evals, base_evals = evaluations(plan), evaluations(quickstart)
+    ours_evals, base_evals = evaluations(plan), evaluations(base)
     assert ours_evals == base_evals
     red_team = ours_evals["red_team"]
     assert (red_team["task"], red_team["data"]["path"]) == ("behavior", "ralign:seeds/red_team")
     ours = {s.id: s for s in plan.steps}
-    theirs = {s.id: s for s in quickstart.steps}
+    theirs = {s.id: s for s in base.steps}
     # Round 0 evaluates the untrained model: the same in every variant.
     same = [f"r0/{i}" for i in ("evaluate/hhh", "evaluate/behavior", "evaluate/red_team")]
     same += [f"r1/{i}" for i in SAME_AS_BASE[file]]
@@ -130,7 +158,7 @@ def test_variant_files_are_the_base_but_for_their_change(eff, file):
         if what == "gone":
             assert i not in ours
             continue
-        want = {**_params(quickstart, s), **what}
+        want = {**_params(base, s), **what}
         assert _params(plan, ours[i]) == {k: v for k, v in want.items() if v is not None}, i
     assert {i.split("/", 1)[1] for i in ours} - {i.split("/", 1)[1] for i in theirs} == {
         k for k, v in changed.items() if v == "new"
@@ -147,6 +175,24 @@ def test_the_quickstart_row_is_the_shipped_quickstart(eff):
     }
     assert not any(s.kind == "train sft" for s in shipped.steps)
     assert row.step("r1/distill/train.dpo").params["nll_weight"] == 1.0
+
+
+def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
+    """The contrast recipe changes the quickstart's judging and nothing else it trains with: the
+    same sampling (its first round reuses the quickstart's), pairs and DPO."""
+    contrast = compile_file(eff.RECIPES / "efficacy_quickstart_contrast.ralign")
+    one = compile_file(eff.QUICKSTART)
+    assert (contrast.rounds, one.rounds) == (3, 1)
+    assert contrast.models == one.models and contrast.datasets == one.datasets
+    assert contrast.step("r1/sample/sample").hash == one.step("r1/sample/sample").hash
+    for i in ("r1/distill/pairs", "r1/distill/train.dpo"):
+        assert contrast.step(i).params == one.step(i).params, i
+    rank = contrast.step("r1/judge/rank.quality").params
+    assert rank["mode"] == "contrast" and rank["judge"] == "policy"
+    total = contrast.step("r1/judge/score").exprs["total"]
+    assert Var("quality") in set(ir.walk(total))
+    small = _plan(eff.variants("small")[eff.QUICKSTART_CONTRAST])
+    assert small.rounds == 3 and small.datasets["seeds"]["limit"] == 64
 
 
 def test_self_ranking_rows_score_by_the_rank(eff):

@@ -328,6 +328,26 @@ def test_always_a_model_gets_exactly_half_whatever_the_targets(tiny):
         assert m1 == pytest.approx(3.0, abs=1e-5) and m2 == pytest.approx(3.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_gpt2"])
+def test_ab_margins_equal_direct_log_probs_of_each_rows_last_token(fixture, request):
+    """Batched and padded, with the LM head run on each row's last position alone, the A/B
+    margin is what one unpadded forward pass of that question gives."""
+    from ralign.runtime.hhh import AB_QUESTION, _chat, ab_margins, letter_ids
+
+    model, tok = request.getfixturevalue(fixture)
+    questions = [("Q?", "yes", "no"), ("A much longer question " * 5, "a long reply " * 4, "b")]
+    got = ab_margins(model, tok, questions, batch_size=2)
+    a, b = letter_ids(tok, "A"), letter_ids(tok, "B")
+    for (text, ra, rb), margin in zip(questions, got, strict=True):
+        ids = tok.encode(
+            _chat(tok, AB_QUESTION.format(input=text, a=ra, b=rb)), add_special_tokens=False
+        )
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        want = float(torch.logsumexp(logp[a], 0) - torch.logsumexp(logp[b], 0))
+        assert margin == pytest.approx(want, abs=1e-4)
+
+
 def test_ab_preferences_average_both_orders():
     # choice 0 preferred as A (+2) and as B (-1 means B preferred): average +1.5 for choice 0.
     assert ab_preferences([2.0, 1.0, -1.0], [-1.0, 1.0, 3.0]) == [1.5, 0.0, -2.0]
