@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ralign.errors import DataError, RalignError, did_you_mean
 from ralign.runtime.data import rows_jsonl
-from ralign.runtime.torchutil import device_of, logits_at, padding_id
+from ralign.runtime.torchutil import device_of, padding_id
 from ralign.stats import rate as _rate
 
 # How an item's `input` becomes the scored context. "plain" is what lm-evaluation-harness' bigbench
@@ -247,21 +247,12 @@ def loglikelihood(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             ids, mask = _right_padded([encoded[i][0] for i in batch], pad_id, device)
-            # The logit at position t predicts token t+1: the continuation's predictors end at
-            # len(inp)-1. Only those positions go through the LM head: a batch of long HHH
-            # dialogues' full logits (B x T x 49k) took gigabytes.
-            spans = [(len(inp) - len(cont), len(inp)) for inp, cont in (encoded[i] for i in batch)]
-            width = ids.shape[1]
-            at = torch.tensor(
-                [row * width + t for row, (a, b) in enumerate(spans) for t in range(a, b)],
-                device=device,
-            )
-            logits = logits_at(model, ids, mask, at)  # (positions, V)
-            start = 0
-            for (a, b), i in zip(spans, batch, strict=True):
-                scored = F.log_softmax(logits[start : start + b - a].float(), dim=-1)
-                start += b - a
-                target = torch.tensor(encoded[i][1], device=scored.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for row, i in enumerate(batch):
+                inp, cont = encoded[i]
+                # The logit at position t predicts token t+1: the continuation's predictors end at len(inp)-1.
+                scored = F.log_softmax(logits[row, len(inp) - len(cont) : len(inp)].float(), dim=-1)
+                target = torch.tensor(cont, device=scored.device)
                 greedy = bool((scored.argmax(-1) == target).all())
                 results[i] = (float(scored.gather(1, target[:, None]).sum()), greedy)
     finally:
@@ -314,12 +305,9 @@ def ab_margins(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             ids, mask = _right_padded([seqs[i] for i in batch], pad_id, device)
-            # Only each row's last real position goes through the LM head (see above).
-            width = ids.shape[1]
-            at = torch.tensor([row * width + len(seqs[i]) - 1 for row, i in enumerate(batch)])
-            logits = logits_at(model, ids, mask, at.to(device))  # (rows, V)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             for row, i in enumerate(batch):
-                logp = F.log_softmax(logits[row].float(), dim=-1)
+                logp = F.log_softmax(logits[row, len(seqs[i]) - 1].float(), dim=-1)
                 out[i] = float(torch.logsumexp(logp[a_ids], 0) - torch.logsumexp(logp[b_ids], 0))
     finally:
         if was_training:

@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 
-from ralign.errors import RalignError
-
 
 def device_of(model: Any) -> torch.device:
     """Where a model's weights live (CPU for a parameterless stand-in)."""
@@ -53,40 +51,3 @@ def padded(
         ids[b, span] = torch.tensor(r, dtype=torch.long)
         mask[b, span] = 1
     return ids, mask
-
-
-def narrow_hidden(hidden: torch.Tensor, at: torch.Tensor, lines: torch.Size) -> torch.Tensor:
-    """(B, T, H) hidden states -> (N, H) at the flat positions `at` of the (B, T) input."""
-    if hidden.shape[:2] != lines:
-        raise RalignError(f"the LM head got hidden states of shape {tuple(hidden.shape)}")
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
-
-
-@contextmanager
-def head_only_at(model: Any, at: torch.Tensor, lines: torch.Size) -> Iterator[None]:
-    """Run the model's LM head on the scored positions `at` alone.
-
-    Prompt and padding positions carry no loss, yet on a large vocabulary their logits are a large
-    share of a step's memory and of its LM-head compute. A pre-hook on the head module narrows its
-    input to the counted positions, so the model returns (N, V) logits in mask order; the call
-    itself still goes through the model's own forward, and so through peft's and DDP's wrappers.
-    """
-    head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
-    hook = lambda m, args: (narrow_hidden(args[0], at, lines), *args[1:])  # noqa: E731
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits at the flat positions `at` of a (B, T) batch, the LM head run on those alone
-    where the model has one to narrow (a stand-in without `get_output_embeddings` pays for all)."""
-    inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, at)
-    with head_only_at(model, at, ids.shape):
-        return model(input_ids=ids, attention_mask=mask).logits

@@ -31,7 +31,7 @@ from ralign.runtime.batches import (
     pack_pairs,
 )
 from ralign.runtime.models import is_peft
-from ralign.runtime.torchutil import head_only_at, narrow_hidden, padding_id
+from ralign.runtime.torchutil import padding_id
 
 OnStep = Callable[[int, dict], None]
 
@@ -81,6 +81,31 @@ def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**{k: batch[k] for k in given if k in batch}, use_cache=False).logits
 
 
+def _narrow(hidden: torch.Tensor, at: torch.Tensor, lines: torch.Size) -> torch.Tensor:
+    """(B, T, H) hidden states -> (N, H) at the flat positions `at` of the (B, T) input."""
+    if hidden.shape[:2] != lines:
+        raise RalignError(f"the LM head got hidden states of shape {tuple(hidden.shape)}")
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+
+
+@contextlib.contextmanager
+def _head_only_at(model: Any, at: torch.Tensor, lines: torch.Size) -> Iterator[None]:
+    """Run the model's LM head on the scored positions `at` alone.
+
+    Prompt and padding positions carry no loss, yet on a large vocabulary their logits are a large
+    share of a step's memory and of its LM-head compute. A pre-hook on the head module narrows its
+    input to the counted positions, so the model returns (N, V) logits in mask order; the call
+    itself still goes through the model's own forward, and so through peft's and DDP's wrappers.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
+    hook = lambda m, args: (_narrow(args[0], at, lines), *args[1:])  # noqa: E731
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # Config fields with which an architecture rescales or soft-caps its logits after the LM head
 # (Gemma 2, Cohere, Granite, Falcon-H1, ...). The fused head would skip that step, so such models
 # take the plain path. Llama, Qwen2, Mistral and GPT-2 have none of them.
@@ -125,7 +150,7 @@ def _head_scores(
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         made.append(
-            linear_target_logps(narrow_hidden(hidden, at, lines), head.weight, head.bias, targets)
+            linear_target_logps(_narrow(hidden, at, lines), head.weight, head.bias, targets)
         )
         return made[-1]
 
@@ -155,7 +180,7 @@ def batch_token_logps(
     lines = batch["input_ids"].shape
     head = _fusable_head(model)
     if head is None:
-        with head_only_at(model, at, lines):
+        with _head_only_at(model, at, lines):
             logits = _forward_logits(model, batch)
         return spread(target_logps(logits, targets), counted), counted
     with _head_scores(head, at, lines, targets) as made:
