@@ -136,6 +136,7 @@ QUICKSTART_ROUNDS = "quickstart, 3 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
+    "3 rounds": ("2 rounds",),
     QUICKSTART_2_ROUNDS: (QUICKSTART_ROUNDS, QUICKSTART_ROW),  # a 3-round run has all its steps
     QUICKSTART_ROUNDS: (QUICKSTART_2_ROUNDS, QUICKSTART_ROW),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
@@ -265,6 +266,11 @@ def ralign(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def dev_eval(model: str, hhh_dev: Path, out: Path) -> None:
+    """HHH dev acc and acc_norm of a model, written to `out`."""
+    ralign("eval", "--model", model, "--data", str(hhh_dev), *DEV_FLAGS, "-o", str(out))
+
+
 def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
     """Round -> {evaluation metric: value} from a finished run's evaluate steps."""
     out: dict[int, dict[str, float]] = {}
@@ -295,16 +301,7 @@ def run_variant(
     seconds = time.perf_counter() - started
     dev = run_dir / DEV_RESULT
     if not dev.is_file():
-        ralign(
-            "eval",
-            "--model",
-            str(run_dir / "final"),
-            "--data",
-            str(hhh_dev),
-            *DEV_FLAGS,
-            "-o",
-            str(dev),
-        )
+        dev_eval(str(run_dir / "final"), hhh_dev, dev)
     rows = eval_rows(run_dir)
     return {
         "name": name,
@@ -378,16 +375,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def seeded_from(name: str, done: dict[str, Path]) -> Path | None:
-    """The finished run a variant's directory starts as a copy of (same seed): the row STARTS_FROM
-    names, `N rounds` from `N-1 rounds` (its first N-1 rounds are the same steps), anything else
-    from the base row when it ran (most rows change it), else from the first variant."""
+    """The finished run a variant's directory starts as a copy of (same seed): the first row
+    STARTS_FROM names that ran (its first rounds are the same steps), else the base row when it
+    ran (most rows change it), else the first variant."""
     for row in STARTS_FROM.get(name, ()):
         if row in done:
             return done[row]
-    count, _, unit = name.partition(" ")
-    fewer = f"{int(count) - 1} rounds" if unit == "rounds" and count.isdigit() else None
-    if fewer in done:
-        return done[fewer]
     if BASE_ROW in done:
         return done[BASE_ROW]
     return next(iter(done.values()), None)
@@ -432,16 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             done[name] = Path(r["run_dir"])
             results.append(r)
             if not base_dev.is_file():
-                ralign(
-                    "eval",
-                    "--model",
-                    "ralign:smollm2-135m",
-                    "--data",
-                    str(args.hhh_dev),
-                    *DEV_FLAGS,
-                    "-o",
-                    str(base_dev),
-                )
+                dev_eval("ralign:smollm2-135m", args.hhh_dev, base_dev)
             report(args, todo, results, base_dev, time.perf_counter() - started)  # after every run
     return 0
 

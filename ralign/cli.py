@@ -158,8 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "behavior":
         if args.no_ab:
             raise UsageError("--no-ab applies to --task hhh only")
-        opts.update(max_new_tokens=args.max_new_tokens, details=args.answers)
-    elif args.answers or args.max_new_tokens != BEHAVIOR_TOKENS:
+        opts["details"] = args.answers
+        if args.max_new_tokens is not None:
+            opts["max_new_tokens"] = args.max_new_tokens
+    elif args.answers or args.max_new_tokens is not None:
         raise UsageError("--max-new-tokens and --answers apply to --task behavior only")
     else:
         opts["ab"] = not args.no_ab
@@ -263,9 +265,6 @@ def _show_args(sh: argparse.ArgumentParser) -> None:
     )
 
 
-BEHAVIOR_TOKENS = 64  # `ralign eval --task behavior`'s answer length, as eval_behavior's
-
-
 def _at_least_one(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:
@@ -290,8 +289,7 @@ def _eval_args(v: argparse.ArgumentParser) -> None:
     v.add_argument(
         "--max-new-tokens",
         type=_at_least_one,
-        default=BEHAVIOR_TOKENS,
-        help=f"behavior: longest answer, in tokens (default {BEHAVIOR_TOKENS})",
+        help="behavior: longest answer, in tokens (default 64)",
     )
     v.add_argument(
         "--no-ab",
