@@ -129,7 +129,8 @@ QUICKSTART_SETS = (
 )
 
 
-QUICKSTART_ROW = "quickstart (balanced prompts, forced refusals, DPO + NLL)"
+QUICKSTART_ROW = "quickstart (balanced prompts, forced refusals, DPO + NLL, calibrated)"
+QUICKSTART_UNCALIBRATED = "quickstart without calibrate"
 BASE_ROW = "rules, SFT+DPO (the quickstart until 2026-12-05)"  # what the other rows change
 QUICKSTART_2_ROUNDS = "quickstart, 2 rounds"
 QUICKSTART_ROUNDS = "quickstart, 3 rounds"
@@ -140,6 +141,7 @@ STARTS_FROM = {
     QUICKSTART_2_ROUNDS: (QUICKSTART_ROUNDS, QUICKSTART_ROW),  # a 3-round run has all its steps
     QUICKSTART_ROUNDS: (QUICKSTART_2_ROUNDS, QUICKSTART_ROW),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
+    QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
 }
 
 
@@ -158,11 +160,17 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     balanced = red_team.but(f"seeds.path={literal(BALANCED)}")
     hhh_only = red_team.but(f"seeds.path={literal(['ralign:seeds/hhh'])}")  # the quickstart's
     all_linear = lora_targets(BASE, ["all-linear"])  # compiles BASE: once, not per row
-    quickstart = Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
+    uncalibrated = Variant(RECIPES / "efficacy_dpo_only.ralign", sized).but(
+        *QUICKSTART_SETS, all_linear
+    )
+    quickstart = Variant(RECIPES / "efficacy_calibrated.ralign", sized).but(
         *QUICKSTART_SETS, all_linear
     )
     return {
         QUICKSTART_ROW: quickstart,
+        # The same without its `calibrate` step: the trained policy kept whole (the quickstart
+        # until 2026-12-06; its sampling and training are the row above's).
+        QUICKSTART_UNCALIBRATED: uncalibrated,
         # Today's quickstart for two and three rounds, each round's policy sampling the next,
         # behaviour measured after every round (their first round is the row above: the same
         # steps). Later rounds refused more (docs/results.md, 2026-12-05 night).

@@ -164,6 +164,7 @@ def smoke_quickstart(model_dir: Path, s: Settings) -> tuple[str, ...]:
         f"hhh.limit={s.hhh_mini_limit}",
         f"behavior.limit={s.behavior_limit}",
         f"behavior.max_new_tokens={s.behavior_max_new_tokens}",
+        f"distill/calibrate.max_new_tokens={s.behavior_max_new_tokens}",
     )
 
 

@@ -51,6 +51,10 @@ class _Round:
             return f"dataset:{step.params['from']}"
         if slot == "policy":
             return self.policy
+        if slot == "start":
+            return self.start
+        if slot == "baseline":
+            return self.base if step.params.get("relative_to") == "base" else self.start
         if slot == "judge":
             judge = step.params.get("judge", self.checked.policy)
             return self.policy if judge == self.checked.policy else f"model:{judge}"

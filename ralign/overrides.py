@@ -123,6 +123,7 @@ SMOKE: dict[str, dict[str, int]] = {
     "rank": {"orders": 1, "samples": 1},
     "train sft": {"epochs": 1},
     "train dpo": {"epochs": 1},
+    "calibrate": {"max_new_tokens": 8},
 }
 # Floors a recipe sets are lifted (only where it sets them): a few answers of a tiny model must
 # not leave a step with nothing to train on.

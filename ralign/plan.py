@@ -308,8 +308,17 @@ def check_inputs(plan: Plan, recipe_dir: Path, roots: tuple[Path, ...] = ()) -> 
     for s in plan.steps:
         if s.kind == "evaluate":
             _check_data(f"step {s.id}", s.params.get("data"), recipe_dir, box)
+        elif "data" in s.params:  # a step's own data (calibrate): one file or a dataset's list
+            _check_dataset(f"step {s.id}", s.params["data"], recipe_dir, box)
+            paths = _object(s.params["data"], f"step {s.id}").get("path")
+            if any(str(p).startswith(sc.EVAL_SETS) for p in _as_list(paths)):
+                raise PlanError(f"step {s.id}: steps never read evaluation prompts ({paths!r})")
     for name, spec in plan.models.items():
         _check_model(f"model '{name}'", spec, recipe_dir, box, confined)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _check_dataset(what: str, spec: Any, recipe_dir: Path, box: tuple[Path, ...]) -> None:

@@ -172,7 +172,8 @@ DECLS: dict[str, Block] = {
 
 # A step's plan inputs are slots, in order: "dataset" (its `from`), "prompts", "responses" and
 # "pairs" (made earlier in the round), "score" (each score it reads: `score:NAME`), and the models
-# "policy", "judge" and "reference". What it makes is one of these data, stored as ARTIFACTS names.
+# "policy", "judge", "reference", "start" (the policy as the round began) and "baseline" (calibrate's
+# bound). What it makes is one of these data, stored as ARTIFACTS names.
 ARTIFACTS: dict[str, str] = {
     "prompts": "prompts.jsonl",
     "responses": "responses.jsonl",
@@ -181,15 +182,16 @@ ARTIFACTS: dict[str, str] = {
     "policy": "model",
     "metrics": "result.json",
 }
-MODEL_SLOTS = ("policy", "judge", "reference")
+MODEL_SLOTS = ("policy", "judge", "reference", "start", "baseline")
 
 
 @dataclass(frozen=True)
 class Flow:
     """What the steps so far in a round have made (the checker's state as it walks a round).
 
-    `have` maps "prompts", "responses", "revised" and "pairs" to where they were made (absent: not
-    yet); `scores` lists the round's scores in the order they were made, with where.
+    `have` maps "prompts", "responses", "revised", "pairs" and "policy" (a trained one) to where
+    they were made (absent: not yet); `scores` lists the round's scores in the order they were
+    made, with where.
     """
 
     have: Mapping[str, Any] = field(default_factory=dict)
@@ -372,6 +374,14 @@ def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
 def _dpo_rules(params: Mapping[str, Any]) -> list[str]:
     if params.get("label_smoothing", 0) and params.get("loss", "sigmoid") != "robust":
         return ['`label_smoothing` applies to loss = "robust" only (Chowdhury et al. 2024)']
+    return []
+
+
+def _calibrate_rules(params: Mapping[str, Any], flow: Flow) -> list[str]:
+    if "policy" not in flow.have:
+        return [
+            "`calibrate` weighs the round's trained policy against the one it started from: it needs a `train` step before it in the round"
+        ]
     return []
 
 
@@ -674,6 +684,47 @@ STEPS: dict[str, StepKind] = {
         rules=lambda params, flow: _dpo_rules(params) + _training_rules(params),
         trains=True,
     ),
+    "calibrate": StepKind(
+        "calibrate",
+        "set how far the round moves the policy: the trained weights interpolated with the round's starting ones (WiSE-FT, Wortsman et al. 2022), keeping the largest weight whose refusals of harmless held-out prompts stay within a bound",
+        {
+            "data": Attr(
+                DATA,
+                "behaviour prompts with a `kind`, of which the harmless ones (`everyday`, `scary_harmless`) count; of a set that marks splits, as the seed sets do, only the held-out rows",
+                required=True,
+            ),
+            "max_refusal_rise": Attr(
+                NUMBER,
+                "how much more often than the round's starting policy the calibrated one may refuse those harmless prompts (a rate: 0.05 is 5 points)",
+                0.05,
+                min=0,
+                max=1,
+            ),
+            "relative_to": Attr(
+                STRING,
+                'whose refusals the bound starts from: the policy as the round began, or the declared model (`"base"`: over several rounds the rises cannot add up)',
+                "round_start",
+                choices=("round_start", "base"),
+            ),
+            "spacing": Attr(
+                NUMBER,
+                "the weights tried on the trained policy, largest first: 1, 1 - spacing, ..., 0 (the starting policy, which always passes)",
+                0.25,
+                min=0,
+                max=1,
+                min_open=True,
+            ),
+            "max_new_tokens": Attr(
+                INT, "answer length, in tokens (refusals show early)", 40, min=1
+            ),
+            "batch_size": Attr(INT, "answers generated per batch", 32, min=1),
+        },
+        inputs=_always("policy", "start", "baseline"),
+        makes="policy",
+        hint="add a `train` step before it",
+        rules=_calibrate_rules,
+        trains=True,
+    ),
 }
 
 # `evaluate` is declared on its own (not in a phase) and lowered into steps of this kind.
@@ -691,6 +742,10 @@ STEP_KINDS = tuple(sorted({k.split()[0] for k, v in STEPS.items() if v.in_phase}
 
 # What a pointwise rank template is given (its record's `mode_vars`; the docs test reads this name).
 POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
+
+EVAL_SETS = (
+    "ralign:evals/"  # built-in evaluation sets: never sampled from, trained or calibrated on
+)
 
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.

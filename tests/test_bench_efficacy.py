@@ -106,6 +106,7 @@ SAME_AS_BASE = {
     "efficacy_rank.ralign": ["sample/sample"],
     "efficacy_sft_only.ralign": ["sample/sample", "judge/score", "distill/train.sft"],
     "efficacy_dpo_only.ralign": ["sample/sample", "judge/score", "distill/pairs"],
+    "efficacy_calibrated.ralign": ["sample/sample", "judge/score", "distill/pairs"],
     "efficacy_no_context.ralign": [],
 }
 # What a variant changes in the base's steps: a step gone, a new one, or attributes set to
@@ -118,6 +119,7 @@ CHANGED = {
     },
     "efficacy_sft_only.ralign": {"distill/pairs": "gone", "distill/train.dpo": "gone"},
     "efficacy_dpo_only.ralign": {"distill/train.sft": "gone"},
+    "efficacy_calibrated.ralign": {"distill/train.sft": "gone", "distill/calibrate": "new"},
 }
 
 
@@ -175,6 +177,16 @@ def test_the_quickstart_row_is_the_shipped_quickstart(eff):
     }
     assert not any(s.kind == "train sft" for s in shipped.steps)
     assert row.step("r1/distill/train.dpo").params["nll_weight"] == 1.0
+    # The row without calibrate trains the same policy and keeps it whole.
+    whole = _plan(eff.variants()[eff.QUICKSTART_UNCALIBRATED])
+    assert [s.id for s in whole.steps if s.round == 1 and s.kind != "evaluate"] == [
+        "r1/sample/sample",
+        "r1/judge/score",
+        "r1/distill/pairs",
+        "r1/distill/train.dpo",
+    ]
+    assert whole.step("r1/distill/train.dpo").hash == row.step("r1/distill/train.dpo").hash
+    assert row.step("r1/evaluate/behavior").inputs["policy"] == "r1/distill/calibrate"
 
 
 def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
@@ -185,7 +197,7 @@ def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
     assert (contrast.rounds, one.rounds) == (3, 1)
     assert contrast.models == one.models and contrast.datasets == one.datasets
     assert contrast.step("r1/sample/sample").hash == one.step("r1/sample/sample").hash
-    for i in ("r1/distill/pairs", "r1/distill/train.dpo"):
+    for i in ("r1/distill/pairs", "r1/distill/train.dpo", "r1/distill/calibrate"):
         assert contrast.step(i).params == one.step(i).params, i
     rank = contrast.step("r1/judge/rank.quality").params
     assert rank["mode"] == "contrast" and rank["judge"] == "policy"

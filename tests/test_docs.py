@@ -88,6 +88,7 @@ PRELUDE = {
     "score": (_GENERATE, _SAMPLE),
     "pairs": (_GENERATE, _SAMPLE, _SCORE),
     "train": (_GENERATE, _SAMPLE, _SCORE, _PAIRS),
+    "calibrate": (_GENERATE, _SAMPLE, _SCORE, _PAIRS, "train dpo {}"),
 }
 assert set(PRELUDE) == set(sc.STEP_KINDS), "every step kind needs a prelude"
 

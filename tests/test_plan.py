@@ -560,3 +560,27 @@ def test_a_wrong_part_hash_fails_the_run_naming_the_file(list_plan: tuple[Path, 
     loaded, _, recipe_dir = load_plan(path, None, ())  # the shape is right: the load accepts it
     with pytest.raises(DataError, match="more.jsonl: the file changed after the plan was compiled"):
         load_records(loaded.datasets["seeds"], recipe_dir)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [*RECIPES, *sorted((REPO / "bench" / "recipes").glob("*.ralign"))],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_no_step_of_a_shipped_recipe_reads_an_evaluation_prompt(recipe: Path) -> None:
+    """Only `evaluate` steps read `ralign:evals/...`: no dataset a step samples from, and no step's
+    own data (calibrate's held-out prompts), is an evaluation set."""
+    plan = compile_file(recipe, (REPO,))
+
+    def paths(spec: object) -> list[str]:
+        path = spec.get("path", []) if isinstance(spec, dict) else []
+        return [path] if isinstance(path, str) else list(path)
+
+    for step in plan.steps:
+        if step.kind == "evaluate":
+            continue
+        read = paths(step.params.get("data"))
+        for src in step.inputs.values():
+            if src.startswith("dataset:"):
+                read += paths(plan.datasets[src.split(":", 1)[1]])
+        assert not [p for p in read if p.startswith("ralign:evals/")], (step.id, read)

@@ -3,7 +3,7 @@ more of the held-back harmful requests (issue 4's slow acceptance test, run in C
 
 Cut down: one round on the first 64 of the 408 training prompts (all from `seeds/hhh`, of its
 four kinds), hhh-mini cut to one item, the first 96 prompts of `ralign:evals/behavior`, and
-greedy answers of 24 tokens for the behaviour evaluations (a refusal shows in its first words). Harmful compliance is
+greedy answers of 24 tokens for the behaviour evaluations and the calibration (a refusal shows in its first words). Harmful compliance is
 counted over 56 harmful requests the quickstart never samples: the 32 among those 96 and the 24
 held-out ones of `ralign:seeds/red_team`."""
 
@@ -31,7 +31,7 @@ def cut_down() -> tuple[Path, tuple[str, ...]]:
     `evaluate red_team`), hhh-mini cut to one item, shorter answers."""
     small = efficacy().variants("small")[efficacy().QUICKSTART_ROW]
     sets = ("hhh.limit=1", "behavior.limit=96", "behavior.max_new_tokens=24")
-    sets += ("red_team.max_new_tokens=24",)
+    sets += ("red_team.max_new_tokens=24", "distill/calibrate.max_new_tokens=24")
     return small.recipe, (*small.sets, *sets, "sample/sample.max_new_tokens=16")
 
 

@@ -133,7 +133,7 @@ def test_report_of_a_finished_run_has_every_section_and_plot(run_dir):
         assert f'<section id="{anchor}">' in page, anchor
     # evaluations, scores, margins, agreement, training
     assert page.count("<svg") == 5
-    assert "28 of 28 steps finished: complete; final policy in final/" in page
+    assert "30 of 30 steps finished: complete; final policy in final/" in page
     assert 'id="notes"' not in page  # nothing is missing
     for kind in (
         "generate",
@@ -209,7 +209,8 @@ def test_wilson_hand_values(k, n, low, high):
 
 def test_a_truncated_run_still_reports_what_is_missing(run_dir, tmp_path):
     run = copy_run(run_dir, tmp_path / "run")
-    for gone in ("r2/learn.train.dpo", "r2/evaluate.hhh", "r2/evaluate.behavior", "final"):
+    steps = ("r2/learn.train.dpo", "r2/learn.calibrate", "r2/evaluate.hhh", "r2/evaluate.behavior")
+    for gone in (*steps, "final"):
         shutil.rmtree(run / gone)
     (run / "r2/learn.pairs/meta.json").unlink()  # killed while writing its folder
     (run / "run.log").unlink()
@@ -218,7 +219,7 @@ def test_a_truncated_run_still_reports_what_is_missing(run_dir, tmp_path):
     hhh = run / "r0/evaluate.hhh/result.json"
     hhh.write_text(hhh.read_text()[:50])
     page = build_report(run)
-    assert "24 of 28 steps finished (1 incomplete, 3 not run)" in page
+    assert "25 of 30 steps finished (1 incomplete, 4 not run)" in page
     assert 'id="notes"' in page
     assert "run.log: missing" in page
     assert re.search(r"score\.total\.jsonl: skipped lines that are not JSON: \d+, \d+", page)
@@ -233,7 +234,7 @@ def test_a_run_without_its_plan_lists_steps_from_folders(run_dir, tmp_path):
     (run / "plan.json").unlink()
     page = build_report(run)
     assert "plan.json: missing" in page
-    assert "28 finished steps found" in page
+    assert "30 finished steps found" in page
     assert "r1/judge/rank.listed" in page
 
 
@@ -743,7 +744,7 @@ def test_report_renders_in_chromium_without_errors(browser, run_dir, hostile_dir
     assert (visit.errors, visit.outside, visit.dialogs) == ([], [], [])
     assert visit.svgs == 5
     assert list(SECTIONS) == visit.sections
-    assert "28 of 28 steps finished" in visit.text
+    assert "30 of 30 steps finished" in visit.text
 
     page = save_page(build_report(hostile_dir), ARTIFACTS / "hostile.html")
     visit = browser.visit(page, ARTIFACTS / "hostile.png")

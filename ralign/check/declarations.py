@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from ralign import nodes as n
 from ralign import schema as sc
 from ralign.check.attrs import BAD, check_attrs, value_check
 from ralign.check.context import Context, Work
-from ralign.check.steps import EVAL_SETS
 from ralign.errors import DataError
 from ralign.imports import Unit, confined
 from ralign.source import Span
@@ -211,7 +211,7 @@ def _part(w: Work, unit: Unit, path: str, span: Span) -> dict[str, Any] | None:
     Evaluation sets may not be parts: a list can only be sampled from (an evaluation reads one
     file), and steps never read evaluation prompts.
     """
-    if path.startswith(EVAL_SETS):
+    if path.startswith(sc.EVAL_SETS):
         w.error(
             span,
             f"'{path}' is an evaluation set: it cannot be part of a dataset's list of files (steps never read evaluation prompts)",
@@ -287,21 +287,34 @@ def _evaluation(
     if "reward" in attrs and attrs.get("task") != "behavior":
         span = next(a.value.span for a in decl.attrs if a.name == "reward")
         w.error(span, "`reward` applies to behavior evaluations only")
-    data = attrs.get("data")
-    if isinstance(data, dict) and "path" in data:
+    if "data" in attrs:
         span = next(a.value.span for a in decl.attrs if a.name == "data")
-        resolved = data_path(w, main, data["path"], span)
-        if resolved is not None:
-            attrs["data"] = {"path": data["path"], **resolved}
-    elif isinstance(data, dict) and "dataset" in data:
-        attrs["data"] = {"dataset": data["dataset"], **datasets.get(data["dataset"], {})}
-        if isinstance(attrs["data"].get("path"), list):
-            span = next(a.value.span for a in decl.attrs if a.name == "data")
+        attrs["data"] = resolve_data(w, main, attrs["data"], span, datasets, "an evaluation")
+    return {**attrs, "name": decl.name, "line": decl.span.line}
+
+
+def resolve_data(
+    w: Work,
+    unit: Unit,
+    data: Any,
+    span: Span,
+    datasets: Mapping[str, Mapping[str, Any]],
+    reader: str | None = None,
+) -> Any:
+    """A `data` attribute's value for the plan: a file with its content hash, or a declared
+    dataset's spec under its name; `reader` (e.g. "an evaluation") reads one file, not a list."""
+    if isinstance(data, dict) and "path" in data:
+        resolved = data_path(w, unit, data["path"], span)
+        return data if resolved is None else {"path": data["path"], **resolved}
+    if isinstance(data, dict) and "dataset" in data:
+        out = {"dataset": data["dataset"], **datasets.get(data["dataset"], {})}
+        if reader and isinstance(out.get("path"), list):
             w.error(
                 span,
-                f"dataset '{data['dataset']}' is a list of files, and an evaluation reads one file: give it the file itself",
+                f"dataset '{data['dataset']}' is a list of files, and {reader} reads one file: give it the file itself",
             )
-    return {**attrs, "name": decl.name, "line": decl.span.line}
+        return out
+    return data
 
 
 def _policy(w: Work, models: dict[str, dict[str, Any]]) -> str:

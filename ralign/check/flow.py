@@ -32,7 +32,7 @@ def advance(flow: sc.Flow, step: CheckedStep) -> sc.Flow:
         made = made_scores(step)
         graded = flow.graded | set(made) if step.params.get("mode") == "pointwise" else flow.graded
         return replace(flow, scores=(*flow.scores, *((s, step.span) for s in made)), graded=graded)
-    if kind.makes in ROUND_DATA:
+    if kind.makes in ROUND_DATA or kind.makes == "policy":  # "policy": the round has trained
         return flow.made(kind.makes, step.span)
     return flow
 

@@ -8,9 +8,8 @@ from ralign import nodes as n
 from ralign import schema as sc
 from ralign.check.attrs import check_attrs
 from ralign.check.context import CheckedStep, Context, Work
+from ralign.check.declarations import resolve_data
 from ralign.check.flow import advance
-
-EVAL_SETS = "ralign:evals/"  # built-in evaluation sets: never sampled from or trained on
 
 
 def steps(ctx: Context) -> Context:
@@ -82,12 +81,15 @@ def _step(
     if kind.open_attrs and not step.attrs:
         w.error(step.span, f"{what} defines no score; write e.g. `score {{ total = ... }}`")
     source = w.ctx.datasets.get(params.get("from", ""), {}).get("path", "")
-    if isinstance(source, str) and source.startswith(EVAL_SETS):
+    if isinstance(source, str) and source.startswith(sc.EVAL_SETS):
         at = next(a.value.span for a in step.attrs if a.name == "from")
         w.error(
             at,
             f"'{source}' is an evaluation set: steps never read evaluation prompts (sample from a seed set such as ralign:seeds/hhh)",
         )
+    for attr in [a for a in step.attrs if kind.attrs.get(a.name, _NONE).type == sc.DATA]:
+        if attr.name in params:
+            params[attr.name] = _step_data(w, main, params[attr.name], attr.value.span)
     templates = {a: params[a] for a in kind.template_vars if isinstance(params.get(a), str)}
     exprs = {a: params.pop(a)["expr"] for a in list(params) if _is_expr(params[a])}
     return CheckedStep(
@@ -101,6 +103,26 @@ def _step(
         attr_spans={a.name: a.span for a in step.attrs},
         name_span=step.name_span,
     )
+
+
+_NONE = sc.Attr("", "")
+
+
+def _step_data(w: Work, main: Any, data: Any, span: Any) -> Any:
+    """A step's `data`: resolved as an evaluation's is (of a dataset, only its files: its `limit`
+    and `field` are its sampling's), and never an evaluation set."""
+    data = resolve_data(w, main, data, span, w.ctx.datasets)
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k in ("dataset", "path", "sha256")}
+    paths = data.get("path", []) if isinstance(data, dict) else []
+    for path in [paths] if isinstance(paths, str) else paths:
+        if isinstance(path, str) and path.startswith(sc.EVAL_SETS):
+            w.error(
+                span,
+                f"'{path}' is an evaluation set: steps never read evaluation prompts (use the held-out rows of a seed set, such as ralign:seeds/safe)",
+            )
+            break
+    return data
 
 
 def _is_expr(value: Any) -> bool:

@@ -184,6 +184,16 @@ def _train(s: Shown, n: int) -> list[str]:
     return [format_prompt(tok, q) + a + (end if done else "") for q, a, done in rows[:n]]
 
 
+@shows("calibrate")
+def _calibrate(s: Shown, n: int) -> list[str]:
+    """The harmless prompts each weight answers (the policy's own chat format)."""
+    from ralign.runtime.calibrate import harmless_prompts
+    from ralign.runtime.models import format_prompt
+
+    tok = s.tokenizer()
+    return [format_prompt(tok, p) for p in harmless_prompts(s.params["data"], s.recipe_dir)[:n]]
+
+
 @shows("evaluate")
 def _evaluate(s: Shown, n: int) -> list[str]:
     from ralign.runtime.data import dataset_file

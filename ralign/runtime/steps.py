@@ -621,6 +621,69 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
     return {**metrics, "dropped_long_prompt": long}
 
 
+@step("calibrate")
+def calibrate(ctx: StepContext) -> dict[str, Any]:
+    from ralign.runtime.calibrate import HARMLESS, choose, harmless_prompts, interpolate, refusals
+
+    p = ctx.params
+    prompts = harmless_prompts(p["data"], ctx.run.recipe_dir)
+    if not prompts:
+        raise ctx.fail(
+            f"its data has no harmless prompts (kind {' or '.join(HARMLESS)}) to calibrate on"
+        )
+    opts = {"max_new_tokens": p["max_new_tokens"], "batch_size": p["batch_size"]}
+    trained, tok = ctx.model("policy")
+    end = dict(trained.named_parameters())
+    model, _ = ctx.run.models.load(ctx.step.inputs["start"], lora=False)
+    model.eval()
+    before = refusals(model, tok, prompts, **opts)
+    baseline = before
+    if ctx.step.inputs["baseline"] != ctx.step.inputs["start"]:  # the declared model, later rounds
+        bound, _ = ctx.run.models.load(ctx.step.inputs["baseline"], lora=False)
+        baseline = refusals(bound.eval(), tok, prompts, **opts)
+        del bound
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def tried(weight: float) -> list[str]:
+        if weight == 1:
+            return refusals(trained, tok, prompts, **opts)
+        interpolate(model, start, end, weight)
+        return refusals(model, tok, prompts, **opts)
+
+    n, rise = len(prompts), p["max_refusal_rise"]
+    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise)
+    if weight == 1:
+        model = trained
+    else:
+        interpolate(model, start, end, weight)
+    record = {
+        "start": {"k": len(before), "n": n, "refused": before},
+        "baseline": {"k": len(baseline), "n": n, "refused": baseline, "max_rise": rise},
+        "tried": rows,
+    }
+    (ctx.out / "calibration.json").write_text(
+        json.dumps(record, indent=2, sort_keys=True), encoding="utf-8"
+    )
+    chosen = rows[-1]
+    ctx.log(
+        f"weight {weight:g}: refuses {chosen['k']}/{n} harmless held-out prompts; "
+        f"the round's start {len(before)}/{n}"
+        + (f", the base {len(baseline)}/{n}" if baseline is not before else "")
+    )
+    if not chosen["passed"]:
+        ctx.log(
+            f"even the round's start refuses more than {rise:g} over the base: it is kept as it was"
+        )
+    ctx.save_policy(model, tok)
+    return {
+        "weight": weight,
+        "harmless_refusal": chosen["rate"],
+        "harmless_refusal_start": len(before) / n,
+        "harmless_refusal_baseline": len(baseline) / n,
+        "harmless_prompts": n,
+    }
+
+
 def stamp(step: Step) -> dict[str, str]:
     """What a finished step's outputs depend on beyond its hash, recorded in its meta.json: a
     behaviour evaluation's verdicts depend on the detectors of the ralign that made them."""

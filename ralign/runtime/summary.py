@@ -18,6 +18,7 @@ COLUMNS = (
     ("agree_weights", "agree weights"),
     ("pairs", "pairs"),
     ("mean_total", "mean reward"),
+    ("weight", "update kept"),  # calibrate's weight on the trained policy
 )
 # Diagnostics of an evaluation that the table leaves to the step's result.json.
 QUIET_EVAL_KEYS = {"ab_first", "ab_consistency"}

@@ -1,0 +1,204 @@
+"""`calibrate`: the trained policy interpolated with the round's start (WiSE-FT), the largest weight
+kept whose refusals of harmless held-out prompts rise at most `max_refusal_rise`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import execute_here, metrics
+from safetensors.torch import load_file
+
+from ralign.plan import PlanError, check_inputs, with_hashes
+from ralign.runtime import calibrate as cal
+
+
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        (0.25, [1, 0.75, 0.5, 0.25, 0]),
+        (0.3, [1, 0.7, 0.4, 0.1, 0]),
+        (1, [1, 0]),
+        (0.5, [1, 0.5, 0]),
+    ],
+)
+def test_weights_run_from_one_down_to_zero(spacing: float, expected: list[float]) -> None:
+    assert cal.weights(spacing) == expected
+
+
+def _asked(answers: dict[float, int]):
+    """A `tried` that refuses the first answers[w] of 80 prompts, and records the weights asked."""
+    prompts = [f"p{i}" for i in range(80)]
+    asked: list[float] = []
+
+    def tried(w: float) -> list[str]:
+        asked.append(w)
+        return prompts[: answers[w]]
+
+    return prompts, asked, tried
+
+
+def test_the_largest_weight_within_the_bound_is_kept() -> None:
+    # start refuses 3/80 = 0.0375; w=1 refuses 10/80 (+0.0875, over 0.05); w=0.75 6/80 (+0.0375)
+    prompts, asked, tried = _asked({1: 10, 0.75: 6, 0.5: 4})
+    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)
+    assert weight == 0.75
+    assert asked == [1, 0.75]  # stops at the first that passes
+    assert [(r["weight"], r["k"], r["passed"]) for r in rows] == [(1, 10, False), (0.75, 6, True)]
+    assert rows[1]["rate"] == pytest.approx(0.075)
+    low, high = rows[1]["ci95"]
+    assert low < 0.075 < high
+
+
+def test_a_rise_exactly_at_the_bound_passes_and_none_allowed_falls_back_to_the_start() -> None:
+    prompts, _, tried = _asked({1: 7})  # 3/80 -> 7/80 is +0.05 exactly
+    assert cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)[0] == 1
+    prompts, asked, tried = _asked({1: 4, 0.5: 4})
+    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.5, 0.0)
+    assert weight == 0 and asked == [1, 0.5]  # the start itself is never generated again
+    assert rows[-1] == rows[-1] | {"weight": 0.0, "k": 3, "passed": True}
+
+
+def test_the_bound_may_start_from_the_base_and_then_the_start_may_fail_it() -> None:
+    # A later round: the start refuses 6/80, the base 2/80 (bound 0.025 + 0.05 = 6/80).
+    prompts, asked, tried = _asked({1: 9, 0.5: 6})
+    weight, rows = cal.choose(tried, prompts[:6], prompts[:2], 80, 0.5, 0.05)
+    assert (weight, asked, rows[-1]["passed"]) == (0.5, [1, 0.5], True)
+    # Over the bound everywhere, the start included: the start is kept, and says it failed.
+    prompts, asked, tried = _asked({1: 12, 0.5: 9})
+    weight, rows = cal.choose(tried, prompts[:8], prompts[:2], 80, 0.5, 0.05)
+    assert (weight, [r["passed"] for r in rows]) == (0, [False, False, False])
+    assert rows[-1]["k"] == 8
+
+
+def test_interpolation_is_exact_at_both_ends() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(7, 5)
+    start = {k: torch.randn_like(v) for k, v in layer.named_parameters()}
+    end = {k: torch.randn_like(v) * 1e-3 + 1e3 for k, v in layer.named_parameters()}
+    for w, want in ((0.0, start), (1.0, end)):
+        cal.interpolate(layer, start, end, w)
+        for k, v in layer.named_parameters():
+            assert torch.equal(v, want[k])
+    cal.interpolate(layer, start, end, 0.25)
+    assert torch.allclose(layer.weight, start["weight"] + 0.25 * (end["weight"] - start["weight"]))
+
+
+RECIPE = """recipe "cal" { seed = 3 }
+import "std/hhh"
+model policy { path = "ralign:tiny-llama", max_length = 128, lora = { rank = 4, alpha = 8 } }
+dataset seeds { path = ["ralign:seeds/hhh", "ralign:seeds/safe"] }
+phase p {
+  sample { from = seeds, per_prompt = 2, max_new_tokens = 6, per_round = 6, temperature = 1.0 }
+  score { total = hhh.rules + 0.01 * words(response) }
+  pairs { chosen = "best", rejected = "worst" }
+  train dpo { lr = 0.01 }
+CALIBRATE}
+"""
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_calibrate_saves_the_interpolated_policy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
+    recipe, run = tmp_path / "cal.ralign", tmp_path / "run"
+    recipe.write_text(RECIPE.replace("CALIBRATE", ""), encoding="utf-8")
+    execute_here(recipe, run)
+    trained = _weights(run / "final")
+    base = _weights(tmp_path / "cache" / "models" / "tiny-llama")
+
+    # A random tiny model never refuses: the whole update is kept, bit for bit.
+    recipe.write_text(RECIPE.replace("CALIBRATE", "  calibrate { data = seeds }\n"), "utf-8")
+    execute_here(recipe, run)
+    assert metrics(run)["r1/p/calibrate"]["weight"] == 1
+    assert all(torch.equal(v, trained[k]) for k, v in _weights(run / "final").items())
+
+    # Refusing every harmless prompt at weight 1 and none at 0.75: 0.75 is kept, and saved.
+    answers = iter([0, 80, 0])  # the start, weight 1, weight 0.75
+
+    def refusals(model, tok, prompts, **_):
+        return prompts[: next(answers)]
+
+    monkeypatch.setattr(cal, "refusals", refusals)
+    recipe.write_text(
+        RECIPE.replace("CALIBRATE", "  calibrate { data = seeds, max_refusal_rise = 0.1 }\n"),
+        "utf-8",
+    )
+    execute_here(recipe, run)
+    got = metrics(run)["r1/p/calibrate"]
+    assert got == {
+        "weight": 0.75,
+        "harmless_refusal": 0.0,
+        "harmless_refusal_start": 0.0,
+        "harmless_refusal_baseline": 0.0,
+        "harmless_prompts": 80,  # held-out harmless rows: hhh 16 + 16, safe 32 + 16
+    }
+    record = json.loads((run / "r1" / "p.calibrate" / "calibration.json").read_text())
+    assert [(r["weight"], r["k"], r["passed"]) for r in record["tried"]] == [
+        (1, 80, False),
+        (0.75, 0, True),
+    ]
+    final = _weights(run / "final")
+    changed = 0
+    for k, v in final.items():
+        assert torch.equal(v, torch.lerp(base[k], trained[k], 0.75)), k
+        changed += not torch.equal(v, trained[k])
+    assert changed > 0  # the LoRA update touched these weights, and a quarter of it is gone
+
+
+def test_a_plan_may_not_calibrate_on_an_evaluation_set(tmp_path: Path) -> None:
+    from ralign.compile import compile_file
+
+    recipe = tmp_path / "cal.ralign"
+    recipe.write_text(RECIPE.replace("CALIBRATE", "  calibrate { data = seeds }\n"), "utf-8")
+    plan = compile_file(recipe)
+    check_inputs(plan, tmp_path)
+    evals = {"path": "ralign:evals/behavior", "sha256": "0" * 64}
+    steps = tuple(
+        replace(s, params={**s.params, "data": evals}) if s.kind == "calibrate" else s
+        for s in plan.steps
+    )
+    with pytest.raises(PlanError, match="steps never read evaluation prompts"):
+        check_inputs(with_hashes(replace(plan, steps=steps)), tmp_path)
+
+
+@pytest.mark.parametrize("relative_to", ["round_start", "base"])
+def test_each_round_calibrates_its_own_training_from_its_own_start(
+    tmp_path: Path, relative_to: str
+) -> None:
+    from ralign.compile import compile_file
+
+    recipe = tmp_path / "cal.ralign"
+    step = f'  calibrate {{ data = seeds, relative_to = "{relative_to}" }}\n'
+    recipe.write_text(RECIPE.replace("CALIBRATE", step).replace("seed = 3", "seed = 3, rounds = 2"))
+    plan = compile_file(recipe)
+    r1, r2 = plan.step("r1/p/calibrate"), plan.step("r2/p/calibrate")
+    assert r1.inputs == {
+        "policy": "r1/p/train.dpo",
+        "start": "model:policy",
+        "baseline": "model:policy",
+    }
+    assert (r2.inputs["policy"], r2.inputs["start"]) == ("r2/p/train.dpo", "r1/p/calibrate")
+    assert r2.inputs["baseline"] == ("model:policy" if relative_to == "base" else "r1/p/calibrate")
+    assert plan.step("r2/p/sample").inputs["policy"] == "r1/p/calibrate"  # round 2 samples it
+
+
+def test_show_prints_the_harmless_held_out_prompts_it_answers(tmp_path: Path, capsys) -> None:
+    from ralign.cli import main
+    from ralign.runtime.behavior import load_prompts
+    from ralign.runtime.builtin_data import resolve_dataset
+
+    recipe = tmp_path / "cal.ralign"
+    recipe.write_text(RECIPE.replace("CALIBRATE", "  calibrate { data = seeds }\n"), "utf-8")
+    assert main(["show", str(recipe), "--step", "p/calibrate", "-n", "40"]) == 0
+    out = capsys.readouterr().out
+    rows = load_prompts(resolve_dataset("seeds/hhh"), split="heldout")
+    harmless = [r["prompt"] for r in rows if r["kind"] in cal.HARMLESS]
+    others = [r["prompt"] for r in rows if r["kind"] not in cal.HARMLESS]
+    assert out.count("-----") == 2 * 40 and harmless[0] in out and harmless[-1] in out
+    assert not any(p in out for p in others)
