@@ -708,7 +708,7 @@ STEPS: dict[str, StepKind] = {
             ),
             "spacing": Attr(
                 NUMBER,
-                "the weights tried on the trained policy, largest first: 1, 1 - spacing, ..., 0 (the starting policy, which always passes)",
+                "the weights tried on the trained policy, largest first: 1, 1 - spacing, ..., 0 (the starting policy, kept when no other weight passes)",
                 0.25,
                 min=0,
                 max=1,
@@ -743,9 +743,8 @@ STEP_KINDS = tuple(sorted({k.split()[0] for k, v in STEPS.items() if v.in_phase}
 # What a pointwise rank template is given (its record's `mode_vars`; the docs test reads this name).
 POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
 
-EVAL_SETS = (
-    "ralign:evals/"  # built-in evaluation sets: never sampled from, trained or calibrated on
-)
+# Built-in evaluation sets: never sampled from, trained or calibrated on.
+EVAL_SETS = "ralign:evals/"
 
 # The template each evaluator or builtin dataset name resolves to is a runtime matter;
 # the compiler only knows the names.

@@ -87,8 +87,9 @@ def _step(
             at,
             f"'{source}' is an evaluation set: steps never read evaluation prompts (sample from a seed set such as ralign:seeds/hhh)",
         )
-    for attr in [a for a in step.attrs if kind.attrs.get(a.name, _NONE).type == sc.DATA]:
-        if attr.name in params:
+    for attr in step.attrs:
+        rule = kind.attrs.get(attr.name)
+        if rule is not None and rule.type == sc.DATA and attr.name in params:
             params[attr.name] = _step_data(w, main, params[attr.name], attr.value.span)
     templates = {a: params[a] for a in kind.template_vars if isinstance(params.get(a), str)}
     exprs = {a: params.pop(a)["expr"] for a in list(params) if _is_expr(params[a])}
@@ -103,9 +104,6 @@ def _step(
         attr_spans={a.name: a.span for a in step.attrs},
         name_span=step.name_span,
     )
-
-
-_NONE = sc.Attr("", "")
 
 
 def _step_data(w: Work, main: Any, data: Any, span: Any) -> Any:

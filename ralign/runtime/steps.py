@@ -638,7 +638,8 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     model.eval()
     before = refusals(model, tok, prompts, **opts)
     baseline = before
-    if ctx.step.inputs["baseline"] != ctx.step.inputs["start"]:  # the declared model, later rounds
+    separate = ctx.step.inputs["baseline"] != ctx.step.inputs["start"]  # the base, later rounds
+    if separate:
         bound, _ = ctx.run.models.load(ctx.step.inputs["baseline"], lora=False)
         baseline = refusals(bound.eval(), tok, prompts, **opts)
         del bound
@@ -668,7 +669,7 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     ctx.log(
         f"weight {weight:g}: refuses {chosen['k']}/{n} harmless held-out prompts; "
         f"the round's start {len(before)}/{n}"
-        + (f", the base {len(baseline)}/{n}" if baseline is not before else "")
+        + (f", the base {len(baseline)}/{n}" if separate else "")
     )
     if not chosen["passed"]:
         ctx.log(
