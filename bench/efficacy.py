@@ -38,8 +38,9 @@ Simplifications, stated up front:
 - One seed by default: with 16 held-out prompts per kind, one prompt moves a behavior rate by
   0.0625, so differences of one or two prompts are noise; HHH rows carry 95% Wilson intervals.
   `--seeds 7 8 9` runs every variant once per seed (`--set recipe.seed=N`, which drives sampling
-  and training order) and prints the mean over seeds, then each seed's row; base is
-  seed-independent.
+  and training order) and prints one row over the seeds, then each seed's row; base is
+  seed-independent. In the seeds' row a rate is the seeds' counts pooled (k and n summed) with
+  its 95% Wilson interval, and so is HHH dev; other figures are means.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 from common import execute_command, literal, slug, versions  # noqa: E402
 
+from ralign.stats import wilson  # noqa: E402
 from ralign.tables import text_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -291,6 +293,19 @@ def eval_rows(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
+def eval_counts(run_dir: Path) -> dict[int, dict[str, list[float]]]:
+    """Round -> {evaluation rate: [k, n]}: the counts behind the rates, so seeds can be pooled."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for result in sorted(run_dir.glob("r*/evaluate.*/result.json")):
+        rnd = int(result.parent.parent.name[1:])
+        name = result.parent.name.split(".", 1)[1]
+        rates = json.loads(result.read_text(encoding="utf-8")).get("rates", {})
+        for k, v in rates.items():
+            if isinstance(v, dict) and "k" in v and "n" in v:
+                out.setdefault(rnd, {})[f"{name}:{k}"] = [v["k"], v["n"]]
+    return out
+
+
 def run_variant(
     name: str,
     variant: Variant,
@@ -311,6 +326,7 @@ def run_variant(
     if not dev.is_file():
         dev_eval(str(run_dir / "final"), hhh_dev, dev)
     rows = eval_rows(run_dir)
+    counts = eval_counts(run_dir)
     return {
         "name": name,
         "seed": seed,
@@ -319,6 +335,7 @@ def run_variant(
         "step_seconds": step_seconds(run_dir),
         "base": rows[0],
         "after": rows[max(rows)],
+        "after_counts": counts.get(max(rows), {}),
         "hhh_dev": headline(json.loads(dev.read_text(encoding="utf-8"))),
     }
 
@@ -370,7 +387,10 @@ def cell(row: dict[str, Any], key: str) -> str:
             )
         return "-" if v is None else f"{v:.3f}"
     v = row["evals"].get(key)
-    return "-" if v is None else f"{v:.3f}"
+    if v is None:
+        return "-"
+    lo_hi = row.get("intervals", {}).get(key)
+    return f"{v:.3f} [{lo_hi[0]:.2f},{lo_hi[1]:.2f}]" if lo_hi else f"{v:.3f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -439,20 +459,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mean_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row per variant: each figure averaged over the seeds that finished (no intervals)."""
+    """One row per variant: each figure averaged over the seeds that finished; where every seed
+    recorded the counts (a rate's k of n, HHH dev's acc), the seeds' counts pooled, with the 95%
+    Wilson interval of the pooled rate (`intervals`, and `hhh_dev` as {value, ci95})."""
     evals: dict[str, float] = {}
+    intervals: dict[str, list[float]] = {}
     for key in {k for r in runs for k in r["after"]}:
         vals = [r["after"][key] for r in runs if isinstance(r["after"].get(key), int | float)]
         if len(vals) == len(runs):
             evals[key] = sum(vals) / len(vals)
-    dev = {
-        k: sum(r["hhh_dev"][k]["value"] for r in runs) / len(runs)
-        for k in runs[0]["hhh_dev"]
-        if all(k in r["hhh_dev"] for r in runs)
-    }
+        counts = [r.get("after_counts", {}).get(key) for r in runs]
+        if len(runs) > 1 and all(counts):
+            k, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            evals[key], intervals[key] = k / n, list(wilson(k, n))
+    dev: dict[str, Any] = {}
+    for key in runs[0]["hhh_dev"]:
+        figs = [r["hhh_dev"].get(key) for r in runs]
+        if not all(isinstance(f, dict) for f in figs):
+            continue
+        if len(runs) > 1 and all("k" in f and "n" in f for f in figs):
+            k, n = sum(f["k"] for f in figs), sum(f["n"] for f in figs)
+            dev[key] = {"value": k / n, "ci95": list(wilson(k, n))}
+        else:
+            dev[key] = sum(f["value"] for f in figs) / len(figs)
     return {
         "name": f"{name} (mean of {len(runs)})" if len(runs) > 1 else name,
         "evals": evals,
+        "intervals": intervals,
         "hhh_dev": dev,
         "step_seconds": sum(r["step_seconds"] for r in runs) / len(runs),
     }

@@ -260,6 +260,28 @@ def test_mean_row_averages_each_figure_over_seeds(eff):
     assert eff.mean_row("q", [run(0.5, 0.25, 0.4, 100)])["name"] == "q"
 
 
+def test_mean_row_pools_the_seeds_counts_with_an_interval(eff):
+    def run(k, dev_k):
+        return {
+            "after": {"behavior:harmful_compliance_rate": k / 80},
+            "after_counts": {"behavior:harmful_compliance_rate": [k, 80]},
+            "hhh_dev": {"acc": {"value": dev_k / 115, "k": dev_k, "n": 115}},
+            "step_seconds": 1,
+        }
+
+    row = eff.mean_row("q", [run(8, 50), run(16, 51), run(24, 52)])
+    # 48 of 240 pooled; Wilson by hand: p = 0.2, z = 1.96, centre (0.2 + 1.96^2 / 480) / (1 +
+    # 1.96^2 / 240) = 0.20473, half 1.96 * sqrt(0.2 * 0.8 / 240 + 1.96^2 / 4 / 240^2) / 1.01601
+    # = 0.05043
+    assert row["evals"]["behavior:harmful_compliance_rate"] == pytest.approx(0.2)
+    low, high = row["intervals"]["behavior:harmful_compliance_rate"]
+    assert (low, high) == (pytest.approx(0.1543, abs=1e-4), pytest.approx(0.2552, abs=1e-4))
+    assert row["hhh_dev"]["acc"]["value"] == pytest.approx(153 / 345)
+    assert eff.cell(row, "behavior:harmful_compliance_rate") == "0.200 [0.15,0.26]"
+    # one seed: its own figure, no pooled interval
+    assert eff.mean_row("q", [run(8, 50)])["intervals"] == {}
+
+
 def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
     sweep = bench_module("lora_sweep")
     samples = {}
