@@ -695,7 +695,7 @@ STEPS: dict[str, StepKind] = {
             ),
             "max_refusal_rise": Attr(
                 NUMBER,
-                "how much more often than the round's starting policy the calibrated one may refuse those harmless prompts (a rate: 0.05 is 5 points)",
+                "how much more often than the policy `relative_to` names the calibrated one may refuse those harmless prompts (a rate: 0.05 is 5 points)",
                 0.05,
                 min=0,
                 max=1,
