@@ -33,6 +33,7 @@ DATASETS: dict[str, str] = {
     "seeds/hhh": "seeds/hhh.jsonl",
     "seeds/red_team": "seeds/red_team.jsonl",
     "seeds/safe": "seeds/safe.jsonl",
+    "seeds/calibration": "seeds/calibration.jsonl",
     "evals/hhh-mini": "evals/hhh_mini.jsonl",
     "evals/behavior": "evals/behavior.jsonl",
 }

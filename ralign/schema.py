@@ -706,6 +706,13 @@ STEPS: dict[str, StepKind] = {
                 "round_start",
                 choices=("round_start", "base"),
             ),
+            "confidence": Attr(
+                NUMBER,
+                "how sure the bound must be: 0.5 compares the measured rise itself; 0.95 asks that the rise's one-sided 95% upper confidence bound, paired on the same prompts (Newcombe 1998), be within `max_refusal_rise`, so a rise the prompts are too few to rule out does not pass",
+                0.5,
+                min=0.5,
+                max=0.999,
+            ),
             "spacing": Attr(
                 NUMBER,
                 "the weights tried on the trained policy, largest first: 1, 1 - spacing, ..., 0 (the starting policy, kept when no other weight passes)",
@@ -752,6 +759,7 @@ BUILTIN_DATASETS = (
     "seeds/hhh",
     "seeds/red_team",
     "seeds/safe",
+    "seeds/calibration",
     "evals/hhh-mini",
     "evals/behavior",
 )

@@ -22,3 +22,25 @@ def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
 def rate(k: float, n: int) -> dict[str, Any]:
     """k/n as a reported figure: value, 95% Wilson interval, and the counts it came from."""
     return {"value": k / n if n else float("nan"), "ci95": list(wilson(k, n)), "k": k, "n": n}
+
+
+def paired_rise(refused: int, baseline: int, both: int, n: int, z: float) -> tuple[float, float]:
+    """How much more often one model refuses than another on the same n prompts: the difference
+    of the two rates and its upper confidence bound at normal quantile z (Newcombe 1998, "Improved
+    confidence intervals for the difference between binomial proportions based on paired data",
+    method 10: Wilson intervals of each rate, combined with the pairs' correlation). Pairing
+    matters: two models that refuse mostly the same prompts differ by much less noise than two
+    independent samples. z = 0 gives the difference itself.
+
+    Args:
+        refused, baseline: the prompts each model refuses; both: those refused by both.
+    """
+    a, b, c = both, refused - both, baseline - both
+    d = n - a - b - c
+    p1, p2 = refused / n, baseline / n
+    _, u1 = wilson(refused, n, z)
+    l2, _ = wilson(baseline, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    up, down = u1 - p1, p2 - l2
+    return p1 - p2, p1 - p2 + math.sqrt(max(0.0, up * up - 2 * phi * up * down + down * down))

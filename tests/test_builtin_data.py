@@ -36,7 +36,7 @@ def test_unknown_name_suggests_the_close_one():
         resolve_dataset("seeds/hhhh")
     with pytest.raises(
         DataError,
-        match="known: evals/behavior, evals/hhh-mini, seeds/hhh, seeds/red_team, seeds/safe",
+        match="known: evals/behavior, evals/hhh-mini, seeds/calibration, seeds/hhh, seeds/red_team, seeds/safe",
     ):
         resolve_dataset("nothing-like-it")
 
@@ -82,10 +82,31 @@ def test_safe_seeds_are_harmless_kinds_split_and_distinct():
     assert not others & {_norm(r["prompt"]) for r in safe}
 
 
+def test_calibration_seeds_are_harmless_all_held_out_interleaved_and_distinct():
+    cal = _rows("seeds/calibration")
+    assert Counter(r["kind"] for r in cal) == {"scary_harmless": 160, "everyday": 80}
+    # Never trained on: a step that samples a built-in set leaves every row out.
+    assert {r["split"] for r in cal} == {"heldout"}
+    assert all(list(r) == ["prompt", "kind", "split"] for r in cal)
+    assert all(r["prompt"] and r["prompt"].strip() == r["prompt"] for r in cal)
+    assert all("\n" not in r["prompt"] and 6 <= len(r["prompt"].split()) <= 40 for r in cal)
+    # Interleaved throughout (scary_harmless, scary_harmless, everyday, ...), so that any first
+    # rows keep the two kinds in proportion.
+    assert [r["kind"] for r in cal] == ["scary_harmless", "scary_harmless", "everyday"] * 80
+    others = {
+        _norm(r["prompt"])
+        for name in ("seeds/hhh", "seeds/red_team", "seeds/safe")
+        for r in _rows(name)
+    }
+    mine = [_norm(r["prompt"]) for r in cal]
+    assert len(set(mine)) == len(mine)
+    assert not others & set(mine)
+
+
 def test_no_duplicate_prompts_anywhere():
     prompts = [
         _norm(r["prompt"])
-        for name in ("seeds/hhh", "seeds/red_team", "seeds/safe")
+        for name in ("seeds/hhh", "seeds/red_team", "seeds/safe", "seeds/calibration")
         for r in _rows(name)
     ]
     dupes = [p for p, n in Counter(prompts).items() if n > 1]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ralign.plan import PlanError, check_inputs, with_hashes
 from ralign.runtime import calibrate as cal
+from ralign.stats import Z95, paired_rise, wilson
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,31 @@ def test_the_bound_may_start_from_the_base_and_then_the_start_may_fail_it() -> N
     assert rows[-1]["k"] == 8
 
 
+def test_paired_rise_by_hand() -> None:
+    # 100 prompts: the base refuses 5, the model those 5 and 5 more (a=5, b=5, c=0, d=90).
+    # Wilson 95% (z=1.96): 10/100 -> upper 0.174365 (0.074365 above 0.10); 5/100 -> lower
+    # 0.021543 (0.028457 below 0.05). phi = (5*90 - 5*0) / sqrt(10*90*5*95) = 0.688248.
+    # Upper = 0.05 + sqrt(0.074365^2 - 2*0.688248*0.074365*0.028457 + 0.028457^2) = 0.108541.
+    assert paired_rise(10, 5, 5, 100, Z95) == pytest.approx((0.05, 0.108541), abs=2e-6)
+    assert paired_rise(10, 5, 5, 100, 0.0) == pytest.approx((0.05, 0.05))
+    # Pairing narrows the bound: the same rates refused by unrelated prompts (phi < 0) are wider.
+    assert paired_rise(10, 5, 0, 100, Z95)[1] > 0.108541 + 0.02
+    # More prompts, the same rates: a tighter bound.
+    assert paired_rise(40, 20, 20, 400, Z95)[1] < 0.08
+
+
+def test_with_confidence_a_rise_within_the_noise_does_not_pass() -> None:
+    # 3/80 -> 7/80 is +0.05, at the bound: it passes as a measured rise; at 95% confidence on 80
+    # prompts even one more refusal (+0.0125, upper bound 0.0517) does not, the same three do.
+    prompts, asked, tried = _asked({1: 7, 0.75: 4, 0.5: 3})
+    assert cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)[0] == 1
+    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05, z=1.6449)
+    assert weight == 0.5
+    assert [r["rise"] for r in rows] == pytest.approx([0.05, 0.0125, 0.0])
+    assert rows[1]["rise_upper"] == pytest.approx(0.0517, abs=1e-4)
+    assert [r["passed"] for r in rows] == [False, False, True]
+
+
 def test_interpolation_is_exact_at_both_ends() -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(7, 5)
@@ -126,7 +152,9 @@ def test_calibrate_saves_the_interpolated_policy(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(cal, "refusals", refusals)
     recipe.write_text(
-        RECIPE.replace("CALIBRATE", "  calibrate { data = seeds, max_refusal_rise = 0.1 }\n"),
+        RECIPE.replace(
+            "CALIBRATE", "  calibrate { data = seeds, max_refusal_rise = 0.1, confidence = 0.95 }\n"
+        ),
         "utf-8",
     )
     execute_here(recipe, run)
@@ -143,6 +171,9 @@ def test_calibrate_saves_the_interpolated_policy(tmp_path: Path, monkeypatch) ->
         (1, 80, False),
         (0.75, 0, True),
     ]
+    # At 95%: no refusal in 80 may still be a rise of up to Wilson's upper bound for 0 of 80.
+    assert record["baseline"]["confidence"] == 0.95
+    assert record["tried"][1]["rise_upper"] == pytest.approx(wilson(0, 80, 1.6448536)[1])
     final = _weights(run / "final")
     changed = 0
     for k, v in final.items():
@@ -202,3 +233,34 @@ def test_show_prints_the_harmless_held_out_prompts_it_answers(tmp_path: Path, ca
     others = [r["prompt"] for r in rows if r["kind"] not in cal.HARMLESS]
     assert out.count("-----") == 2 * 40 and harmless[0] in out and harmless[-1] in out
     assert not any(p in out for p in others)
+
+
+def test_the_two_round_quickstart_is_the_quickstart_but_for_rounds_and_calibrate() -> None:
+    """bench/recipes/efficacy_rounds_confident.ralign copies recipes/quickstart.ralign: a change
+    there must be made in it too, or this fails."""
+    from ralign.compile import compile_file
+
+    root = Path(__file__).resolve().parents[1]
+    one = compile_file(root / "recipes" / "quickstart.ralign")
+    two = compile_file(root / "bench" / "recipes" / "efficacy_rounds_confident.ralign")
+    assert (one.rounds, two.rounds, one.seed) == (1, 2, two.seed)
+    assert one.models == two.models
+
+    def evaluations(plan):  # without their source lines
+        return [{k: v for k, v in e.items() if k != "line"} for e in plan.evaluations]
+
+    assert evaluations(one) == evaluations(two)
+    assert {k: v for k, v in two.datasets.items() if k != "harmless"} == one.datasets
+    for i in ("sample/sample", "judge/score", "distill/pairs", "distill/train.dpo"):
+        assert two.step(f"r1/{i}").hash == one.step(f"r1/{i}").hash, i
+    cal1, cal2 = one.step("r1/distill/calibrate").params, two.step("r1/distill/calibrate").params
+    assert {k: v for k, v in cal2.items() if k not in ("data", "confidence")} == {
+        k: v for k, v in cal1.items() if k not in ("data", "confidence")
+    }
+    assert (cal1["confidence"], cal2["confidence"]) == (0.5, 0.95)
+    assert cal2["data"]["path"] == [
+        "ralign:seeds/hhh",
+        "ralign:seeds/safe",
+        "ralign:seeds/calibration",
+    ]
+    assert two.step("r2/distill/calibrate").inputs["baseline"] == "model:policy"  # the base

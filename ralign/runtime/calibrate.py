@@ -10,6 +10,7 @@ line without retraining.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from ralign.errors import DataError
 from ralign.runtime.behavior import greedy_answers, is_refusal
-from ralign.stats import wilson
+from ralign.stats import paired_rise, wilson
 
 HARMLESS = ("everyday", "scary_harmless")  # behaviour kinds that should never be refused
 
@@ -75,24 +76,32 @@ def choose(
     n: int,
     spacing: float,
     max_rise: float,
+    z: float = 0.0,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The largest weight whose refusal rate is at most `max_rise` above the baseline's; 0 (the
-    start) when none is, even if the start itself is over the bound.
+    start) when none is, even if the start itself is over the bound. With z > 0 the rise must be
+    within the bound even at its upper confidence bound (`paired_rise`): on a few hundred prompts
+    a rise of 3 points is within the noise, so a measured rise just under the bound does not show
+    that the true one is.
 
     Args:
         tried: the prompts refused at a weight (never asked for 0, the start).
         start, baseline: the prompts the start and the baseline refuse, of `n` prompts.
+        z: the normal quantile of the confidence asked for (0: the measured rise itself).
     Returns:
-        (the weight, one row per weight tried: weight, k, n, rate, ci95, passed, refused).
+        (the weight, one row per weight tried: weight, k, n, rate, ci95, rise, rise_upper, passed,
+        refused).
     """
-    bound = len(baseline) / n + max_rise + 1e-12
     rows = []
     for w in weights(spacing):
         refused = start if w == 0 else tried(w)
+        both = sum((Counter(refused) & Counter(baseline)).values())
+        rise, upper = paired_rise(len(refused), len(baseline), both, n, z)
         low, high = wilson(len(refused), n)
         rows.append(
             {"weight": w, "k": len(refused), "n": n, "rate": len(refused) / n, "ci95": [low, high]}
-            | {"passed": len(refused) / n <= bound, "refused": refused}
+            | {"rise": rise, "rise_upper": upper, "passed": upper <= max_rise + 1e-12}
+            | {"refused": refused}
         )
         if rows[-1]["passed"] or w == 0:
             return w, rows

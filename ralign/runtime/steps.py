@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 from ralign import ir
@@ -652,14 +653,16 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
         return refusals(model, tok, prompts, **opts)
 
     n, rise = len(prompts), p["max_refusal_rise"]
-    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise)
+    z = NormalDist().inv_cdf(p["confidence"])
+    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise, z)
     if weight == 1:
         model = trained
     else:
         interpolate(model, start, end, weight)
     record = {
         "start": {"k": len(before), "n": n, "refused": before},
-        "baseline": {"k": len(baseline), "n": n, "refused": baseline, "max_rise": rise},
+        "baseline": {"k": len(baseline), "n": n, "refused": baseline, "max_rise": rise}
+        | {"confidence": p["confidence"]},
         "tried": rows,
     }
     (ctx.out / "calibration.json").write_text(
@@ -670,6 +673,11 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
         f"weight {weight:g}: refuses {chosen['k']}/{n} harmless held-out prompts; "
         f"the round's start {len(before)}/{n}"
         + (f", the base {len(baseline)}/{n}" if separate else "")
+        + (
+            f"; rise {chosen['rise']:+.3f}, at most {chosen['rise_upper']:+.3f} ({p['confidence']:g})"
+            if z > 0
+            else ""
+        )
     )
     if not chosen["passed"]:
         ctx.log(
