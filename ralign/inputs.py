@@ -15,6 +15,7 @@ from pathlib import Path
 from ralign.cache import read_json, write_json
 from ralign.errors import DataError, did_you_mean
 from ralign.imports import confined
+from ralign.schema import BUILTIN_DATASETS
 
 CHUNK = 1 << 20  # bytes read at a time when hashing: a file is never read whole
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -28,15 +29,7 @@ SKIPPED_FOLDERS = frozenset({".cache"})  # huggingface_hub's download bookkeepin
 
 # ------------------------------------------------------------------ built-in data sets
 
-# name (as in `ralign:NAME`) -> file under the package's data/ folder
-DATASETS: dict[str, str] = {
-    "seeds/hhh": "seeds/hhh.jsonl",
-    "seeds/red_team": "seeds/red_team.jsonl",
-    "seeds/safe": "seeds/safe.jsonl",
-    "seeds/calibration": "seeds/calibration.jsonl",
-    "evals/hhh-mini": "evals/hhh_mini.jsonl",
-    "evals/behavior": "evals/behavior.jsonl",
-}
+DATASETS = BUILTIN_DATASETS  # the names the compiler knows are the files there are
 
 
 def resolve_dataset(name: str) -> Path:

@@ -753,16 +753,16 @@ POINTWISE_VARS = STEPS["rank"].mode_vars["pointwise"]
 # Built-in evaluation sets: never sampled from, trained or calibrated on.
 EVAL_SETS = "ralign:evals/"
 
-# The template each evaluator or builtin dataset name resolves to is a runtime matter;
-# the compiler only knows the names.
-BUILTIN_DATASETS = (
-    "seeds/hhh",
-    "seeds/red_team",
-    "seeds/safe",
-    "seeds/calibration",
-    "evals/hhh-mini",
-    "evals/behavior",
-)
+# Built-in data sets: name (as in `ralign:NAME`) -> file under the package's data/ folder. The
+# compiler checks the names; reading the files is a runtime matter (ralign.inputs).
+BUILTIN_DATASETS: dict[str, str] = {
+    "seeds/hhh": "seeds/hhh.jsonl",
+    "seeds/red_team": "seeds/red_team.jsonl",
+    "seeds/safe": "seeds/safe.jsonl",
+    "seeds/calibration": "seeds/calibration.jsonl",
+    "evals/hhh-mini": "evals/hhh_mini.jsonl",
+    "evals/behavior": "evals/behavior.jsonl",
+}
 # How many positions (tokens) each built-in model takes: a recipe's `max_length` may not pass it.
 BUILTIN_POSITIONS = {"smollm2-135m": 8192, "tiny-llama": 512, "tiny-gpt2": 512, "tiny-qwen2": 512}
 BUILTIN_MODELS = (

@@ -123,6 +123,11 @@ CHANGED = {
 }
 
 
+def evaluations(plan):
+    """A plan's evaluations by name, without their source lines."""
+    return {e["name"]: {k: v for k, v in e.items() if k != "line"} for e in plan.evaluations}
+
+
 def _params(plan, step):
     """A step's parameters, its own file's templates (`FILE:name`) named alike in every file."""
     own = f"{plan.source}:"
@@ -140,9 +145,6 @@ def test_variant_files_are_the_base_but_for_their_change(eff, file):
     base, plan = compile_file(eff.BASE), compile_file(path)
     assert (plan.seed, plan.rounds, plan.policy) == (base.seed, base.rounds, "policy")
     assert plan.models == base.models and plan.datasets == base.datasets
-
-    def evaluations(plan):  # by name, without their source lines
-        return {e["name"]: {k: v for k, v in e.items() if k != "line"} for e in plan.evaluations}
 
     ours_evals, base_evals = evaluations(plan), evaluations(base)
     assert ours_evals == base_evals
@@ -205,6 +207,30 @@ def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
     assert Var("quality") in set(ir.walk(total))
     small = _plan(eff.variants("small")[eff.QUICKSTART_CONTRAST])
     assert small.rounds == 3 and small.datasets["seeds"]["limit"] == 64
+
+
+def test_the_two_round_quickstart_is_the_quickstart_but_for_rounds_and_calibrate(eff):
+    """bench/recipes/efficacy_rounds_confident.ralign copies recipes/quickstart.ralign: a change
+    there must be made in it too, or this fails."""
+    one = compile_file(eff.QUICKSTART)
+    two = compile_file(eff.RECIPES / "efficacy_rounds_confident.ralign")
+    assert (one.rounds, two.rounds, one.seed) == (1, 2, two.seed)
+    assert one.models == two.models
+    assert evaluations(one) == evaluations(two)
+    assert {k: v for k, v in two.datasets.items() if k != "harmless"} == one.datasets
+    for i in ("sample/sample", "judge/score", "distill/pairs", "distill/train.dpo"):
+        assert two.step(f"r1/{i}").hash == one.step(f"r1/{i}").hash, i
+    cal1, cal2 = one.step("r1/distill/calibrate").params, two.step("r1/distill/calibrate").params
+    assert {k: v for k, v in cal2.items() if k not in ("data", "confidence")} == {
+        k: v for k, v in cal1.items() if k not in ("data", "confidence")
+    }
+    assert (cal1["confidence"], cal2["confidence"]) == (0.5, 0.95)
+    assert cal2["data"]["path"] == [
+        "ralign:seeds/hhh",
+        "ralign:seeds/safe",
+        "ralign:seeds/calibration",
+    ]
+    assert two.step("r2/distill/calibrate").inputs["baseline"] == "model:policy"  # the base
 
 
 def test_self_ranking_rows_score_by_the_rank(eff):

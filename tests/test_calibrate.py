@@ -233,34 +233,3 @@ def test_show_prints_the_harmless_held_out_prompts_it_answers(tmp_path: Path, ca
     others = [r["prompt"] for r in rows if r["kind"] not in cal.HARMLESS]
     assert out.count("-----") == 2 * 40 and harmless[0] in out and harmless[-1] in out
     assert not any(p in out for p in others)
-
-
-def test_the_two_round_quickstart_is_the_quickstart_but_for_rounds_and_calibrate() -> None:
-    """bench/recipes/efficacy_rounds_confident.ralign copies recipes/quickstart.ralign: a change
-    there must be made in it too, or this fails."""
-    from ralign.compile import compile_file
-
-    root = Path(__file__).resolve().parents[1]
-    one = compile_file(root / "recipes" / "quickstart.ralign")
-    two = compile_file(root / "bench" / "recipes" / "efficacy_rounds_confident.ralign")
-    assert (one.rounds, two.rounds, one.seed) == (1, 2, two.seed)
-    assert one.models == two.models
-
-    def evaluations(plan):  # without their source lines
-        return [{k: v for k, v in e.items() if k != "line"} for e in plan.evaluations]
-
-    assert evaluations(one) == evaluations(two)
-    assert {k: v for k, v in two.datasets.items() if k != "harmless"} == one.datasets
-    for i in ("sample/sample", "judge/score", "distill/pairs", "distill/train.dpo"):
-        assert two.step(f"r1/{i}").hash == one.step(f"r1/{i}").hash, i
-    cal1, cal2 = one.step("r1/distill/calibrate").params, two.step("r1/distill/calibrate").params
-    assert {k: v for k, v in cal2.items() if k not in ("data", "confidence")} == {
-        k: v for k, v in cal1.items() if k not in ("data", "confidence")
-    }
-    assert (cal1["confidence"], cal2["confidence"]) == (0.5, 0.95)
-    assert cal2["data"]["path"] == [
-        "ralign:seeds/hhh",
-        "ralign:seeds/safe",
-        "ralign:seeds/calibration",
-    ]
-    assert two.step("r2/distill/calibrate").inputs["baseline"] == "model:policy"  # the base
