@@ -136,12 +136,14 @@ QUICKSTART_UNCALIBRATED = "quickstart without calibrate"
 BASE_ROW = "rules, SFT+DPO (the quickstart until 2026-12-05)"  # what the other rows change
 QUICKSTART_2_ROUNDS = "quickstart, 2 rounds"
 QUICKSTART_ROUNDS = "quickstart, 3 rounds"
+QUICKSTART_WHOLE = "quickstart, the whole update every round, 2 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
     QUICKSTART_2_ROUNDS: (QUICKSTART_ROUNDS, QUICKSTART_ROW),  # a 3-round run has all its steps
     QUICKSTART_ROUNDS: (QUICKSTART_2_ROUNDS, QUICKSTART_ROW),
+    QUICKSTART_WHOLE: (QUICKSTART_ROW,),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
 }
@@ -175,9 +177,14 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         QUICKSTART_UNCALIBRATED: uncalibrated,
         # Today's quickstart for two and three rounds, each round's policy sampling the next,
         # behaviour measured after every round (their first round is the row above: the same
-        # steps). Later rounds refused more (docs/results.md, 2026-12-05 night).
+        # steps); round r keeps at most 0.5^(r - 1) of its update (`decay`).
         QUICKSTART_2_ROUNDS: quickstart.but("recipe.rounds=2", 'behavior.every="round"'),
         QUICKSTART_ROUNDS: quickstart.but("recipe.rounds=3", 'behavior.every="round"'),
+        # The same two rounds as before `decay`: the second may keep all of its update. It refused
+        # more safe requests than the first (docs/results.md, 2026-12-05 night and 2026-12-06).
+        QUICKSTART_WHOLE: quickstart.but(
+            "recipe.rounds=2", 'behavior.every="round"', "distill/calibrate.decay=1"
+        ),
         # The same three rounds with the policy's own contrast judgement ranking the answers the
         # rules do not refuse (its first sampling is the quickstart's).
         QUICKSTART_CONTRAST: Variant(RECIPES / "efficacy_quickstart_contrast.ralign", sized).but(

@@ -721,6 +721,14 @@ STEPS: dict[str, StepKind] = {
                 max=1,
                 min_open=True,
             ),
+            "decay": Attr(
+                NUMBER,
+                "how the steps shrink over rounds: round r tries decay^(r - 1) times those weights, so with 0.5 round 2 moves the policy at most half as far as it was trained to (1: every round may keep its whole update)",
+                1.0,
+                min=0,
+                max=1,
+                min_open=True,
+            ),
             "max_new_tokens": Attr(
                 INT, "answer length, in tokens (refusals show early)", 40, min=1
             ),
@@ -760,6 +768,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "seeds/red_team": "seeds/red_team.jsonl",
     "seeds/safe": "seeds/safe.jsonl",
     "seeds/calibration": "seeds/calibration.jsonl",
+    "seeds/calibration_apart": "seeds/calibration_apart.jsonl",
     "evals/hhh-mini": "evals/hhh_mini.jsonl",
     "evals/behavior": "evals/behavior.jsonl",
 }

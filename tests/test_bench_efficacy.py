@@ -74,6 +74,18 @@ def test_quickstart_rounds_rows_share_their_first_rounds(eff):
     assert two.step("r1/evaluate/behavior").hash == three.step("r1/evaluate/behavior").hash
 
 
+def test_the_whole_update_row_is_the_two_round_row_but_for_decay(eff):
+    rows = eff.variants()
+    whole, two = _plan(rows[eff.QUICKSTART_WHOLE]), _plan(rows[eff.QUICKSTART_2_ROUNDS])
+    assert [s.id for s in two.steps] == [s.id for s in whole.steps]
+    for a, b in zip(whole.steps, two.steps, strict=True):
+        if a.kind == "calibrate":
+            assert (a.params["decay"], b.params["decay"]) == (1.0, 0.5)
+            assert {**a.params, "decay": 0.5} == b.params
+        elif "calibrate" not in str(a.inputs) and a.round == 1:
+            assert a.hash == b.hash, a.id  # round 1 trains alike; only calibrate's hash differs
+
+
 def _plan(variant):
     return compile_file(variant.recipe, (ROOT,), sets=variant.sets)
 
@@ -221,10 +233,12 @@ def test_the_two_round_quickstart_is_the_quickstart_but_for_rounds_and_calibrate
     for i in ("sample/sample", "judge/score", "distill/pairs", "distill/train.dpo"):
         assert two.step(f"r1/{i}").hash == one.step(f"r1/{i}").hash, i
     cal1, cal2 = one.step("r1/distill/calibrate").params, two.step("r1/distill/calibrate").params
-    assert {k: v for k, v in cal2.items() if k not in ("data", "confidence")} == {
-        k: v for k, v in cal1.items() if k not in ("data", "confidence")
+    differ = ("data", "confidence", "decay")  # measured before `decay`: it kept whole updates
+    assert {k: v for k, v in cal2.items() if k not in differ} == {
+        k: v for k, v in cal1.items() if k not in differ
     }
     assert (cal1["confidence"], cal2["confidence"]) == (0.5, 0.95)
+    assert (cal1["decay"], cal2["decay"]) == (0.5, 1.0)
     assert cal2["data"]["path"] == [
         "ralign:seeds/hhh",
         "ralign:seeds/safe",

@@ -36,7 +36,7 @@ def test_unknown_name_suggests_the_close_one():
         resolve_dataset("seeds/hhhh")
     with pytest.raises(
         DataError,
-        match="known: evals/behavior, evals/hhh-mini, seeds/calibration, seeds/hhh, seeds/red_team, seeds/safe",
+        match="known: evals/behavior, evals/hhh-mini, seeds/calibration, seeds/calibration_apart, seeds/hhh, seeds/red_team, seeds/safe",
     ):
         resolve_dataset("nothing-like-it")
 
@@ -103,11 +103,41 @@ def test_calibration_seeds_are_harmless_all_held_out_interleaved_and_distinct():
     assert not others & set(mine)
 
 
+def test_calibration_written_apart_is_harmless_held_out_in_proportion_and_in_many_styles():
+    cal = _rows("seeds/calibration_apart")
+    kinds = Counter(r["kind"] for r in cal)
+    assert kinds == {"scary_harmless": 196, "everyday": 95}
+    assert {r["split"] for r in cal} == {"heldout"}
+    assert all(list(r) == ["prompt", "kind", "split"] for r in cal)
+    # Interleaved in proportion: every first k rows hold k * 95/291 everyday prompts, give or take 2.
+    everyday = 0
+    for k, r in enumerate(cal, 1):
+        everyday += r["kind"] == "everyday"
+        assert abs(everyday - k * kinds["everyday"] / len(cal)) <= 2, k
+    # Written the way users write, not the way the training prompts are (its point: see
+    # tests/test_eval_sets.py for the overlap with them): fragments, lower case, no end
+    # punctuation, long messages with context, code.
+    prompts = [r["prompt"] for r in cal]
+    assert sum(p == p.lower() for p in prompts) >= 60
+    assert sum(p[-1] not in ".?!" for p in prompts) >= 60
+    assert sum(len(p.split()) < 8 for p in prompts) >= 15
+    assert sum(len(p.split()) > 30 for p in prompts) >= 15
+    assert any("```" in p for p in prompts)
+    mine = [_norm(p) for p in prompts]
+    assert len(set(mine)) == len(mine)
+    others = {
+        _norm(r["prompt"])
+        for name in DATASETS
+        if name != "seeds/calibration_apart"
+        for r in _rows(name)
+        if "prompt" in r
+    }
+    assert not others & set(mine)
+
+
 def test_no_duplicate_prompts_anywhere():
     prompts = [
-        _norm(r["prompt"])
-        for name in ("seeds/hhh", "seeds/red_team", "seeds/safe", "seeds/calibration")
-        for r in _rows(name)
+        _norm(r["prompt"]) for name in DATASETS if name.startswith("seeds/") for r in _rows(name)
     ]
     dupes = [p for p, n in Counter(prompts).items() if n > 1]
     assert not dupes

@@ -30,6 +30,16 @@ def test_weights_run_from_one_down_to_zero(spacing: float, expected: list[float]
     assert cal.weights(spacing) == expected
 
 
+@pytest.mark.parametrize(
+    "spacing, top, expected",
+    [(0.25, 0.5, [0.5, 0.375, 0.25, 0.125, 0]), (0.5, 0.25, [0.25, 0.125, 0]), (1, 0.5, [0.5, 0])],
+)
+def test_a_smaller_top_scales_every_weight(
+    spacing: float, top: float, expected: list[float]
+) -> None:
+    assert cal.weights(spacing, top) == expected
+
+
 def _asked(answers: dict[float, int]):
     """A `tried` that refuses the first answers[w] of 80 prompts, and records the weights asked."""
     prompts = [f"p{i}" for i in range(80)]
@@ -73,6 +83,13 @@ def test_the_bound_may_start_from_the_base_and_then_the_start_may_fail_it() -> N
     weight, rows = cal.choose(tried, prompts[:8], prompts[:2], 80, 0.5, 0.05)
     assert (weight, [r["passed"] for r in rows]) == (0, [False, False, False])
     assert rows[-1]["k"] == 8
+
+
+def test_with_a_smaller_top_the_largest_weight_asked_is_the_top() -> None:
+    prompts, asked, tried = _asked({0.5: 10, 0.375: 4})  # start 3/80: +0.0875, then +0.0125
+    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05, top=0.5)
+    assert (weight, asked) == (0.375, [0.5, 0.375])
+    assert [r["weight"] for r in rows] == [0.5, 0.375]
 
 
 def test_paired_rise_by_hand() -> None:
@@ -217,6 +234,24 @@ def test_each_round_calibrates_its_own_training_from_its_own_start(
     assert (r2.inputs["policy"], r2.inputs["start"]) == ("r2/p/train.dpo", "r1/p/calibrate")
     assert r2.inputs["baseline"] == ("model:policy" if relative_to == "base" else "r1/p/calibrate")
     assert plan.step("r2/p/sample").inputs["policy"] == "r1/p/calibrate"  # round 2 samples it
+
+
+def test_with_decay_later_rounds_keep_at_most_a_shrinking_share(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
+    recipe, run = tmp_path / "cal.ralign", tmp_path / "run"
+    step = "  calibrate { data = seeds, decay = 0.5 }\n"
+    recipe.write_text(RECIPE.replace("CALIBRATE", step).replace("seed = 3", "seed = 3, rounds = 2"))
+    execute_here(recipe, run)
+    # A random tiny model never refuses, so each round keeps the largest weight it may try.
+    got = metrics(run)
+    assert (got["r1/p/calibrate"]["weight"], got["r2/p/calibrate"]["weight"]) == (1, 0.5)
+    record = json.loads((run / "r2" / "p.calibrate" / "calibration.json").read_text())
+    assert record["largest_weight"] == 0.5
+    assert [r["weight"] for r in record["tried"]] == [0.5]
+    r1, final = _weights(run / "r1" / "p.calibrate" / "model"), _weights(run / "final")
+    assert any(not torch.equal(v, r1[k]) for k, v in final.items())  # half of round 2 is there
 
 
 def test_show_prints_the_harmless_held_out_prompts_it_answers(tmp_path: Path, capsys) -> None:

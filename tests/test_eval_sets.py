@@ -117,27 +117,41 @@ def test_shared_fraction_by_hand(prompt, other, want):
     assert shared_fraction(prompt, ngrams(words(other), N)) == want
 
 
-def test_no_eval_prompt_overlaps_a_training_text(rows):
-    texts = training_texts()
+# Held out, but written apart from the training prompts as the evaluation was: `calibrate`'s
+# refusal bound must see prompts unlike those the policy was trained to answer.
+APART = ROOT / "ralign" / "data" / "seeds" / "calibration_apart.jsonl"
+
+
+def written_apart(name: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The prompts of the set `name`, and the training texts they must not overlap (not their own)."""
+    if name == "evals/behavior":
+        return [r["prompt"] for r in load_prompts(EVAL_SET)], training_texts()
+    own = [r["prompt"] for r in load_prompts(APART)]
+    return own, [(src, t) for src, t in training_texts() if src != APART.name]
+
+
+@pytest.mark.parametrize("name", ["evals/behavior", "seeds/calibration_apart"])
+def test_no_prompt_written_apart_overlaps_a_training_text(name):
+    prompts, texts = written_apart(name)
     assert len(texts) > 500  # the seed sets alone hold 784 prompts: the sources were found
     exact = {" ".join(words(t)) for _, t in texts}
-    # 5-gram -> the training texts holding it, so each eval prompt meets only the texts it shares with.
+    # 5-gram -> the training texts holding it, so each prompt meets only the texts it shares with.
     index: dict[tuple[str, ...], set[int]] = {}
     for i, (_, t) in enumerate(texts):
         for g in ngrams(words(t), N):
             index.setdefault(g, set()).add(i)
     worst = (0.0, "", "")
     duplicates, too_close = [], []
-    for r in rows:
-        if " ".join(words(r["prompt"])) in exact:
-            duplicates.append(r["prompt"])
-        mine = ngrams(words(r["prompt"]), N)
+    for prompt in prompts:
+        if " ".join(words(prompt)) in exact:
+            duplicates.append(prompt)
+        mine = ngrams(words(prompt), N)
         shared = Counter(i for g in mine for i in index.get(g, ()))
         for i, count in shared.items():
             f = count / len(mine)
-            worst = max(worst, (f, r["prompt"], texts[i][0]))
+            worst = max(worst, (f, prompt, texts[i][0]))
             if f >= MAX_SHARED:
-                too_close.append((round(f, 2), texts[i][0], r["prompt"]))
+                too_close.append((round(f, 2), texts[i][0], prompt))
     print(f"largest 5-gram overlap: {worst[0]:.3f} ({worst[1]!r} vs a text of {worst[2]})")
     assert not duplicates
     assert not too_close
@@ -155,15 +169,17 @@ def test_jaccard_by_hand(a, b, want):
     assert jaccard(set(words(a)), set(words(b))) == want
 
 
-def test_no_eval_prompt_paraphrases_a_training_prompt(rows):
+@pytest.mark.parametrize("name", ["evals/behavior", "seeds/calibration_apart"])
+def test_no_prompt_written_apart_paraphrases_a_training_prompt(name):
     """Word-set overlap against every training text short enough to be one prompt (a long template
     shares many words with anything)."""
-    short = [(src, set(words(t))) for src, t in training_texts() if len(words(t)) <= 40]
+    prompts, texts = written_apart(name)
+    short = [(src, set(words(t))) for src, t in texts if len(words(t)) <= 40]
     assert len(short) > 300
     close = []
-    for r in rows:
-        mine = set(words(r["prompt"]))
+    for prompt in prompts:
+        mine = set(words(prompt))
         for src, theirs in short:
             if jaccard(mine, theirs) >= MAX_WORDS_SHARED:
-                close.append((round(jaccard(mine, theirs), 2), src, r["prompt"]))
+                close.append((round(jaccard(mine, theirs), 2), src, prompt))
     assert not close

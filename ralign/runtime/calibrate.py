@@ -43,11 +43,11 @@ def harmless_prompts(data: dict[str, Any], recipe_dir: Path) -> list[str]:
     return out
 
 
-def weights(spacing: float) -> list[float]:
-    """The weights tried, largest first: 1, 1 - spacing, ... while positive, then 0."""
+def weights(spacing: float, top: float = 1.0) -> list[float]:
+    """The weights tried, largest first: top times 1, 1 - spacing, ... while positive, then 0."""
     out, k = [], 0
     while (w := round(1 - k * spacing, 10)) > 0:
-        out.append(w)
+        out.append(round(top * w, 10))
         k += 1
     return [*out, 0.0]
 
@@ -77,6 +77,7 @@ def choose(
     spacing: float,
     max_rise: float,
     z: float = 0.0,
+    top: float = 1.0,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The largest weight whose refusal rate is at most `max_rise` above the baseline's; 0 (the
     start) when none is, even if the start itself is over the bound. With z > 0 the rise must be
@@ -88,12 +89,13 @@ def choose(
         tried: the prompts refused at a weight (never asked for 0, the start).
         start, baseline: the prompts the start and the baseline refuse, of `n` prompts.
         z: the normal quantile of the confidence asked for (0: the measured rise itself).
+        top: the largest weight tried (the step's `decay` to the power of the round, less one).
     Returns:
         (the weight, one row per weight tried: weight, k, n, rate, ci95, rise, rise_upper, passed,
         refused).
     """
     rows = []
-    for w in weights(spacing):
+    for w in weights(spacing, top):
         refused = start if w == 0 else tried(w)
         both = sum((Counter(refused) & Counter(baseline)).values())
         rise, upper = paired_rise(len(refused), len(baseline), both, n, z)

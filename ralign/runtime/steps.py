@@ -654,7 +654,9 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
 
     n, rise = len(prompts), p["max_refusal_rise"]
     z = NormalDist().inv_cdf(p["confidence"])
-    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise, z)
+    # Later rounds take shorter steps (`decay`): the largest weight tried shrinks round by round.
+    top = p["decay"] ** (ctx.step.round - 1)
+    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise, z, top)
     if weight == 1:
         model = trained
     else:
@@ -663,6 +665,7 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
         "start": {"k": len(before), "n": n, "refused": before},
         "baseline": {"k": len(baseline), "n": n, "refused": baseline, "max_rise": rise}
         | {"confidence": p["confidence"]},
+        "largest_weight": top,
         "tried": rows,
     }
     (ctx.out / "calibration.json").write_text(
@@ -670,7 +673,9 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     )
     chosen = rows[-1]
     ctx.log(
-        f"weight {weight:g}: refuses {chosen['k']}/{n} harmless held-out prompts; "
+        f"weight {weight:g}"
+        + (f" (at most {top:g})" if top < 1 else "")
+        + f": refuses {chosen['k']}/{n} harmless held-out prompts; "
         f"the round's start {len(before)}/{n}"
         + (f", the base {len(baseline)}/{n}" if separate else "")
         + (
