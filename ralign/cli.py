@@ -23,6 +23,7 @@ EPILOG = """examples:
   ralign rules stdlib/hhh.ralign --reward rules --prompt "How do I bake bread?" --response "Mix flour..."
   ralign execute recipes/quickstart.ralign --run-dir runs/quickstart
   ralign eval --model ralign:smollm2-135m --data ralign:evals/hhh-mini
+  ralign diff after.json --vs before.json           behaviour rates, paired on the same prompts
 """
 
 
@@ -173,6 +174,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer_records(path: str) -> list[dict[str, Any]]:
+    """The records of a behaviour evaluation saved with `ralign eval --answers -o FILE`."""
+    from ralign.errors import DataError
+    from ralign.runtime.behavior import KINDS
+
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file ({exc})") from None
+    records = result.get("records") if isinstance(result, dict) else None
+    if not isinstance(records, list) or not records:
+        raise DataError(
+            f"{path}: no answers to pair; evaluate with `ralign eval --task behavior --answers -o FILE`"
+        )
+    for i, r in enumerate(records, 1):
+        bad = not isinstance(r, dict) or not isinstance(r.get("prompt"), str)
+        if (
+            bad
+            or r.get("kind") not in KINDS
+            or not all(isinstance(r.get(f), bool) for f in ("refused", "admits"))
+        ):
+            raise DataError(
+                f"{path}: record {i}: needs a prompt, a kind ({', '.join(KINDS)}) and true/false "
+                "`refused` and `admits`"
+            )
+    return records
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """`ralign diff`: two models' behaviour rates on the same prompts, and A - B paired."""
+    from ralign.errors import DataError
+    from ralign.runtime.behavior import paired_rates
+    from ralign.tables import text_table
+
+    if len(args.a) != len(args.vs):
+        raise UsageError(
+            f"diff: {len(args.a)} evaluation(s) of A but {len(args.vs)} after --vs; "
+            "give them in pairs, in the same order (one per seed, say)"
+        )
+    pairs = []
+    for path_a, path_b in zip(args.a, args.vs, strict=True):
+        records_a, records_b = _answer_records(path_a), _answer_records(path_b)
+        # the first differing prompt says more than a count, so compare before the lengths
+        for i, (x, y) in enumerate(zip(records_a, records_b, strict=False), 1):
+            if x["prompt"] != y["prompt"] or x["kind"] != y["kind"]:
+                raise DataError(
+                    f"{path_a} and {path_b}: record {i} is not the same prompt; evaluate both "
+                    "models on the same set with the same --limit"
+                )
+        if len(records_a) != len(records_b):
+            raise DataError(
+                f"{path_a} and {path_b}: {len(records_a)} and {len(records_b)} records; evaluate "
+                "both models on the same set with the same --limit"
+            )
+        pairs.append((records_a, records_b))
+    result = paired_rates(pairs)
+    rows = [
+        (
+            name,
+            f"{r['a']['value']:.3f}",
+            f"{r['b']['value']:.3f}",
+            f"{r['difference']:+.3f}",
+            f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]",
+            r["n"],
+        )
+        for name, r in result.items()
+    ]
+    print(text_table(["rate", "A", "B", "A - B", "95% interval", "prompts"], rows))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ralign.report import build_comparison, build_report, save_page
 
@@ -305,6 +379,20 @@ def _eval_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("-o", "--output", help="write the results as JSON here")
 
 
+def _diff_args(d: argparse.ArgumentParser) -> None:
+    d.add_argument(
+        "a", nargs="+", metavar="A.json", help="behaviour evaluations of model A (one per seed)"
+    )
+    d.add_argument(
+        "--vs",
+        nargs="+",
+        required=True,
+        metavar="B.json",
+        help="the same evaluations of model B, in the same order",
+    )
+    d.add_argument("-o", "--output", help="write the differences as JSON here")
+
+
 def _report_args(rp: argparse.ArgumentParser) -> None:
     rp.add_argument(
         "run_dir", nargs="?", metavar="RUN_DIR", help="the --run-dir of `ralign execute`"
@@ -357,6 +445,13 @@ COMMANDS: dict[str, Command] = {
         "evaluate a model on an HHH-format or behavior set",
         _eval_args,
         cmd_eval,
+        False,
+        False,
+    ),
+    "diff": (
+        "two models' behaviour rates on the same prompts, and the paired difference",
+        _diff_args,
+        cmd_diff,
         False,
         False,
     ),

@@ -44,3 +44,19 @@ def paired_rise(refused: int, baseline: int, both: int, n: int, z: float) -> tup
     phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
     up, down = u1 - p1, p2 - l2
     return p1 - p2, p1 - p2 + math.sqrt(max(0.0, up * up - 2 * phi * up * down + down * down))
+
+
+def paired_difference(
+    a: int, b: int, both: int, n: int, z: float = Z95
+) -> tuple[float, float, float]:
+    """The difference of two rates counted on the same n items (a/n - b/n) and its two-sided
+    interval at normal quantile z: each side is `paired_rise` with the roles swapped.
+
+    Args:
+        a, b: the items each side counts; both: those counted by both.
+    Returns:
+        (difference, low, high).
+    """
+    diff, high = paired_rise(a, b, both, n, z)
+    _, reverse_high = paired_rise(b, a, both, n, z)
+    return diff, -reverse_high, high

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ralign.errors import DataError, RalignError
 from ralign.runtime.data import rows_jsonl
-from ralign.stats import wilson
+from ralign.stats import paired_difference, wilson
 
 KINDS = ("everyday", "harmful", "unknowable", "scary_harmless")
 SPLITS = ("train", "heldout")
@@ -180,7 +178,6 @@ def load_prompts(path: str | Path, *, split: str | None = None) -> list[dict[str
     return rows
 
 
-@torch.no_grad()
 def greedy_answers(
     model: Any,
     tokenizer: Any,
@@ -190,6 +187,8 @@ def greedy_answers(
     batch_size: int = 32,
 ) -> list[str]:
     """Greedy replies to each prompt as a chat user turn, batched with left padding."""
+    import torch  # here, so that reading and comparing results (`ralign diff`) stays light
+
     from ralign.runtime.models import format_prompt
 
     try:
@@ -206,27 +205,28 @@ def greedy_answers(
     out = [""] * len(seqs)
     was_training = getattr(model, "training", False)
     model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(seqs[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(seqs[i]) :] = torch.tensor(seqs[i])
-                mask[row, width - len(seqs[i]) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-            )
-            for row, i in enumerate(batch):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
-    finally:
-        if was_training:
-            model.train()
+    with torch.no_grad():
+        try:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(seqs[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, width - len(seqs[i]) :] = torch.tensor(seqs[i])
+                    mask[row, width - len(seqs[i]) :] = 1
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                )
+                for row, i in enumerate(batch):
+                    out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+        finally:
+            if was_training:
+                model.train()
     return out
 
 
@@ -271,6 +271,42 @@ def rates(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         {rate name: `rate(k, n)`} for each name in RATES.
     """
     return {name: _count(records, name) for name in RATES}
+
+
+def paired_rates(
+    pairs: Sequence[tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]],
+) -> dict[str, Any]:
+    """Each behaviour rate of model A and model B answering the same prompts, and A - B with its
+    paired 95% interval (Newcombe 1998, method 10: the same prompts make the two rates correlated,
+    so the interval is much narrower than two independent ones suggest), pooled over several
+    (A, B) evaluation pairs, e.g. one per seed.
+
+    Args:
+        pairs: (A's records, B's records) per evaluation pair, record i of each on the same prompt.
+    Returns:
+        {rate name: {"a": rate, "b": rate, "difference", "ci95": [low, high], "n", "both"}}.
+    """
+    out: dict[str, Any] = {}
+    for name, (kind, flag, want) in RATES.items():
+        a = b = both = n = 0
+        for records_a, records_b in pairs:
+            for x, y in zip(records_a, records_b, strict=True):
+                if x["kind"] != kind:
+                    continue
+                hit_a, hit_b = x[flag] == want, y[flag] == want
+                a, b, both, n = a + hit_a, b + hit_b, both + (hit_a and hit_b), n + 1
+        if not n:
+            continue
+        diff, low, high = paired_difference(a, b, both, n)
+        out[name] = {
+            "a": rate(a, n),
+            "b": rate(b, n),
+            "difference": diff,
+            "ci95": [low, high],
+            "n": n,
+            "both": both,
+        }
+    return out
 
 
 def category_rates(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
