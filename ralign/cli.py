@@ -178,11 +178,9 @@ def _answer_records(path: str) -> list[dict[str, Any]]:
     """The records of a behaviour evaluation saved with `ralign eval --answers -o FILE`."""
     from ralign.errors import DataError
     from ralign.runtime.behavior import KINDS
+    from ralign.runtime.data import read_json_file
 
-    try:
-        result = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable JSON file ({exc})") from None
+    result = read_json_file(Path(path))
     records = result.get("records") if isinstance(result, dict) else None
     if not isinstance(records, list) or not records:
         raise DataError(

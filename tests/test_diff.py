@@ -103,7 +103,7 @@ def test_diff_refuses_evaluations_of_different_prompts(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("{not json", "not a readable JSON file"),
+        ("{not json", "not valid JSON"),
         (
             '{"rates": {}}',
             "no answers to pair; evaluate with `ralign eval --task behavior --answers",

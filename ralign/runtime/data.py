@@ -79,7 +79,8 @@ def rows_jsonl(path: Path) -> Rows:
             yield f"{path}:{number}", _json_value(text, f"{path}:{number}")
 
 
-def _rows_json(path: Path, field: str) -> Rows:
+def read_json_file(path: Path) -> Any:
+    """A whole .json file (at most MAX_JSON_BYTES), every failure a DataError naming the file."""
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
@@ -98,13 +99,17 @@ def _rows_json(path: Path, field: str) -> Rows:
             f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start} of the file)"
         ) from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise DataError(f"{path}: not valid JSON ({str(exc).split(';')[0]})") from None
     except RecursionError:
         raise DataError(f"{path}: the JSON is nested too deeply to read") from None
+
+
+def _rows_json(path: Path, field: str) -> Rows:
+    data = read_json_file(path)
     if isinstance(data, dict):  # {"examples": [...]} or {"data": [...]}
         data = next((v for v in data.values() if isinstance(v, list)), None)
     if not isinstance(data, list):
