@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-from common import execute_command, literal, slug, versions  # noqa: E402
+from common import HHH_NOT, execute_command, literal, slug, versions  # noqa: E402
 
 from ralign.stats import wilson  # noqa: E402
 from ralign.tables import text_table  # noqa: E402
@@ -138,6 +138,7 @@ QUICKSTART_2_ROUNDS = "quickstart, 2 rounds"
 QUICKSTART_ROUNDS = "quickstart, 3 rounds"
 QUICKSTART_WHOLE = "quickstart, the whole update every round, 2 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
+QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
@@ -145,6 +146,7 @@ STARTS_FROM = {
     QUICKSTART_ROUNDS: (QUICKSTART_2_ROUNDS, QUICKSTART_ROW),
     QUICKSTART_WHOLE: (QUICKSTART_ROW,),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
+    QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
 }
 
@@ -170,6 +172,7 @@ def variants(scale: str = "full") -> dict[str, Variant]:
     quickstart = Variant(RECIPES / "efficacy_calibrated.ralign", sized).but(
         *QUICKSTART_SETS, all_linear
     )
+    contrast_rounds = Variant(RECIPES / "efficacy_quickstart_contrast.ralign", sized)
     return {
         QUICKSTART_ROW: quickstart,
         # The same without its `calibrate` step: the trained policy kept whole (the quickstart
@@ -187,8 +190,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         ),
         # The same three rounds with the policy's own contrast judgement ranking the answers the
         # rules do not refuse (its first sampling is the quickstart's).
-        QUICKSTART_CONTRAST: Variant(RECIPES / "efficacy_quickstart_contrast.ralign", sized).but(
-            "recipe.rounds=3"
+        QUICKSTART_CONTRAST: contrast_rounds.but("recipe.rounds=3"),
+        # The same judge against an opposite principle instead of the bare request, two rounds.
+        QUICKSTART_OPPOSITE: contrast_rounds.but(
+            "recipe.rounds=2", f"judge/rank.quality.opposite={literal(HHH_NOT)}"
         ),
         BASE_ROW: base,
         "self-ranking only": ranked,

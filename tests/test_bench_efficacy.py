@@ -221,6 +221,20 @@ def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
     assert small.rounds == 3 and small.datasets["seeds"]["limit"] == 64
 
 
+def test_the_opposite_row_is_the_contrast_row_but_for_its_opposite_and_rounds(eff):
+    """Its `opposite` is the contrast recipe's own principle negated, and nothing else changes:
+    the same first sampling, the same judge otherwise."""
+    common = bench_module("common")
+    bare = _plan(eff.variants()[eff.QUICKSTART_CONTRAST])
+    opposed = _plan(eff.variants()[eff.QUICKSTART_OPPOSITE])
+    assert (bare.rounds, opposed.rounds) == (3, 2)
+    rank, rank_opposed = (p.step("r1/judge/rank.quality").params for p in (bare, opposed))
+    assert rank["principle"] == common.HHH and "opposite" not in rank
+    assert rank_opposed == {**rank, "opposite": common.HHH_NOT}
+    assert opposed.step("r1/sample/sample").hash == bare.step("r1/sample/sample").hash
+    assert opposed.step("r1/judge/rank.quality").hash != bare.step("r1/judge/rank.quality").hash
+
+
 def test_the_two_round_quickstart_is_the_quickstart_but_for_rounds_and_calibrate(eff):
     """bench/recipes/efficacy_rounds_confident.ralign copies recipes/quickstart.ralign: a change
     there must be made in it too, or this fails."""
