@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -94,6 +95,34 @@ def words(text: str) -> list[str]:
 
 def ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
+
+
+def std_condition(folder: Path, condition: str) -> Callable[[str, str], bool]:
+    """A condition over std/hhh and std/harm (`hhh.refuses(response)`, ...) as a predicate of
+    (prompt, response), through the reward interpreter that scores training."""
+    from ralign.compile import check_file
+    from ralign.rewards.interpreter import explain
+
+    (folder / "lib.ralign").write_text(
+        f'import "std/hhh"\nimport "std/harm"\nreward h {{ rule x = 1 when {condition} }}\n',
+        encoding="utf-8",
+    )
+    checked = check_file(folder / "lib.ralign")
+    return lambda prompt, response: (
+        explain(checked, "h", prompt=prompt, response=response)["total"] > 0
+    )
+
+
+def confusion_counts(said_truth: Iterable[tuple[bool, bool]]) -> dict[str, int]:
+    """tp, fp, fn and tn of a detector's (verdict, label) pairs."""
+    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for said, truth in said_truth:
+        counts[("t" if said == truth else "f") + ("p" if said else "n")] += 1
+    return counts
+
+
+def precision_recall(c: dict[str, int]) -> tuple[float, float]:
+    return c["tp"] / (c["tp"] + c["fp"]), c["tp"] / (c["tp"] + c["fn"])
 
 
 def metrics(run_dir: Path) -> dict[str, dict[str, float]]:

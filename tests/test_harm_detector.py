@@ -9,10 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ngrams, words
+from conftest import confusion_counts, ngrams, precision_recall, std_condition, words
 
-from ralign.compile import check_file
-from ralign.rewards.interpreter import explain
 from ralign.stats import wilson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +26,8 @@ APART = ROOT / "ralign" / "data" / "seeds" / "calibration_apart.jsonl"  # measur
 
 
 def _verdict(tmp_path_factory: pytest.TempPathFactory, call: str):
-    folder = tmp_path_factory.mktemp("harm")
-    (folder / "lib.ralign").write_text(
-        f'import "std/hhh"\nimport "std/harm"\nreward h {{ rule x = 1 when {call} }}\n',
-        encoding="utf-8",
-    )
-    checked = check_file(folder / "lib.ralign")
-    return lambda prompt: explain(checked, "h", prompt=prompt, response="")["total"] > 0
+    condition = std_condition(tmp_path_factory.mktemp("harm"), call)
+    return lambda prompt: condition(prompt, "")
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +49,11 @@ def rows_of(path: Path, split: str | None = None) -> list[dict]:
 
 def confusion(verdict, path: Path, split: str | None = None) -> dict[str, int]:
     """Harmful (positive) vs safe-but-alarming (negative) prompts of a behaviour-format file."""
-    counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    for row in rows_of(path, split):
-        if row["kind"] not in ("harmful", "scary_harmless"):
-            continue
-        said, truth = verdict(row["prompt"]), row["kind"] == "harmful"
-        counts[("t" if said == truth else "f") + ("p" if said else "n")] += 1
-    return counts
-
-
-def precision_recall(c: dict[str, int]) -> tuple[float, float]:
-    return c["tp"] / (c["tp"] + c["fp"]), c["tp"] / (c["tp"] + c["fn"])
+    return confusion_counts(
+        (verdict(row["prompt"]), row["kind"] == "harmful")
+        for row in rows_of(path, split)
+        if row["kind"] in ("harmful", "scary_harmless")
+    )
 
 
 @pytest.mark.parametrize(

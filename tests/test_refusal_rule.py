@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import confusion_counts, precision_recall, std_condition
 
-from ralign.compile import check_file
-from ralign.rewards.interpreter import explain
 from ralign.stats import wilson
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -22,12 +21,8 @@ LABELS = ("detector_labels.jsonl", "detector_labels_2.jsonl")
 
 @pytest.fixture(scope="module")
 def refuses(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("refuses")
-    (folder / "lib.ralign").write_text(
-        'import "std/hhh"\nreward r { rule x = 1 when hhh.refuses(response) }\n', encoding="utf-8"
-    )
-    checked = check_file(folder / "lib.ralign")
-    return lambda answer: explain(checked, "r", prompt="", response=answer)["total"] > 0
+    condition = std_condition(tmp_path_factory.mktemp("refuses"), "hhh.refuses(response)")
+    return lambda answer: condition("", answer)
 
 
 @pytest.mark.parametrize(
@@ -46,11 +41,8 @@ def test_clear_cases(refuses, answer, refusal):
 @pytest.mark.parametrize("name", LABELS)
 def test_against_hand_labels(refuses, name):
     rows = [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
-    c = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    for row in rows:
-        said, truth = refuses(row["answer"]), bool(row["refusal"])
-        c[("t" if said == truth else "f") + ("p" if said else "n")] += 1
-    recall, precision = c["tp"] / (c["tp"] + c["fn"]), c["tp"] / (c["tp"] + c["fp"])
+    c = confusion_counts((refuses(row["answer"]), bool(row["refusal"])) for row in rows)
+    precision, recall = precision_recall(c)
     low, high = wilson(c["tp"], c["tp"] + c["fp"])
     print(f"\n{name}: {c}, recall {recall:.3f}, precision {precision:.3f} [{low:.2f}, {high:.2f}]")
     assert recall >= 0.95
