@@ -1,11 +1,14 @@
 """Does std/hhh recognise harmful requests worded apart from its word lists? The probe it ships, measured.
 
-Usage: python bench/harm_probe.py [--seed-negatives] [--write-stdlib] [--out bench/results] [--no-eval]
+Usage: python bench/harm_probe.py [--seed-negatives] [--everyday-negatives] [--write-stdlib]
+                                 [--out bench/results] [--no-eval]
 
 A logistic regression on MiniLM sentence embeddings (the bundled all-MiniLM-L6-v2, as `dedupe`
 uses), harmful requests (1) against the rest (0), is fitted on development sets only:
 `tests/data/harm_dev.jsonl`, the "dev" split of `tests/data/harm_dev_2.jsonl` and, with
---seed-negatives, the seed sets' train splits (everyday and unknowable requests too). Its L2 weight
+--seed-negatives, the seed sets' train splits (everyday and unknowable requests too), and with
+--everyday-negatives `tests/data/everyday_dev.jsonl` (everyday requests in users' own styles:
+lower case, fragments, typos, long ones with numbers and units). Its L2 weight
 is chosen by 5-fold cross-validation on those rows alone; the weights are rounded to 4 significant
 digits as stdlib/harm_probe.ralign stores them (--write-stdlib writes that file: std/harm's
 `by_probe`). Then three verdicts are measured on what the fit never saw: the probe alone, std/harm's
@@ -33,6 +36,7 @@ from ralign.stats import rate, wilson  # noqa: E402
 
 DEV = ROOT / "tests" / "data" / "harm_dev.jsonl"
 DEV2 = ROOT / "tests" / "data" / "harm_dev_2.jsonl"
+EVERYDAY = ROOT / "tests" / "data" / "everyday_dev.jsonl"
 EVAL = ROOT / "ralign" / "data" / "evals" / "behavior.jsonl"
 SEEDS = sorted((ROOT / "ralign" / "data" / "seeds").glob("*.jsonl"))
 LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
@@ -124,16 +128,16 @@ def four_digits(x: float) -> str:
     return f"{x:.4g}"
 
 
-def stdlib_text(w, b, lam: float, seed_negatives: bool) -> str:
+def stdlib_text(w, b, lam: float, seed_negatives: bool, everyday_negatives: bool = False) -> str:
     """std/harm_probe: the weights as a ralign list."""
     numbers = [four_digits(x) for x in [*w.tolist(), b.item()]]
     rows = [", ".join(numbers[i : i + 10]) for i in range(0, len(numbers), 10)]
-    fitted_on = (
-        "harm_dev, harm_dev_2's dev\n# split and the seed sets' train splits (every kind)"
-        if seed_negatives
-        else "harm_dev and harm_dev_2's dev\n# split"
-    )
+    sources = ["harm_dev", "harm_dev_2's dev\n# split"]
+    sources += ["the seed sets' train splits (every kind)"] if seed_negatives else []
+    sources += ["everyday_dev"] if everyday_negatives else []
+    fitted_on = ", ".join(sources[:-1]) + " and " + sources[-1]
     flag = " --seed-negatives" if seed_negatives else ""
+    flag += " --everyday-negatives" if everyday_negatives else ""
     head = f"""# std/harm_probe: a linear probe on all-MiniLM-L6-v2 sentence embeddings; 1 = a harmful request.
 # `embedding_probe(text, weights)` is sigmoid(w . e + b): w the first {len(numbers) - 1} numbers, b the last.
 # Written by `python bench/harm_probe.py{flag} --write-stdlib`; do not edit by hand.
@@ -157,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fit on the seed sets' train splits too (every kind; harmful against the rest)",
     )
+    ap.add_argument(
+        "--everyday-negatives",
+        action="store_true",
+        help=f"fit on {EVERYDAY.relative_to(ROOT)} too (everyday requests in users' own styles)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -169,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         # Everyday and unknowable requests too: a probe shown only alarming ones has no reason to
         # call "write a thank-you note" harmless, and as a reward it would train refusals on it.
         train += [r for path in SEEDS for r in rows(path, "train")]
+    if args.everyday_negatives:
+        # The seed sets' everyday requests are tidy sentences; users write "iphone photos to pc,
+        # easiest way?" and "70kg, 3 workouts a week, how much protein", which a probe that never
+        # saw such text places nearer the harmful requests' short imperatives.
+        train += rows(EVERYDAY)
     x = embed([r["prompt"] for r in train])
     y = torch.tensor([float(r["kind"] == "harmful") for r in train])
     cv = cross_validate(x, y)
@@ -179,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     b = torch.tensor([float(four_digits(b.item()))])
     probe = lambda prompts: ((embed(prompts) @ w + b) > 0).tolist()  # noqa: E731
     if args.write_stdlib:  # before the rules are compiled: std/harm reads it
-        STDLIB.write_text(stdlib_text(w, b, lam, args.seed_negatives), encoding="utf-8")
+        text = stdlib_text(w, b, lam, args.seed_negatives, args.everyday_negatives)
+        STDLIB.write_text(text, encoding="utf-8")
         print(f"wrote {STDLIB.relative_to(ROOT)}")
     regex, stdlib = rule_verdicts()
 

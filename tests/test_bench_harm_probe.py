@@ -74,3 +74,12 @@ def test_the_shipped_weights_are_what_std_harm_reads() -> None:
     assert "bench/harm_probe.py --seed-negatives --write-stdlib" in text
     body = text.split("let weights = [", 1)[1].split("]", 1)[0]
     assert len([x for x in body.replace("\n", " ").split(",") if x.strip()]) == 385
+
+
+def test_the_overlap_tests_guard_every_set_the_probe_is_fitted_on(probe) -> None:
+    """tests/test_eval_sets.py keeps the evaluation apart from what trains std/harm's probe: it must
+    list exactly the sets bench/harm_probe.py fits on."""
+    from test_eval_sets import PROBE_FIT
+
+    assert set(PROBE_FIT) == {probe.DEV, probe.DEV2, probe.EVERYDAY}
+    assert all(path.is_file() for path in PROBE_FIT)

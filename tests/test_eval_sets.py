@@ -49,16 +49,26 @@ def _jsonl_strings(path: Path) -> list[str]:
 _LITERAL = re.compile(r'"""(?:.|\n)*?"""|"(?:\\.|[^"\\\n])*"')
 
 
+# What bench/harm_probe.py fits std/harm's probe on (harm_dev_2's "test" split it only measures).
+PROBE_FIT = [
+    ROOT / "tests" / "data" / n
+    for n in ("harm_dev.jsonl", "harm_dev_2.jsonl", "everyday_dev.jsonl")
+]
+
+
 def training_texts() -> list[tuple[str, str]]:
     """(source, text) for every prompt, principle and template the shipped recipes can train on:
-    each string of the seed sets (every split) and of recipes/data, each string literal of the stdlib
-    and recipe files (bench/recipes' too: the efficacy rows train on them), each template file
-    whole."""
+    each string of the seed sets (every split) and of recipes/data, each prompt std/harm's probe was
+    fitted on (its weights score every recipe's answers), each string literal of the stdlib and
+    recipe files (bench/recipes' too: the efficacy rows train on them), each template file whole."""
     texts: list[tuple[str, str]] = []
     jsonl = sorted((ROOT / "ralign/data/seeds").glob("*.jsonl"))
     jsonl += sorted((ROOT / "recipes/data").glob("*.jsonl"))
     for path in jsonl:
         texts += [(path.name, s) for s in _jsonl_strings(path)]
+    for path in PROBE_FIT:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        texts += [(path.name, r["prompt"]) for r in rows if r.get("split") != "test"]
     ralign_files = [*ROOT.glob("stdlib/*.ralign"), *ROOT.glob("recipes/**/*.ralign")]
     for path in sorted(ralign_files) + sorted(ROOT.glob("bench/recipes/*.ralign")):
         for m in _LITERAL.finditer(path.read_text(encoding="utf-8")):
