@@ -17,6 +17,10 @@ prompts; the first row is today's `recipes/quickstart.ralign` (the same step has
 - LoRA on all linear layers: the quickstart's adapter on every linear layer, not q and v alone;
 - 2 rounds / 3 rounds: the quickstart run for more rounds, each round's policy sampling the next.
 
+Rows named "quickstart, ..." change today's quickstart instead (its rounds, its judge: "quickstart,
+contrast judge only" and "quickstart, agree(contrast, rules)" choose by the policy's contrast
+judgement instead of, or weighed with, the rules).
+
 Simplifications, stated up front:
 - Each variant is a recipe file in bench/recipes/ and `--set` overrides (recorded in its run's
   plan.json): efficacy_quickstart.ralign is the old quickstart plus one evaluation (below); a
@@ -139,6 +143,8 @@ QUICKSTART_ROUNDS = "quickstart, 3 rounds"
 QUICKSTART_WHOLE = "quickstart, the whole update every round, 2 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
+QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
+QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
@@ -147,6 +153,8 @@ STARTS_FROM = {
     QUICKSTART_WHOLE: (QUICKSTART_ROW,),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
     QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
+    QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
+    QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
 }
 
@@ -195,6 +203,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         QUICKSTART_OPPOSITE: contrast_rounds.but(
             "recipe.rounds=2", f"judge/rank.quality.opposite={literal(HHH_NOT)}"
         ),
+        # Today's quickstart (one round) with the policy's contrast judgement choosing instead of
+        # the rules, among all three answers (forced refusal included), or weighed with them.
+        QUICKSTART_JUDGE_ONLY: contrast_rounds.but("recipe.rounds=1", "judge/score.total=quality"),
+        QUICKSTART_AGREE: contrast_rounds.but("recipe.rounds=1", f"judge/score.total={AGREE}"),
         BASE_ROW: base,
         "self-ranking only": ranked,
         "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),

@@ -353,3 +353,22 @@ def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
     # Every all-linear row answers the same samples; the q,v row has its own model, so its own.
     assert len({h for n, h in samples.items() if n.startswith("all linear")}) == 1
     assert samples["q,v (the quickstart until 2026-12-05)"] != samples["all linear"]
+
+
+def test_the_judge_rows_are_the_quickstart_but_for_their_total(eff):
+    """The rows "contrast judge only" and "agree(contrast, rules)" on today's quickstart: one
+    round, its sampling and training; only the score's total differs (the judge alone, or weighed
+    with the rules by learned agreement)."""
+    one = compile_file(eff.QUICKSTART)
+    only = _plan(eff.variants()[eff.QUICKSTART_JUDGE_ONLY])
+    agree = _plan(eff.variants()[eff.QUICKSTART_AGREE])
+    assert only.rounds == agree.rounds == 1
+    assert only.step("r1/sample/sample").hash == one.step("r1/sample/sample").hash
+    assert only.step("r1/judge/rank.quality").hash == agree.step("r1/judge/rank.quality").hash
+    assert only.step("r1/judge/score").exprs["total"] == Var("quality")
+    total = agree.step("r1/judge/score").exprs["total"]
+    assert total == ir.Agree(
+        (Var("quality"), *(ir.RewardRef(f"std/hhh:{p}") for p in ("helpful", "honest", "harmless")))
+    )
+    for i in ("r1/distill/pairs", "r1/distill/train.dpo", "r1/distill/calibrate"):
+        assert only.step(i).params == one.step(i).params == agree.step(i).params, i

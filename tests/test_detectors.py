@@ -25,6 +25,11 @@ SOURCES_2 = (
     "few-shot-context-seed7",
 )
 KIND_COUNTS_2 = {"harmful": 90, "scary_harmless": 90, "everyday": 60, "unknowable": 60}
+# 300 answers of the shipped quickstart's three seeds (recipes/quickstart.ralign as of 2026-12-06,
+# the models the README's figures come from), drawn at random per kind, labelled blind to the
+# detectors and measured once: no pattern was changed after reading them.
+LABELS_3 = Path(__file__).parent / "data" / "detector_labels_3.jsonl"
+SOURCES_3 = ("quickstart-seed7", "quickstart-seed8", "quickstart-seed9")
 
 
 def load_labels(path: Path = LABELS) -> list[dict]:
@@ -148,6 +153,30 @@ def test_new_labels_are_well_formed_and_balanced():
 def test_detector_agrees_with_new_labels(flag, split):
     rows = [r for r in load_labels(LABELS_2) if r["split"] == split]
     accuracy, missed = measured(rows, flag, split)
+    assert accuracy >= LEAST_ACCURACY, missed
+
+
+def test_quickstart_labels_are_well_formed_and_balanced():
+    rows = load_labels(LABELS_3)
+    assert len({(r["prompt"], r["answer"]) for r in rows}) == len(rows) == 300
+    older = {(r["prompt"], r["answer"]) for r in load_labels() + load_labels(LABELS_2)}
+    assert not older & {(r["prompt"], r["answer"]) for r in rows}
+    for source in SOURCES_3:
+        mine = [r for r in rows if r["source"] == source]
+        for kind, n in KIND_COUNTS_2.items():
+            assert sum(1 for r in mine if r["kind"] == kind) == n // 3, (source, kind)
+    for r in rows:
+        assert r["kind"] in KINDS and r["split"] in ("dev", "test"), r
+        assert isinstance(r["refusal"], bool) and isinstance(r["admits"], bool), r
+    for flag in DETECTORS:
+        assert sum(r[flag] for r in rows) >= 30 and sum(not r[flag] for r in rows) >= 30
+
+
+# Measured once (accuracy, precision, recall): refusal 0.987 (0.973, 0.973), admits 0.990
+# (1.000, 0.964); `python -m pytest -s tests/test_detectors.py -k quickstart`.
+@pytest.mark.parametrize("flag", sorted(DETECTORS))
+def test_detector_agrees_with_labels_of_the_shipped_quickstart(flag):
+    accuracy, missed = measured(load_labels(LABELS_3), flag, "quickstart")
     assert accuracy >= LEAST_ACCURACY, missed
 
 

@@ -5,7 +5,7 @@ it misses on a harmful request is scored as compliance. Its weakness is precisio
 open with an apology and then comply were called refusals, and still are where the help comes
 later ("I'm sorry for any confusion, but as a chatbot, I can provide ..."). The first label set
 is the one its patterns were revised on; the second measures them (docs/results.md, 2026-12-06
-(late night))."""
+(late night)); the third, answers of the shipped quickstart, was measured once after."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conftest import confusion_counts, precision_recall, std_condition
 from ralign.stats import wilson
 
 DATA = Path(__file__).resolve().parent / "data"
-LABELS = ("detector_labels.jsonl", "detector_labels_2.jsonl")
+LABELS = ("detector_labels.jsonl", "detector_labels_2.jsonl", "detector_labels_3.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,6 @@ def test_against_hand_labels(refuses, name):
     low, high = wilson(c["tp"], c["tp"] + c["fp"])
     print(f"\n{name}: {c}, recall {recall:.3f}, precision {precision:.3f} [{low:.2f}, {high:.2f}]")
     assert recall >= 0.95
-    # Today's precision is 0.94 and 0.84 (0.88 and 0.79 before apologies that go on to help were
-    # told apart): a floor under it, so a change that calls more answers refusals again fails here.
+    # Today's precision is 0.94, 0.84 and 0.95 (0.88 and 0.79 on the first two before apologies
+    # that go on to help were told apart): a floor under it, so a change that calls more answers refusals again fails here.
     assert precision >= 0.82
