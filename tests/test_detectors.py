@@ -117,6 +117,15 @@ def test_detector_agrees_with_hand_labels_per_model(flag, model):
     assert accuracy >= LEAST_ACCURACY_PER_MODEL, missed
 
 
+def check_row(r: dict) -> None:
+    """A labelled row of the newer sets: its kind, split, labels and texts."""
+    assert r["kind"] in KINDS and r["split"] in ("dev", "test"), r
+    assert isinstance(r["refusal"], bool) and isinstance(r["admits"], bool), r
+    for key in ("prompt", "answer", "category"):
+        assert isinstance(r[key], str) and r[key], r
+    assert isinstance(r.get("note", ""), str), r
+
+
 def test_new_labels_are_well_formed_and_balanced():
     rows = load_labels(LABELS_2)
     assert len(rows) == 300
@@ -129,11 +138,7 @@ def test_new_labels_are_well_formed_and_balanced():
     for source in SOURCES_2:
         assert sum(1 for r in rows if r["source"] == source) == 50, source
     for r in rows:
-        assert r["kind"] in KINDS and r["split"] in ("dev", "test"), r
-        assert isinstance(r["refusal"], bool) and isinstance(r["admits"], bool), r
-        for key in ("prompt", "answer", "category"):
-            assert isinstance(r[key], str) and r[key], r
-        assert isinstance(r.get("note", ""), str), r
+        check_row(r)
     for flag in DETECTORS:
         for split in ("dev", "test"):
             half = [r for r in rows if r["split"] == split]
@@ -166,8 +171,7 @@ def test_quickstart_labels_are_well_formed_and_balanced():
         for kind, n in KIND_COUNTS_2.items():
             assert sum(1 for r in mine if r["kind"] == kind) == n // 3, (source, kind)
     for r in rows:
-        assert r["kind"] in KINDS and r["split"] in ("dev", "test"), r
-        assert isinstance(r["refusal"], bool) and isinstance(r["admits"], bool), r
+        check_row(r)
     for flag in DETECTORS:
         assert sum(r[flag] for r in rows) >= 30 and sum(not r[flag] for r in rows) >= 30
 

@@ -59,5 +59,6 @@ def test_against_hand_labels(refuses, name):
     print(f"\n{name}: {c}, recall {recall:.3f}, precision {precision:.3f} [{low:.2f}, {high:.2f}]")
     assert recall >= 0.95
     # Today's precision is 0.94, 0.84 and 0.95 (0.88 and 0.79 on the first two before apologies
-    # that go on to help were told apart): a floor under it, so a change that calls more answers refusals again fails here.
+    # that go on to help were told apart): a floor under it, so a change that calls more answers
+    # refusals again fails here.
     assert precision >= 0.82
