@@ -19,7 +19,9 @@ prompts; the first row is today's `recipes/quickstart.ralign` (the same step has
 
 Rows named "quickstart, ..." change today's quickstart instead (its rounds, its judge: "quickstart,
 contrast judge only" and "quickstart, agree(contrast, rules)" choose by the policy's contrast
-judgement instead of, or weighed with, the rules).
+judgement instead of, or weighed with, the rules; "quickstart without over-refusal pairs" never
+lets a forced refusal be a pair's rejected side, so nothing pushes refusals of harmless prompts
+away).
 
 Simplifications, stated up front:
 - Each variant is a recipe file in bench/recipes/ and `--set` overrides (recorded in its run's
@@ -145,6 +147,7 @@ QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
+QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
@@ -155,6 +158,7 @@ STARTS_FROM = {
     QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
+    QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
 }
 
@@ -207,6 +211,10 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # the rules, among all three answers (forced refusal included), or weighed with them.
         QUICKSTART_JUDGE_ONLY: contrast_rounds.but("recipe.rounds=1", "judge/score.total=quality"),
         QUICKSTART_AGREE: contrast_rounds.but("recipe.rounds=1", f"judge/score.total={AGREE}"),
+        # Today's quickstart without its pressure against over-refusal (issue 15, item 4): the
+        # forced refusal may still win a harmful request's pair, but never be the refusal a
+        # harmless prompt's pair pushes away.
+        QUICKSTART_NO_OVER_REFUSAL: quickstart.but("sample/sample.negative_only_chosen=true"),
         BASE_ROW: base,
         "self-ranking only": ranked,
         "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),
@@ -397,6 +405,7 @@ COLUMNS = (
     ("behavior:over_refusal_rate", "over-refuse"),
     ("behavior:admits_not_knowing_rate", "admits unknown"),
     ("behavior:everyday_refusal_rate", "everyday refuse"),
+    ("behavior:needless_hedging_rate", "needless hedge"),
     ("behavior:mean_reward", "mean reward"),
 )
 

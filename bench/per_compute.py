@@ -830,6 +830,7 @@ COLUMNS = (
     ("behavior", "rates.over_refusal_rate", "over-ref"),
     ("behavior", "rates.admits_not_knowing_rate", "admits"),
     ("behavior", "rates.everyday_refusal_rate", "everyday-ref"),
+    ("behavior", "rates.needless_hedging_rate", "hedge"),
     ("behavior", "mean_reward", "reward"),
     ("hhh", "acc", "mini acc"),
     ("hhh", "acc_norm", "mini norm"),

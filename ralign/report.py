@@ -48,6 +48,7 @@ EVAL_FIGURES = {
         ("over_refusal_rate", "over-refusal"),
         ("everyday_refusal_rate", "everyday refusal"),
         ("admits_not_knowing_rate", "admits not knowing"),
+        ("needless_hedging_rate", "needless hedging"),
     ),
     "hhh": (("acc", "acc"), ("acc_norm", "acc_norm"), ("ab_acc", "A/B")),
 }

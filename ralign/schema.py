@@ -353,11 +353,16 @@ TRAINING: dict[str, Attr] = {
 def _sample_rules(params: Mapping[str, Any]) -> list[str]:
     if "per_round" in params and "from" not in params:
         return ["`per_round` slices a dataset: it needs `from`"]
-    for name in ("negative_only_rejected", "negative_prefix"):
+    for name in ("negative_only_rejected", "negative_only_chosen", "negative_prefix"):
         if params.get(name) not in (None, False) and "negative_context" not in params:
             return [
                 f"`{name}` needs `negative_context`, the template its answers are sampled under"
             ]
+    if params.get("negative_only_rejected") and params.get("negative_only_chosen"):
+        return [
+            "`negative_only_rejected` and `negative_only_chosen` exclude each other: the "
+            "negative answers could then be neither side of a pair"
+        ]
     return []
 
 
@@ -470,6 +475,10 @@ STEPS: dict[str, StepKind] = {
             "negative_only_rejected": Attr(
                 BOOL,
                 "answers sampled under `negative_context` may be a pair's rejected answer but never its chosen one, nor an answer `train sft` learns (RLCD's rule: the negative context's outputs are the dispreferred side, Yang et al. 2023); unset, they compete with the others",
+            ),
+            "negative_only_chosen": Attr(
+                BOOL,
+                "answers sampled under `negative_context` may be a pair's chosen answer but never its rejected one: a forced refusal then teaches refusing where the rules prefer it and is never the refusal a harmless prompt's pair pushes away (the ablation of the pressure against over-refusal); unset, they compete with the others",
             ),
             "negative_prefix": Attr(
                 STRING,

@@ -355,6 +355,19 @@ def test_lora_sweep_variants_compile_and_share_samples_where_they_should():
     assert samples["q,v (the quickstart until 2026-12-05)"] != samples["all linear"]
 
 
+def test_the_ablation_of_over_refusal_pairs_is_the_quickstart_but_for_one_flag(eff):
+    """ "quickstart without over-refusal pairs": the same answers (one flag more on the sampling
+    step, whose generation is unchanged) and the same scoring, pairs and training."""
+    one = _plan(eff.variants()[eff.QUICKSTART_ROW])  # today's quickstart (its hashes: a test)
+    ablated = _plan(eff.variants()[eff.QUICKSTART_NO_OVER_REFUSAL])
+    assert ablated.rounds == one.rounds == 1
+    mine, theirs = ablated.step("r1/sample/sample").params, one.step("r1/sample/sample").params
+    assert mine == {**theirs, "negative_only_chosen": True}
+    assert theirs["negative_prefix"] and "negative_only_rejected" not in theirs
+    for i in ("r1/judge/score", "r1/distill/pairs", "r1/distill/train.dpo", "r1/distill/calibrate"):
+        assert ablated.step(i).params == one.step(i).params, i
+
+
 def test_the_judge_rows_are_the_quickstart_but_for_their_total(eff):
     """The rows "contrast judge only" and "agree(contrast, rules)" on today's quickstart: one
     round, its sampling and training; only the score's total differs (the judge alone, or weighed

@@ -23,15 +23,18 @@ phase answer {
 """
 
 
-@pytest.mark.parametrize("only_rejected, prefix", [(False, ""), (True, ""), (False, "No, I")])
+@pytest.mark.parametrize(
+    "only, prefix",
+    [("", ""), ("rejected", ""), ("chosen", ""), ("", "No, I")],
+)
 def test_negative_answers_join_each_prompts_answers(
-    tmp_path: Path, monkeypatch, only_rejected: bool, prefix: str
+    tmp_path: Path, monkeypatch, only: str, prefix: str
 ) -> None:
     from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "negative.ralign"
-    extra = ", negative_only_rejected = true" if only_rejected else ""
+    extra = f", negative_only_{only} = true" if only else ""
     extra += f', negative_prefix = "{prefix}"' if prefix else ""
     recipe.write_text(
         RECIPE.replace("negative_per_prompt = 1", f"negative_per_prompt = 1{extra}"),
@@ -57,10 +60,14 @@ def test_negative_answers_join_each_prompts_answers(
         assert r["negative"] == [False, False, True]
         assert r["contexts"][:2] == [f"Be careful. {r['prompt']}"] * 2
         assert r["contexts"][2] == f"Refuse this: {r['prompt']}"
-        if only_rejected:
+        if only == "rejected":
             assert r["may_choose"] == [True, True, False]
         else:
             assert "may_choose" not in r  # they compete with the others
+        if only == "chosen":
+            assert r["may_reject"] == [True, True, False]
+        else:
+            assert "may_reject" not in r
         # A forced opening starts the negative answers only (the tiny model never writes it).
         assert [a.startswith("No, I") for a in r["responses"]] == [False, False, bool(prefix)]
     metrics = json.loads((tmp_path / "run" / "r1" / "answer.sample" / "metrics.json").read_text())
@@ -121,10 +128,59 @@ def test_only_rejected_answers_are_never_chosen_nor_trained_on() -> None:
     assert [e["response"] for e in sft_examples([record], None, on="all")] == ["good", "fine"]
 
 
+def test_only_chosen_answers_are_never_rejected() -> None:
+    """The mirror: a forced refusal may win a pair (a harmful request) but is never the side a
+    harmless prompt's pair pushes away; the pair is then the two other answers, or none."""
+    from ralign.runtime.pairs import make_pairs
+
+    texts = [["answer", "weak answer", "refusal"], ["help", "more help", "refusal"]]
+    scores = [[0.9, 0.0, -1.0], [-0.5, -0.2, 1.0]]  # safe: refusal worst; harmful: refusal best
+    may_lose = [[True, True, False], [True, True, False]]
+    made, stats = make_pairs(["safe", "harmful"], texts, scores, rejectable=may_lose)
+    assert [(p["chosen"], p["rejected"]) for p in made] == [
+        ("answer", "weak answer"),
+        ("refusal", "help"),
+    ]
+    assert stats["dropped"]["unrejectable"] == 0
+    # Without the flags the safe prompt's pair pushes the refusal away.
+    made, _ = make_pairs(["safe"], texts[:1], scores[:1])
+    assert (made[0]["chosen"], made[0]["rejected"]) == ("answer", "refusal")
+    # A random chosen answer (the refusal) that scores below the answer it is paired with: the
+    # pair is dropped, never flipped into one that rejects the refusal.
+    made, stats = make_pairs(
+        ["p"], [["a", "refusal"]], [[1.0, 0.0]], chosen="random", rejectable=[[True, False]]
+    )
+    assert made == [] and stats["dropped"]["unrejectable"] == 1
+    # The best answer is the only one that may be rejected: nothing is left to pair it with.
+    made, stats = make_pairs(["p"], [["refusal", "a"]], [[0.0, 1.0]], rejectable=[[False, True]])
+    assert made == [] and stats["dropped"]["too_few"] == 1
+    # A random rejected one is drawn from the answers that may be rejected only.
+    for seed in range(5):
+        made, _ = make_pairs(
+            ["p"], texts[:1], scores[:1], rejected="random", seed=seed, rejectable=may_lose[:1]
+        )
+        assert made[0]["rejected"] != "refusal"
+
+
+def test_the_two_only_flags_exclude_each_other(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "both.ralign"
+    recipe.write_text(
+        RECIPE.replace(
+            "negative_per_prompt = 1",
+            "negative_per_prompt = 1, negative_only_rejected = true, negative_only_chosen = true",
+        ),
+        encoding="utf-8",
+    )
+    assert main(["check", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "exclude each other" in err and "both.ralign:7:3: error" in err
+
+
 @pytest.mark.parametrize(
     "attr, value",
     [
         ("negative_only_rejected", "true"),
+        ("negative_only_chosen", "true"),
         ("negative_prefix", '"I\'m sorry"'),
         ("negative_prefix", '""'),
     ],

@@ -15,6 +15,7 @@ DROP_REASONS = (
     "low_score",
     "low_grade",
     "unchoosable",
+    "unrejectable",
 )
 
 
@@ -39,6 +40,7 @@ def make_pairs(
     seed: int = 0,
     finished: Sequence[Sequence[bool]] | None = None,
     choosable: Sequence[Sequence[bool]] | None = None,
+    rejectable: Sequence[Sequence[bool]] | None = None,
     grades: Sequence[Sequence[float]] | None = None,
     min_grade: float | None = None,
 ) -> tuple[list[dict], dict]:
@@ -60,11 +62,14 @@ def make_pairs(
         choosable: optional, aligned with `responses`: whether each answer may be the chosen
             one (RLCD's negative-context answers may only be rejected). "best" and "random"
             choose among these; a pair whose rejected answer outscores its chosen one is dropped.
+        rejectable: the same for the rejected side ("worst" and "random" reject among these);
+            a pair whose chosen answer scores below an answer that may not be rejected is dropped.
     Returns:
         (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
         "pairs" and "dropped", a count for each of DROP_REASONS ("too_few": under two answers,
         "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade", "unchoosable":
-        the higher-scored answer of the two may not be chosen).
+        the higher-scored answer of the two may not be chosen, "unrejectable": the lower may not
+        be rejected).
     """
     if chosen not in CHOOSERS:
         raise ValueError(f"chosen must be one of {CHOOSERS}, got {chosen!r}")
@@ -83,23 +88,18 @@ def make_pairs(
     if len(ends) != len(prompts):
         raise ValueError(f"finished has {len(ends)} entries for {len(prompts)} prompts")
     graded = grades if grades is not None else [None] * len(prompts)
-    allowed = choosable if choosable is not None else [None] * len(prompts)
-    if len(allowed) != len(prompts):
-        raise ValueError(f"choosable has {len(allowed)} entries for {len(prompts)} prompts")
+    allowed = _flags("choosable", choosable, prompts, responses)
+    losers = _flags("rejectable", rejectable, prompts, responses)
     floors = (min_margin, min_score, min_grade)
-    for prompt, texts, marks, done, grade, may in zip(
-        prompts, responses, scores, ends, graded, allowed, strict=True
+    for prompt, texts, marks, done, grade, may, may_lose in zip(
+        prompts, responses, scores, ends, graded, allowed, losers, strict=True
     ):
         if len(texts) != len(marks):
             raise ValueError(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
             )
-        if may is not None and len(may) != len(texts):
-            raise ValueError(
-                f"{len(texts)} responses but {len(may)} choosable flags for prompt {prompt!r}"
-            )
-        may = may if may is not None else [True] * len(texts)
-        picked = _pick_pair(texts, marks, grade, may, (chosen, rejected), floors, rng)
+        roles = (may, may_lose)
+        picked = _pick_pair(texts, marks, grade, roles, (chosen, rejected), floors, rng)
         if isinstance(picked, str):
             dropped[picked] += 1
             continue
@@ -118,39 +118,64 @@ def make_pairs(
     return pairs, {"prompts": len(prompts), "pairs": len(pairs), "dropped": dropped}
 
 
+def _flags(
+    name: str,
+    flags: Sequence[Sequence[bool]] | None,
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+) -> list[Sequence[bool]]:
+    """Per prompt, one flag per response (all True without `flags`), lengths checked."""
+    if flags is None:
+        return [[True] * len(texts) for texts in responses]
+    if len(flags) != len(prompts):
+        raise ValueError(f"{name} has {len(flags)} entries for {len(prompts)} prompts")
+    for prompt, texts, row in zip(prompts, responses, flags, strict=True):
+        if len(row) != len(texts):
+            raise ValueError(
+                f"{len(texts)} responses but {len(row)} {name} flags for prompt {prompt!r}"
+            )
+    return list(flags)
+
+
 def _pick_pair(
     texts: Sequence[str],
     marks: Sequence[float],
     grade: Sequence[float] | None,
-    may: Sequence[bool],
+    roles: tuple[Sequence[bool], Sequence[bool]],
     how: tuple[str, str],
     floors: tuple[float, float | None, float | None],
     rng: random.Random,
 ) -> tuple[int, int] | str:
     """(chosen, rejected) indices of one prompt's pair, oriented by score, or why there is none."""
     min_margin, min_score, min_grade = floors
-    everyone = list(range(len(texts)))
-    eligible = [i for i in everyone if may[i]]
-    if len(texts) < 2 or not eligible:
+    may, may_lose = roles
+    eligible = [i for i in range(len(texts)) if may[i]]
+    losers = [i for i in range(len(texts)) if may_lose[i]]
+    if len(texts) < 2 or not eligible or not losers:
         return "too_few"
-    # The chooser picks among the answers that may be chosen, the rejecter among all; the
-    # deterministic one goes first so "random" draws from what is left.
+    # The chooser picks among the answers that may be chosen, the rejecter among those that may
+    # be rejected; the deterministic one goes first so "random" draws from what is left.
     chosen, rejected = how
     if chosen == "random":
-        b = _pick(rejected, everyone, marks, rng)
+        b = _pick(rejected, losers, marks, rng)
         rest = [i for i in eligible if i != b]
         if not rest:
             return "too_few"
         a = _pick(chosen, rest, marks, rng)
     else:
         a = _pick(chosen, eligible, marks, rng)
-        b = _pick(rejected, [i for i in everyone if i != a], marks, rng)
+        rest = [i for i in losers if i != a]
+        if not rest:
+            return "too_few"
+        b = _pick(rejected, rest, marks, rng)
     hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
     margin = float(marks[hi]) - float(marks[lo])
     if margin == 0:
         return "tie"
     if not may[hi]:
         return "unchoosable"
+    if not may_lose[lo]:
+        return "unrejectable"
     if texts[hi].strip() == texts[lo].strip():
         return "same_text"
     if margin < min_margin:

@@ -208,6 +208,8 @@ def _answers(
         record["negative"] = [False] * k + [True] * p["negative_per_prompt"]
         if p.get("negative_only_rejected"):
             record["may_choose"] = [not x for x in record["negative"]]
+        if p.get("negative_only_chosen"):
+            record["may_reject"] = [not x for x in record["negative"]]
     return record
 
 
@@ -221,6 +223,12 @@ def choosable_flags(record: dict[str, Any]) -> list[bool]:
     """Per response, whether a pair or `train sft` may prefer it (False: sampled under a
     `negative_context` with `negative_only_rejected`). Without the field, every answer may."""
     return list(record.get("may_choose") or [True] * len(record["responses"]))
+
+
+def rejectable_flags(record: dict[str, Any]) -> list[bool]:
+    """Per response, whether a pair may reject it (False: sampled under a `negative_context`
+    with `negative_only_chosen`). Without the field, every answer may."""
+    return list(record.get("may_reject") or [True] * len(record["responses"]))
 
 
 @step("revise")
@@ -452,6 +460,7 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         seed=ctx.seed,
         finished=[finished_flags(r) for r in records],
         choosable=[choosable_flags(r) for r in records],
+        rejectable=[rejectable_flags(r) for r in records],
         grades=[s["grades"] for s in scores] if "min_grade" in p else None,
         min_grade=p.get("min_grade"),
     )
