@@ -36,7 +36,12 @@ def test_eval_command_prints_and_writes_results(
         assert result["n"] == 4 and 0.0 <= result["acc"]["value"] <= 1.0
         assert "acc_norm" in run.stdout
     else:
-        assert sum(r["n"] for r in result["rates"].values()) == 4
+        rates = result["rates"]
+        # One rate per kind counts every prompt once; needless hedging re-counts the answerable
+        # kinds (everyday, safe but alarming).
+        hedging = rates.pop("needless_hedging_rate")
+        assert sum(r["n"] for r in rates.values()) == 4
+        assert hedging["n"] == rates["everyday_refusal_rate"]["n"] + rates["over_refusal_rate"]["n"]
         assert "harmful_compliance_rate" in run.stdout
 
 
