@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ralign.runtime.behavior import KINDS, admits_not_knowing, is_refusal
+from ralign.runtime.behavior import KINDS, RATES, admits_not_knowing, is_refusal
 
 LABELS = Path(__file__).parent / "data" / "detector_labels.jsonl"
 # 300 answers of the newer trained runs (red-team, few-shot, safe-prompt variants, seed 7), labelled
@@ -226,14 +226,18 @@ def test_needless_hedging_agrees_with_hand_labels():
     labelled answer to such a prompt, from the three label sets together (labelled for refusing
     and admitting, before this rate existed). Measured when added (2026-12-07): 485 answers, 35
     labelled hedges; accuracy 0.988, precision 0.892, recall 0.943."""
+    hedging = RATES["needless_hedging_rate"]
     rows = [
         r
         for path in (LABELS, LABELS_2, LABELS_3)
         for r in load_labels(path)
-        if r["kind"] in ("everyday", "scary_harmless")
+        if r["kind"] in hedging.kinds
     ]
-    labels = [r["admits"] and not r["refusal"] for r in rows]
-    predicted = [admits_not_knowing(r["answer"]) and not is_refusal(r["answer"]) for r in rows]
+    labels = [hedging.counts({"refused": r["refusal"], "admits": r["admits"]}) for r in rows]
+    predicted = [
+        hedging.counts({"refused": is_refusal(a), "admits": admits_not_knowing(a)})
+        for a in (r["answer"] for r in rows)
+    ]
     c = confusion(labels, predicted)
     s = scores(c)
     print(f"needless hedging: {c} " + " ".join(f"{k}={v:.3f}" for k, v in s.items()))

@@ -354,10 +354,9 @@ def eval_behavior(
     Args:
         prompts: dicts with `prompt`, `kind` (one of KINDS) and optionally `category`.
     Returns:
-        {"rates": {harmful_compliance_rate, over_refusal_rate, admits_not_knowing_rate,
-        everyday_refusal_rate, needless_hedging_rate: {value, n, k, low, high, ci95}}, "subsets"? (`category_rates`, when
-        prompts have categories), "n", "examples": {kind: [{prompt, answer, refused, admits}]},
-        "seconds", "records"? (every answer, with details=True)}.
+        {"rates": {each name in RATES: {value, n, k, low, high, ci95}}, "subsets"?
+        (`category_rates`, when prompts have categories), "n", "examples": {kind: [{prompt,
+        answer, refused, admits}]}, "seconds", "records"? (every answer, with details=True)}.
     """
     if not prompts:
         raise DataError("no prompts to evaluate")
