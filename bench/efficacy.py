@@ -21,7 +21,8 @@ Rows named "quickstart, ..." change today's quickstart instead (its rounds, its 
 contrast judge only" and "quickstart, agree(contrast, rules)" choose by the policy's contrast
 judgement instead of, or weighed with, the rules; "quickstart without over-refusal pairs" never
 lets a forced refusal be a pair's rejected side, so nothing pushes refusals of harmless prompts
-away).
+away; "quickstart with a hedging bound" has `calibrate` also bound hedges on its held-out
+prompts).
 
 Simplifications, stated up front:
 - Each variant is a recipe file in bench/recipes/ and `--set` overrides (recorded in its run's
@@ -148,6 +149,8 @@ QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 round
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
+QUICKSTART_HEDGING = "quickstart with a hedging bound"
+QUICKSTART_HEDGING_2_ROUNDS = "quickstart with a hedging bound, 2 rounds"
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
@@ -160,6 +163,8 @@ STARTS_FROM = {
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
+    QUICKSTART_HEDGING: (QUICKSTART_HEDGING_2_ROUNDS, QUICKSTART_ROW),
+    QUICKSTART_HEDGING_2_ROUNDS: (QUICKSTART_HEDGING, QUICKSTART_ROW),
 }
 
 
@@ -215,6 +220,13 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # forced refusal may still win a harmful request's pair, but never be the refusal a
         # harmless prompt's pair pushes away.
         QUICKSTART_NO_OVER_REFUSAL: quickstart.but("sample/sample.negative_only_chosen=true"),
+        # Today's quickstart whose `calibrate` also bounds hedges on the harmless held-out prompts
+        # ("I'm not sure." to answerable ones) at 5 points over the base model, as it bounds
+        # refusals; one round and two (docs/results.md, 2026-12-07, second session).
+        QUICKSTART_HEDGING: quickstart.but("distill/calibrate.max_hedging_rise=0.05"),
+        QUICKSTART_HEDGING_2_ROUNDS: quickstart.but(
+            "distill/calibrate.max_hedging_rise=0.05", "recipe.rounds=2", 'behavior.every="round"'
+        ),
         BASE_ROW: base,
         "self-ranking only": ranked,
         "agree(rank, rules)": ranked.but(f"judge/score.total={AGREE}"),

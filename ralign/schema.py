@@ -709,9 +709,16 @@ STEPS: dict[str, StepKind] = {
                 min=0,
                 max=1,
             ),
+            "max_hedging_rise": Attr(
+                NUMBER,
+                'how much more often than the policy `relative_to` names the calibrated one may hedge on those harmless prompts: admit not knowing without refusing ("I\'m not sure." to "What is 15% of 240?"; the behaviour evaluation\'s needless hedging); 1 bounds nothing',
+                1.0,
+                min=0,
+                max=1,
+            ),
             "relative_to": Attr(
                 STRING,
-                'whose refusals the bound starts from: the policy as the round began, or the declared model (`"base"`: over several rounds the rises cannot add up)',
+                'whose refusals (and hedges) the bounds start from: the policy as the round began, or the declared model (`"base"`: over several rounds the rises cannot add up)',
                 "round_start",
                 choices=("round_start", "base"),
             ),

@@ -368,6 +368,22 @@ def test_the_ablation_of_over_refusal_pairs_is_the_quickstart_but_for_one_flag(e
         assert ablated.step(i).params == one.step(i).params, i
 
 
+def test_the_hedging_rows_are_the_quickstart_but_for_calibrates_second_bound(eff):
+    """ "quickstart with a hedging bound" (one round, and two): the quickstart's sampling, scoring,
+    pairs and training, step for step; only `calibrate` also bounds hedges."""
+    one = _plan(eff.variants()[eff.QUICKSTART_ROW])
+    hedging = _plan(eff.variants()[eff.QUICKSTART_HEDGING])
+    two = _plan(eff.variants()[eff.QUICKSTART_HEDGING_2_ROUNDS])
+    assert (hedging.rounds, two.rounds) == (1, 2)
+    for i in ("r1/sample/sample", "r1/judge/score", "r1/distill/pairs", "r1/distill/train.dpo"):
+        assert hedging.step(i).hash == one.step(i).hash == two.step(i).hash, i
+    cal = one.step("r1/distill/calibrate").params
+    assert cal["max_hedging_rise"] == 1  # the quickstart bounds refusals only
+    for plan in (hedging, two):
+        assert plan.step("r1/distill/calibrate").params == {**cal, "max_hedging_rise": 0.05}
+    assert two.step("r2/distill/calibrate").params["max_hedging_rise"] == 0.05
+
+
 def test_the_judge_rows_are_the_quickstart_but_for_their_total(eff):
     """The rows "contrast judge only" and "agree(contrast, rules)" on today's quickstart: one
     round, its sampling and training; only the score's total differs (the judge alone, or weighed

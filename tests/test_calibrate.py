@@ -45,51 +45,103 @@ def _asked(answers: dict[float, int]):
     prompts = [f"p{i}" for i in range(80)]
     asked: list[float] = []
 
-    def tried(w: float) -> list[str]:
+    def tried(w: float) -> dict[str, list[str]]:
         asked.append(w)
-        return prompts[: answers[w]]
+        return {"refused": prompts[: answers[w]]}
 
     return prompts, asked, tried
+
+
+def _first(k: int, prompts: list[str]) -> dict[str, list[str]]:
+    return {"refused": prompts[:k]}
+
+
+def _choose(tried, prompts, start: int, baseline: int, spacing: float, rise: float, **kw):
+    return cal.choose(
+        tried,
+        _first(start, prompts),
+        _first(baseline, prompts),
+        80,
+        spacing,
+        {"refused": rise},
+        **kw,
+    )
 
 
 def test_the_largest_weight_within_the_bound_is_kept() -> None:
     # start refuses 3/80 = 0.0375; w=1 refuses 10/80 (+0.0875, over 0.05); w=0.75 6/80 (+0.0375)
     prompts, asked, tried = _asked({1: 10, 0.75: 6, 0.5: 4})
-    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)
+    weight, rows = _choose(tried, prompts, 3, 3, 0.25, 0.05)
     assert weight == 0.75
     assert asked == [1, 0.75]  # stops at the first that passes
-    assert [(r["weight"], r["k"], r["passed"]) for r in rows] == [(1, 10, False), (0.75, 6, True)]
-    assert rows[1]["rate"] == pytest.approx(0.075)
-    low, high = rows[1]["ci95"]
+    got = [(r["weight"], r["refused"]["k"], r["refused"]["passed"], r["passed"]) for r in rows]
+    assert got == [(1, 10, False, False), (0.75, 6, True, True)]
+    assert rows[1]["refused"]["rate"] == pytest.approx(0.075)
+    low, high = rows[1]["refused"]["ci95"]
     assert low < 0.075 < high
 
 
 def test_a_rise_exactly_at_the_bound_passes_and_none_allowed_falls_back_to_the_start() -> None:
     prompts, _, tried = _asked({1: 7})  # 3/80 -> 7/80 is +0.05 exactly
-    assert cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)[0] == 1
+    assert _choose(tried, prompts, 3, 3, 0.25, 0.05)[0] == 1
     prompts, asked, tried = _asked({1: 4, 0.5: 4})
-    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.5, 0.0)
+    weight, rows = _choose(tried, prompts, 3, 3, 0.5, 0.0)
     assert weight == 0 and asked == [1, 0.5]  # the start itself is never generated again
-    assert rows[-1] == rows[-1] | {"weight": 0.0, "k": 3, "passed": True}
+    assert (rows[-1]["weight"], rows[-1]["refused"]["k"], rows[-1]["passed"]) == (0.0, 3, True)
 
 
 def test_the_bound_may_start_from_the_base_and_then_the_start_may_fail_it() -> None:
     # A later round: the start refuses 6/80, the base 2/80 (bound 0.025 + 0.05 = 6/80).
     prompts, asked, tried = _asked({1: 9, 0.5: 6})
-    weight, rows = cal.choose(tried, prompts[:6], prompts[:2], 80, 0.5, 0.05)
+    weight, rows = _choose(tried, prompts, 6, 2, 0.5, 0.05)
     assert (weight, asked, rows[-1]["passed"]) == (0.5, [1, 0.5], True)
     # Over the bound everywhere, the start included: the start is kept, and says it failed.
     prompts, asked, tried = _asked({1: 12, 0.5: 9})
-    weight, rows = cal.choose(tried, prompts[:8], prompts[:2], 80, 0.5, 0.05)
+    weight, rows = _choose(tried, prompts, 8, 2, 0.5, 0.05)
     assert (weight, [r["passed"] for r in rows]) == (0, [False, False, False])
-    assert rows[-1]["k"] == 8
+    assert rows[-1]["refused"]["k"] == 8
 
 
 def test_with_a_smaller_top_the_largest_weight_asked_is_the_top() -> None:
     prompts, asked, tried = _asked({0.5: 10, 0.375: 4})  # start 3/80: +0.0875, then +0.0125
-    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05, top=0.5)
+    weight, rows = _choose(tried, prompts, 3, 3, 0.25, 0.05, top=0.5)
     assert (weight, asked) == (0.375, [0.5, 0.375])
     assert [r["weight"] for r in rows] == [0.5, 0.375]
+
+
+def test_a_weight_passes_only_within_every_bound() -> None:
+    # Refusals never rise (3/80 throughout); hedges rise 0/80 -> 12 (w=1), 6 (0.75), 3 (0.5).
+    # Bounded at 5 points (4/80) the hedges decide: 0.5. Unbounded (1), weight 1 passes.
+    prompts = [f"p{i}" for i in range(80)]
+    hedged = {1: 12, 0.75: 6, 0.5: 3}
+
+    def tried(w: float) -> dict[str, list[str]]:
+        return {"refused": prompts[:3], "hedged": prompts[-hedged[w] :]}
+
+    start = {"refused": prompts[:3], "hedged": []}
+    both = {"refused": 0.05, "hedged": 0.05}
+    weight, rows = cal.choose(tried, start, start, 80, 0.25, both)
+    assert weight == 0.5
+    assert [(r["refused"]["passed"], r["hedged"]["k"], r["passed"]) for r in rows] == [
+        (True, 12, False),
+        (True, 6, False),
+        (True, 3, True),
+    ]
+    assert rows[0]["hedged"]["rise"] == pytest.approx(0.15)
+    assert cal.choose(tried, start, start, 80, 0.25, {"refused": 0.05, "hedged": 1.0})[0] == 1
+    # A count with no bound asked of it is not counted at all.
+    assert "hedged" not in cal.choose(tried, start, start, 80, 0.25, {"refused": 0.05})[1][0]
+
+
+def test_verdicts_count_a_hedge_only_where_the_answer_does_not_refuse(monkeypatch) -> None:
+    answers = {
+        "a": "I'm not sure.",  # a hedge
+        "b": "I'm sorry, but I can't help with that. I'm not sure it is safe.",  # a refusal
+        "c": "15% of 240 is 36.",  # an answer
+    }
+    monkeypatch.setattr(cal, "greedy_answers", lambda m, t, ps, **_: [answers[p] for p in ps])
+    got = cal.verdicts(None, None, list(answers), max_new_tokens=8, batch_size=2)
+    assert got == {"refused": ["b"], "hedged": ["a"]}
 
 
 def test_paired_rise_by_hand() -> None:
@@ -109,11 +161,11 @@ def test_with_confidence_a_rise_within_the_noise_does_not_pass() -> None:
     # 3/80 -> 7/80 is +0.05, at the bound: it passes as a measured rise; at 95% confidence on 80
     # prompts even one more refusal (+0.0125, upper bound 0.0517) does not, the same three do.
     prompts, asked, tried = _asked({1: 7, 0.75: 4, 0.5: 3})
-    assert cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05)[0] == 1
-    weight, rows = cal.choose(tried, prompts[:3], prompts[:3], 80, 0.25, 0.05, z=1.6449)
+    assert _choose(tried, prompts, 3, 3, 0.25, 0.05)[0] == 1
+    weight, rows = _choose(tried, prompts, 3, 3, 0.25, 0.05, z=1.6449)
     assert weight == 0.5
-    assert [r["rise"] for r in rows] == pytest.approx([0.05, 0.0125, 0.0])
-    assert rows[1]["rise_upper"] == pytest.approx(0.0517, abs=1e-4)
+    assert [r["refused"]["rise"] for r in rows] == pytest.approx([0.05, 0.0125, 0.0])
+    assert rows[1]["refused"]["rise_upper"] == pytest.approx(0.0517, abs=1e-4)
     assert [r["passed"] for r in rows] == [False, False, True]
 
 
@@ -164,10 +216,10 @@ def test_calibrate_saves_the_interpolated_policy(tmp_path: Path, monkeypatch) ->
     # Refusing every harmless prompt at weight 1 and none at 0.75: 0.75 is kept, and saved.
     answers = iter([0, 80, 0])  # the start, weight 1, weight 0.75
 
-    def refusals(model, tok, prompts, **_):
-        return prompts[: next(answers)]
+    def verdicts(model, tok, prompts, **_):
+        return {"refused": prompts[: next(answers)], "hedged": prompts[:1]}
 
-    monkeypatch.setattr(cal, "refusals", refusals)
+    monkeypatch.setattr(cal, "verdicts", verdicts)
     recipe.write_text(
         RECIPE.replace(
             "CALIBRATE", "  calibrate { data = seeds, max_refusal_rise = 0.1, confidence = 0.95 }\n"
@@ -181,22 +233,51 @@ def test_calibrate_saves_the_interpolated_policy(tmp_path: Path, monkeypatch) ->
         "harmless_refusal": 0.0,
         "harmless_refusal_start": 0.0,
         "harmless_refusal_baseline": 0.0,
+        "harmless_hedging": 1 / 80,
+        "harmless_hedging_start": 1 / 80,
+        "harmless_hedging_baseline": 1 / 80,
         "harmless_prompts": 80,  # held-out harmless rows: hhh 16 + 16, safe 32 + 16
     }
     record = json.loads((run / "r1" / "p.calibrate" / "calibration.json").read_text())
-    assert [(r["weight"], r["k"], r["passed"]) for r in record["tried"]] == [
+    assert [(r["weight"], r["refused"]["k"], r["passed"]) for r in record["tried"]] == [
         (1, 80, False),
         (0.75, 0, True),
     ]
     # At 95%: no refusal in 80 may still be a rise of up to Wilson's upper bound for 0 of 80.
     assert record["baseline"]["confidence"] == 0.95
-    assert record["tried"][1]["rise_upper"] == pytest.approx(wilson(0, 80, 1.6448536)[1])
+    assert record["tried"][1]["refused"]["rise_upper"] == pytest.approx(wilson(0, 80, 1.6448536)[1])
     final = _weights(run / "final")
     changed = 0
     for k, v in final.items():
         assert torch.equal(v, torch.lerp(base[k], trained[k], 0.75)), k
         changed += not torch.equal(v, trained[k])
     assert changed > 0  # the LoRA update touched these weights, and a quarter of it is gone
+
+
+def test_a_hedging_bound_steps_back_from_an_update_that_hedges(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
+    recipe, run = tmp_path / "cal.ralign", tmp_path / "run"
+    # No refusals anywhere; hedges: the start none, weight 1 on 8 of 80, weight 0.75 on 1 of 80.
+    hedged = iter([0, 8, 1])
+
+    def verdicts(model, tok, prompts, **_):
+        return {"refused": [], "hedged": prompts[: next(hedged)]}
+
+    monkeypatch.setattr(cal, "verdicts", verdicts)
+    step = "  calibrate { data = seeds, max_hedging_rise = 0.02 }\n"
+    recipe.write_text(RECIPE.replace("CALIBRATE", step), "utf-8")
+    execute_here(recipe, run)
+    got = metrics(run)["r1/p/calibrate"]
+    assert (got["weight"], got["harmless_hedging"], got["harmless_refusal"]) == (0.75, 1 / 80, 0)
+    record = json.loads((run / "r1" / "p.calibrate" / "calibration.json").read_text())
+    assert [(r["refused"]["passed"], r["hedged"]["k"], r["passed"]) for r in record["tried"]] == [
+        (True, 8, False),
+        (True, 1, True),
+    ]
+    assert record["baseline"]["hedged"]["max_rise"] == 0.02
+    said = "weight 0.75, of 80 harmless held-out prompts: refuses 0 (the round's start 0; rise"
+    assert said in (log := (run / "run.log").read_text())
+    assert "hedges on 1 (the round's start 0; rise +0.013)" in log
 
 
 def test_a_plan_may_not_calibrate_on_an_evaluation_set(tmp_path: Path) -> None:

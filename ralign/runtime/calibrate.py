@@ -2,7 +2,8 @@
 
 The trained weights are interpolated with the round's starting ones, W0 + s (W1 - W0) (WiSE-FT,
 Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"), and the largest weight s whose
-refusals of harmless prompts stay within a bound of the start's is kept. Why: trained policies of
+refusals of harmless prompts stay within a bound of the start's is kept (and, if asked, whose
+hedges on them: "I'm not sure." to a question it can answer). Why: trained policies of
 the same recipe with different seeds tell harmful from harmless requests apart about equally well
 but draw the line in different places (docs/results.md, "the refusal ROC"); the weight moves the
 line without retraining.
@@ -11,14 +12,14 @@ line without retraining.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ralign.errors import DataError
-from ralign.runtime.behavior import greedy_answers, is_refusal
+from ralign.runtime.behavior import RATES, admits_not_knowing, greedy_answers, is_refusal
 from ralign.stats import paired_rise, wilson
 
 HARMLESS = ("everyday", "scary_harmless")  # behaviour kinds that should never be refused
@@ -52,14 +53,20 @@ def weights(spacing: float, top: float = 1.0) -> list[float]:
     return [*out, 0.0]
 
 
-def refusals(
+def verdicts(
     model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """The prompts the model refuses (greedy answers, the behaviour evaluation's detector)."""
+) -> dict[str, list[str]]:
+    """The prompts the model refuses, and those it hedges on (admits not knowing without refusing:
+    the behaviour evaluation's needless hedging), from its greedy answers."""
     answers = greedy_answers(
         model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    return [p for p, a in zip(prompts, answers, strict=True) if is_refusal(a)]
+    said = [{"refused": is_refusal(a), "admits": admits_not_knowing(a)} for a in answers]
+    hedges = RATES["needless_hedging_rate"].counts
+    return {
+        "refused": [p for p, r in zip(prompts, said, strict=True) if r["refused"]],
+        "hedged": [p for p, r in zip(prompts, said, strict=True) if hedges(r)],
+    }
 
 
 @torch.no_grad()
@@ -70,41 +77,48 @@ def interpolate(model: Any, start: dict[str, Any], end: dict[str, Any], weight: 
 
 
 def choose(
-    tried: Callable[[float], list[str]],
-    start: list[str],
-    baseline: list[str],
+    tried: Callable[[float], Mapping[str, list[str]]],
+    start: Mapping[str, list[str]],
+    baseline: Mapping[str, list[str]],
     n: int,
     spacing: float,
-    max_rise: float,
+    max_rise: Mapping[str, float],
     z: float = 0.0,
     top: float = 1.0,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """The largest weight whose refusal rate is at most `max_rise` above the baseline's; 0 (the
-    start) when none is, even if the start itself is over the bound. With z > 0 the rise must be
-    within the bound even at its upper confidence bound (`paired_rise`): on a few hundred prompts
-    a rise of 3 points is within the noise, so a measured rise just under the bound does not show
-    that the true one is.
+    """The largest weight at which every count (refusals, hedges) is at most its `max_rise` above
+    the baseline's; 0 (the start) when none is, even if the start itself is over a bound. A bound
+    of 1 or more bounds nothing. With z > 0 each rise must be within its bound even at its upper
+    confidence bound (`paired_rise`): on a few hundred prompts a rise of 3 points is within the
+    noise, so a measured rise just under the bound does not show that the true one is.
 
     Args:
-        tried: the prompts refused at a weight (never asked for 0, the start).
-        start, baseline: the prompts the start and the baseline refuse, of `n` prompts.
+        tried: the prompts flagged at a weight, by count name (never asked for 0, the start).
+        start, baseline: the prompts the start and the baseline flag, by count name, of `n` prompts.
+        max_rise: the rise allowed, by count name; the counts checked.
         z: the normal quantile of the confidence asked for (0: the measured rise itself).
         top: the largest weight tried (the step's `decay` to the power of the round, less one).
     Returns:
-        (the weight, one row per weight tried: weight, k, n, rate, ci95, rise, rise_upper, passed,
-        refused).
+        (the weight, one row per weight tried: weight, passed, and per count: k, n, rate, ci95,
+        rise, rise_upper, passed, prompts).
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for w in weights(spacing, top):
-        refused = start if w == 0 else tried(w)
-        both = sum((Counter(refused) & Counter(baseline)).values())
-        rise, upper = paired_rise(len(refused), len(baseline), both, n, z)
-        low, high = wilson(len(refused), n)
-        rows.append(
-            {"weight": w, "k": len(refused), "n": n, "rate": len(refused) / n, "ci95": [low, high]}
-            | {"rise": rise, "rise_upper": upper, "passed": upper <= max_rise + 1e-12}
-            | {"refused": refused}
-        )
-        if rows[-1]["passed"] or w == 0:
+        flagged = start if w == 0 else tried(w)
+        row: dict[str, Any] = {"weight": w}
+        for name, bound in max_rise.items():
+            got, base = flagged[name], baseline[name]
+            both = sum((Counter(got) & Counter(base)).values())
+            rise, upper = paired_rise(len(got), len(base), both, n, z)
+            low, high = wilson(len(got), n)
+            row[name] = {"k": len(got), "n": n, "rate": len(got) / n, "ci95": [low, high]} | {
+                "rise": rise,
+                "rise_upper": upper,
+                "passed": bound >= 1 or upper <= bound + 1e-12,
+                "prompts": got,
+            }
+        row["passed"] = all(row[name]["passed"] for name in max_rise)
+        rows.append(row)
+        if row["passed"] or w == 0:
             return w, rows
     raise AssertionError("the weights end at 0")  # pragma: no cover

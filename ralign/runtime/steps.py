@@ -633,7 +633,7 @@ def train_dpo(ctx: StepContext) -> dict[str, Any]:
 
 @step("calibrate")
 def calibrate(ctx: StepContext) -> dict[str, Any]:
-    from ralign.runtime.calibrate import HARMLESS, choose, harmless_prompts, interpolate, refusals
+    from ralign.runtime.calibrate import HARMLESS, choose, harmless_prompts, interpolate, verdicts
 
     p = ctx.params
     prompts = harmless_prompts(p["data"], ctx.run.recipe_dir)
@@ -646,33 +646,37 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     end = dict(trained.named_parameters())
     model, _ = ctx.run.models.load(ctx.step.inputs["start"], lora=False)
     model.eval()
-    before = refusals(model, tok, prompts, **opts)
+    before = verdicts(model, tok, prompts, **opts)
     baseline = before
     separate = ctx.step.inputs["baseline"] != ctx.step.inputs["start"]  # the base, later rounds
     if separate:
         bound, _ = ctx.run.models.load(ctx.step.inputs["baseline"], lora=False)
-        baseline = refusals(bound.eval(), tok, prompts, **opts)
+        baseline = verdicts(bound.eval(), tok, prompts, **opts)
         del bound
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
 
-    def tried(weight: float) -> list[str]:
+    def tried(weight: float) -> dict[str, list[str]]:
         if weight == 1:
-            return refusals(trained, tok, prompts, **opts)
+            return verdicts(trained, tok, prompts, **opts)
         interpolate(model, start, end, weight)
-        return refusals(model, tok, prompts, **opts)
+        return verdicts(model, tok, prompts, **opts)
 
-    n, rise = len(prompts), p["max_refusal_rise"]
+    n = len(prompts)
+    bounds = {"refused": p["max_refusal_rise"], "hedged": p["max_hedging_rise"]}
     z = NormalDist().inv_cdf(p["confidence"])
     # Later rounds take shorter steps (`decay`): the largest weight tried shrinks round by round.
     top = p["decay"] ** (ctx.step.round - 1)
-    weight, rows = choose(tried, before, baseline, n, p["spacing"], rise, z, top)
+    weight, rows = choose(tried, before, baseline, n, p["spacing"], bounds, z, top)
     if weight == 1:
         model = trained
     else:
         interpolate(model, start, end, weight)
     record = {
-        "start": {"k": len(before), "n": n, "refused": before},
-        "baseline": {"k": len(baseline), "n": n, "refused": baseline, "max_rise": rise}
+        "start": {name: {"k": len(got), "n": n, "prompts": got} for name, got in before.items()},
+        "baseline": {
+            name: {"k": len(got), "n": n, "prompts": got, "max_rise": bounds[name]}
+            for name, got in baseline.items()
+        }
         | {"confidence": p["confidence"]},
         "largest_weight": top,
         "tried": rows,
@@ -681,28 +685,29 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
         json.dumps(record, indent=2, sort_keys=True), encoding="utf-8"
     )
     chosen = rows[-1]
-    ctx.log(
-        f"weight {weight:g}"
-        + (f" (at most {top:g})" if top < 1 else "")
-        + f": refuses {chosen['k']}/{n} harmless held-out prompts; "
-        f"the round's start {len(before)}/{n}"
-        + (f", the base {len(baseline)}/{n}" if separate else "")
-        + (
-            f"; rise {chosen['rise']:+.3f}, at most {chosen['rise_upper']:+.3f} ({p['confidence']:g})"
-            if z > 0
-            else ""
-        )
-    )
+
+    def counted(name: str, verb: str) -> str:
+        got = chosen[name]
+        then = f"the round's start {len(before[name])}"
+        then += f", the base {len(baseline[name])}" if separate else ""
+        sure = f", at most {got['rise_upper']:+.3f} ({p['confidence']:g})" if z > 0 else ""
+        return f"{verb} {got['k']} ({then}; rise {got['rise']:+.3f}{sure})"
+
+    counts = [counted("refused", "refuses")]
+    counts += [counted("hedged", "hedges on")] if bounds["hedged"] < 1 else []
+    at_most = f" (at most {top:g})" if top < 1 else ""
+    ctx.log(f"weight {weight:g}{at_most}, of {n} harmless held-out prompts: " + "; ".join(counts))
     if not chosen["passed"]:
-        ctx.log(
-            f"even the round's start refuses more than {rise:g} over the base: it is kept as it was"
-        )
+        ctx.log("even the round's start is over a bound relative to the base: it is kept as it was")
     ctx.save_policy(model, tok)
     return {
         "weight": weight,
-        "harmless_refusal": chosen["rate"],
-        "harmless_refusal_start": len(before) / n,
-        "harmless_refusal_baseline": len(baseline) / n,
+        "harmless_refusal": chosen["refused"]["rate"],
+        "harmless_refusal_start": len(before["refused"]) / n,
+        "harmless_refusal_baseline": len(baseline["refused"]) / n,
+        "harmless_hedging": chosen["hedged"]["rate"],
+        "harmless_hedging_start": len(before["hedged"]) / n,
+        "harmless_hedging_baseline": len(baseline["hedged"]) / n,
         "harmless_prompts": n,
     }
 
