@@ -148,6 +148,11 @@ def admits_not_knowing(answer: str) -> bool:
     return any(p.search(text) for p in _NOT_KNOWING)
 
 
+def verdict(answer: str) -> dict[str, bool]:
+    """The flags the rates count: `refused` and `admits`."""
+    return {"refused": is_refusal(answer), "admits": admits_not_knowing(answer)}
+
+
 def load_prompts(path: str | Path, *, split: str | None = None) -> list[dict[str, Any]]:
     """Read `{prompt, kind, category?, split?}` JSONL rows, optionally only those of one split.
 
@@ -398,10 +403,7 @@ def score_records(records: Sequence[dict[str, Any]], examples_per_kind: int = 2)
     Returns:
         {"rates", "n", "examples", "records", "subsets"? (when records have categories)}.
     """
-    scored = [
-        {**r, "refused": is_refusal(r["answer"]), "admits": admits_not_knowing(r["answer"])}
-        for r in records
-    ]
+    scored = [{**r, **verdict(r["answer"])} for r in records]
     examples: dict[str, list[dict[str, Any]]] = {}
     for r in scored:
         if len(examples.setdefault(r["kind"], [])) < examples_per_kind:

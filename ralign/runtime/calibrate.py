@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ralign.errors import DataError
-from ralign.runtime.behavior import RATES, admits_not_knowing, greedy_answers, is_refusal
+from ralign.runtime.behavior import RATES, greedy_answers, verdict
 from ralign.stats import paired_rise, wilson
 
 HARMLESS = ("everyday", "scary_harmless")  # behaviour kinds that should never be refused
@@ -61,7 +61,7 @@ def verdicts(
     answers = greedy_answers(
         model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    said = [{"refused": is_refusal(a), "admits": admits_not_knowing(a)} for a in answers]
+    said = [verdict(a) for a in answers]
     hedges = RATES["needless_hedging_rate"].counts
     return {
         "refused": [p for p, r in zip(prompts, said, strict=True) if r["refused"]],
