@@ -146,6 +146,7 @@ QUICKSTART_ROUNDS = "quickstart, 3 rounds"
 QUICKSTART_WHOLE = "quickstart, the whole update every round, 2 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
+QUICKSTART_NO_HEDGE = "quickstart + forced hedges + contrast judge against its opposite, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
@@ -159,6 +160,7 @@ STARTS_FROM = {
     QUICKSTART_WHOLE: (QUICKSTART_ROW,),
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
     QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
+    QUICKSTART_NO_HEDGE: (QUICKSTART_ROW,),  # only the model conversion: its sampling differs
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
@@ -211,6 +213,12 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # The same judge against an opposite principle instead of the bare request, two rounds.
         QUICKSTART_OPPOSITE: contrast_rounds.but(
             "recipe.rounds=2", f"judge/rank.quality.opposite={literal(HHH_NOT)}"
+        ),
+        # The row above with pressure against needless hedging in its data: a forced "I'm not
+        # sure" beside the forced refusal, a rule scoring a hedge to an answerable prompt below
+        # an answer, and pairs that reject every answer the best one beats.
+        QUICKSTART_NO_HEDGE: Variant(RECIPES / "efficacy_quickstart_no_hedge.ralign", sized).but(
+            "recipe.rounds=2"
         ),
         # Today's quickstart (one round) with the policy's contrast judgement choosing instead of
         # the rules, among all three answers (forced refusal included), or weighed with them.

@@ -346,8 +346,10 @@ def dpo_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     nll_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A DPO loss of `DPO_LOSSES` on a batch of pairs, averaged over the pairs.
+    """A DPO loss of `DPO_LOSSES` on a batch of pairs, averaged over the pairs (weighted by
+    `weights` when given: sum(w * loss) / sum(w)).
 
     With `nll_weight` > 0 the chosen responses' mean per-token negative log-likelihood is added
     (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization"):
@@ -368,6 +370,8 @@ def dpo_loss(
         chosen_tokens: (B,) response lengths; only IPO reads them (default: 1, no averaging).
         rejected_tokens: (B,) likewise.
         nll_weight: weight of the RPO term (>= 0); needs `chosen_tokens` when > 0.
+        weights: (B,) each pair's weight (>= 0, not all 0); e.g. 1/k for each of a prompt's k
+            pairs, so that every prompt weighs the same however many pairs it made.
     Returns:
         (loss () mean over the batch, chosen_rewards (B,), rejected_rewards (B,)); the rewards are
         beta * log-ratios, detached.
@@ -386,4 +390,8 @@ def dpo_loss(
         if chosen_tokens is None:
             raise ValueError("the NLL term needs chosen_tokens, the chosen responses' lengths")
         losses = losses - nll_weight * policy_chosen_logps / chosen_tokens
-    return losses.mean(), beta * chosen.detach(), beta * rejected.detach()
+    if weights is None:
+        mean = losses.mean()
+    else:  # a micro-batch of weight 0 adds nothing (not 0 / 0)
+        mean = (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+    return mean, beta * chosen.detach(), beta * rejected.detach()

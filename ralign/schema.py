@@ -19,6 +19,7 @@ INT, NUMBER, STRING, BOOL = "int", "number", "string", "bool"
 MODEL, DATASET, TEMPLATE, TEXTS, DATA = "model", "dataset", "template", "texts", "data"
 EXPR_BOOL, EXPR_NUMBER, LORA = "expr:bool", "expr:number", "lora"
 PATHS = "paths"  # one data file, or a non-empty list of them read one after another
+STRINGS = "strings"  # one string, or a non-empty list of them
 
 
 @dataclass(frozen=True)
@@ -481,8 +482,8 @@ STEPS: dict[str, StepKind] = {
                 "answers sampled under `negative_context` may be a pair's chosen answer but never its rejected one: a forced refusal then teaches refusing where the rules prefer it and is never the refusal a harmless prompt's pair pushes away (the ablation of the pressure against over-refusal); unset, they compete with the others",
             ),
             "negative_prefix": Attr(
-                STRING,
-                "the answers sampled under `negative_context` start with this text, which the policy continues: a forced opening such as a refusal's, for a model that ignores an instruction to refuse but not a refusal it has begun",
+                STRINGS,
+                "the answers sampled under `negative_context` start with this text, which the policy continues: a forced opening such as a refusal's, for a model that ignores an instruction to refuse but not a refusal it has begun; a list gives `negative_per_prompt` answers for each opening",
             ),
             "batch_size": Attr(INT, "prompts per generation batch", 32, min=1),
         },
@@ -597,7 +598,10 @@ STEPS: dict[str, StepKind] = {
                 choices=("best", "random"),
             ),
             "rejected": Attr(
-                STRING, "which answer is dispreferred", "worst", choices=("worst", "random")
+                STRING,
+                'which answer is dispreferred; "all": one pair with each answer the chosen one beats by the floors, so a prompt can teach against a refusal and a needless hedge at once (each of its k pairs weighs 1/k in DPO\'s loss)',
+                "worst",
+                choices=("worst", "random", "all"),
             ),
             "min_margin": Attr(NUMBER, "drop pairs whose score gap is below this", 0.0, min=0),
             "min_score": Attr(

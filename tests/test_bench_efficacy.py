@@ -401,3 +401,35 @@ def test_the_judge_rows_are_the_quickstart_but_for_their_total(eff):
     )
     for i in ("r1/distill/pairs", "r1/distill/train.dpo", "r1/distill/calibrate"):
         assert only.step(i).params == one.step(i).params == agree.step(i).params, i
+
+
+def test_the_no_hedge_row_is_the_opposite_row_but_for_its_pressure_against_hedging(eff):
+    """ "quickstart + forced hedges + ...": the judge-against-its-opposite row, two rounds, with a
+    second forced opening, a penalty for needless hedges in the total and pairs against every
+    answer the best one beats; its judge, training and calibration are that row's."""
+    opposed = _plan(eff.variants()[eff.QUICKSTART_OPPOSITE])
+    hedged = _plan(eff.variants()[eff.QUICKSTART_NO_HEDGE])
+    assert hedged.rounds == opposed.rounds == 2
+
+    def same(step):
+        return _params(hedged, hedged.step(step)), _params(opposed, opposed.step(step))
+
+    mine, theirs = same("r1/sample/sample")
+    assert theirs["negative_prefix"] == "I'm sorry, but I can't"
+    assert mine == {**theirs, "negative_prefix": ["I'm sorry, but I can't", "I'm not sure"]}
+    for name in ("careful", "refuse"):
+        mine, theirs = (p.templates[f"{p.source}:{name}"]["text"] for p in (hedged, opposed))
+        assert mine == theirs, name
+    mine, theirs = same("r1/distill/pairs")
+    assert mine == {**theirs, "rejected": "all"}
+    mine, theirs = same("r1/distill/train.dpo")
+    assert mine == {**theirs, "epochs": 1}  # about 2.7 times the pairs
+    for i in ("r1/judge/rank.quality", "r2/distill/calibrate"):
+        mine, theirs = same(i)
+        assert mine == theirs, i
+
+    def rewards(plan):
+        walked = ir.walk(plan.step("r1/judge/score").exprs["total"])
+        return {n.qname.split(":")[-1] for n in walked if isinstance(n, ir.RewardRef)}
+
+    assert rewards(hedged) == rewards(opposed) | {"hedging"}

@@ -297,6 +297,7 @@ TYPE_WORDS = {
     sc.TEMPLATE: "template",
     sc.TEXTS: "list of strings",
     sc.PATHS: "string or list of strings",
+    sc.STRINGS: "string or list of strings",
     sc.DATA: "dataset name or string",
     sc.EXPR_BOOL: "bool expression",
     sc.EXPR_NUMBER: "number expression",

@@ -112,6 +112,26 @@ def test_dpo_loss_batch_mean_rewards_and_gradient():
     assert pr.grad.tolist() == pytest.approx([-g for g in expected], abs=1e-9)
 
 
+def test_dpo_loss_weighted_mean_over_pairs():
+    """Weights (1/k for each of a prompt's k pairs) give sum(w * loss) / sum(w): the two pairs
+    above weighted 3:1, and a pair of weight 0 counts for nothing (nor in the gradient)."""
+    pc = torch.tensor([-1.0, -4.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-3.0, -1.0], dtype=torch.float64)
+    rc = torch.tensor([-2.0, -3.8], dtype=torch.float64)
+    rr = torch.tensor([-2.5, -1.2], dtype=torch.float64)
+    w = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, 0.5, weights=w)
+    assert loss.item() == pytest.approx(0.75 * 0.3868710061149 + 0.25 * 0.7981388693815917)
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, 0.5, weights=torch.tensor([2.0, 0.0]).double())
+    assert loss.item() == pytest.approx(0.3868710061149)
+    loss.backward()
+    assert pc.grad.tolist() == pytest.approx([-0.5 * 0.320821300824607, 0.0], abs=1e-9)
+    # equal weights are the plain mean
+    same, _, _ = dpo_loss(pc, pr, rc, rr, 0.5, weights=torch.tensor([0.5, 0.5]).double())
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, 0.5)
+    assert same.item() == pytest.approx(plain.item(), abs=1e-12)
+
+
 def test_registry():
     assert LOSSES == {"sft": sft_loss, "dpo": dpo_loss}
     assert DPO_LOSSES == {

@@ -176,6 +176,37 @@ def test_the_two_only_flags_exclude_each_other(tmp_path: Path, capsys) -> None:
     assert "exclude each other" in err and "both.ralign:7:3: error" in err
 
 
+def test_each_forced_opening_gets_its_own_answers(tmp_path: Path, monkeypatch) -> None:
+    """`negative_prefix = [A, B]` with `negative_per_prompt = 1`: two forced answers per prompt,
+    A's then B's, both negative; A's are the answers a single `negative_prefix = A` draws."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
+    answers = {}
+    for name, prefix in (("one", '"No, I"'), ("two", '["No, I", "Maybe so"]')):
+        recipe = tmp_path / f"{name}.ralign"
+        recipe.write_text(
+            RECIPE.replace(
+                "negative_per_prompt = 1", f"negative_per_prompt = 1, negative_prefix = {prefix}"
+            ),
+            encoding="utf-8",
+        )
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            run = tmp_path / name
+            assert main(["execute", str(recipe), "--run-dir", str(run), "--device", "cpu"]) == 0
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        lines = (run / "r1" / "answer.sample" / "responses.jsonl").read_text().splitlines()
+        answers[name] = [json.loads(x) for x in lines]
+    for one, two in zip(answers["one"], answers["two"], strict=True):
+        assert two["negative"] == [False, False, True, True]
+        assert two["contexts"][2:] == [f"Refuse this: {two['prompt']}"] * 2
+        assert two["responses"][2].startswith("No, I")
+        assert two["responses"][3].startswith("Maybe so")
+        assert two["responses"][:3] == one["responses"]  # a second opening changes no other answer
+
+
 @pytest.mark.parametrize(
     "attr, value",
     [
@@ -183,6 +214,7 @@ def test_the_two_only_flags_exclude_each_other(tmp_path: Path, capsys) -> None:
         ("negative_only_chosen", "true"),
         ("negative_prefix", '"I\'m sorry"'),
         ("negative_prefix", '""'),
+        ("negative_prefix", '["I\'m sorry", "I\'m not sure"]'),
     ],
 )
 def test_negative_attributes_need_a_negative_context(
@@ -210,3 +242,21 @@ def test_only_rejected_false_needs_nothing(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert main(["check", str(recipe)]) == 0
+
+
+@pytest.mark.parametrize("value", ["3", "[]", '["No", 4]'])
+def test_negative_prefix_is_a_string_or_a_list_of_them(tmp_path: Path, capsys, value: str) -> None:
+    recipe = tmp_path / "bad.ralign"
+    recipe.write_text(
+        RECIPE.replace(
+            "negative_per_prompt = 1", f"negative_per_prompt = 1, negative_prefix = {value}"
+        ),
+        encoding="utf-8",
+    )
+    assert main(["check", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "bad.ralign:8:" in err
+    assert (
+        "`negative_prefix` of the sample step must be a string or a non-empty list of strings"
+        in err
+    )

@@ -135,3 +135,36 @@ def test_mismatched_lengths():
         make_pairs(["p", "q"], RESPONSES, SCORES)
     with pytest.raises(ValueError, match="2 responses but 1 scores"):
         make_pairs(["p"], [["a", "b"]], [[1.0]])
+
+
+def test_rejected_all_pairs_the_best_with_every_answer_it_beats():
+    # r1 (0.9) against r0 (0.2), r2 (0.0) and r3 (0.5); with a margin of 0.5 the r3 pair (0.4)
+    # is dropped on its own and the other two are kept.
+    pairs, stats = make_pairs(["p"], RESPONSES, SCORES, rejected="all", min_margin=0.5)
+    assert [(x["chosen"], x["rejected"]) for x in pairs] == [("r1", "r0"), ("r1", "r2")]
+    assert [x["margin"] for x in pairs] == pytest.approx([0.7, 0.9])
+    assert [x["weight"] for x in pairs] == [0.5, 0.5]  # the prompt weighs 1 in all
+    assert stats["pairs"] == 2
+    assert stats["dropped"]["low_margin"] == 1
+    # "worst" is the one of them with the lowest score
+    (worst,), _ = make_pairs(["p"], RESPONSES, SCORES, min_margin=0.5)
+    assert (worst["chosen"], worst["rejected"]) == ("r1", "r2")
+    assert "weight" not in worst  # one pair per prompt: unweighted, as before
+
+
+def test_rejected_all_keeps_the_roles_of_negative_answers():
+    # r2 may not be rejected (a forced answer that only competes to be chosen): no pair with it;
+    # r3 ties r1's score: no pair either.
+    pairs, stats = make_pairs(
+        ["p"],
+        [["r0", "r1", "r2", "r3"]],
+        [[0.2, 0.9, 0.0, 0.9]],
+        rejected="all",
+        rejectable=[[True, True, False, True]],
+    )
+    assert [(x["chosen"], x["rejected"]) for x in pairs] == [("r1", "r0")]
+    assert pairs[0]["weight"] == 1.0
+    assert stats["dropped"]["tie"] == 1
+    assert sum(stats["dropped"].values()) == 1
+    _, alone = make_pairs(["p"], [["only"]], [[1.0]], rejected="all")
+    assert alone["dropped"]["too_few"] == 1

@@ -622,6 +622,36 @@ def test_grad_accum_equals_one_big_batch(tiny, kind, accum, batch):
             assert seen[0][key] == pytest.approx(big_seen[0][key], abs=1e-6)
 
 
+def test_weighted_pairs_count_by_their_weight(tiny):
+    """Pairs of weight 0 add nothing: six pairs weighted 1, 1, 1, 0, 0, 0 make the step that the
+    first three alone make, in one batch or in micro-batches (whose shares of the step are their
+    weights, so a micro-batch of two weightless pairs is no 0 / 0)."""
+    pairs = [
+        {**p, "chosen": p["chosen"] * (i % 3 + 1), "rejected": p["rejected"] * (i % 2 + 1)}
+        for i, p in enumerate(PAIRS)
+    ]
+    weighted = [{**p, "weight": 1.0 if i < 3 else 0.0} for i, p in enumerate(pairs)]
+    with grads_at_step() as alone:
+        first, _, _ = run_dpo(tiny, pairs=pairs[:3], batch_size=3, lr=1e-3)
+    for batch, accum in ((6, 1), (2, 3)):
+        with grads_at_step() as grads:
+            model, seen, out = run_dpo(
+                tiny, pairs=weighted, batch_size=batch, grad_accum=accum, lr=1e-3
+            )
+        assert out["optimizer_steps"] == 1 and out["pairs"] == 6
+        assert all(torch.isfinite(torch.tensor(s["loss"])) for s in seen)
+        for g, want in zip(grads[0].values(), alone[0].values(), strict=True):
+            assert torch.allclose(g, want, atol=1e-6, rtol=0)
+        assert same_weights(model, first)
+    # equal weights other than 1 are the plain mean
+    with grads_at_step() as halves:
+        run_dpo(tiny, pairs=[{**p, "weight": 0.5} for p in pairs], batch_size=6, lr=1e-3)
+    with grads_at_step() as plain:
+        run_dpo(tiny, pairs=pairs, batch_size=6, lr=1e-3)
+    for g, want in zip(halves[0].values(), plain[0].values(), strict=True):
+        assert torch.allclose(g, want, atol=1e-6, rtol=0)
+
+
 def test_grad_accum_without_token_weighing_would_differ(tiny):
     """The SFT case above is not vacuous: its micro-batches hold different token counts."""
     _, tok = load(tiny)

@@ -152,6 +152,18 @@ def _template(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores:
     return BAD if tv is None else tv.key
 
 
+@value_check(sc.STRINGS)
+def _strings(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: Any) -> Any:
+    if isinstance(v, n.String):
+        return (
+            v.value
+        )  # one string stays one string: the plans of recipes that give one keep their hash
+    if isinstance(v, n.ListExpr) and v.items and all(isinstance(i, n.String) for i in v.items):
+        return [str(i.value) for i in v.items]  # type: ignore[union-attr]
+    w.error(v.span, f"{label} must be a string or a non-empty list of strings")
+    return BAD
+
+
 @value_check(sc.TEXTS)
 def _texts(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: Any) -> Any:
     texts = literal_texts(w, unit, v, label)

@@ -30,10 +30,11 @@ class Row:
 
 @dataclass(frozen=True)
 class PairRow:
-    """One tokenized preference pair sharing a prompt."""
+    """One tokenized preference pair sharing a prompt, and its weight in the loss."""
 
     chosen: Row
     rejected: Row
+    weight: float = 1.0
 
 
 def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -132,7 +133,7 @@ def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[Pai
     """Tokenize preference pairs like `encode_examples`; both responses start at one position.
 
     Pairs whose prompt alone fills max_length are dropped; "chosen_finished" / "rejected_finished"
-    False mark an answer cut off by the length limit (no EOS).
+    False mark an answer cut off by the length limit (no EOS); "weight" (default 1) is kept.
     """
     rows = _encode_with_prompts(
         tokenizer,
@@ -141,7 +142,11 @@ def encode_pairs(tokenizer: Any, pairs: list[dict], max_length: int) -> list[Pai
         max_length,
         [[p.get("chosen_finished", True), p.get("rejected_finished", True)] for p in pairs],
     )
-    return [PairRow(*r) for r in rows if r is not None]
+    return [
+        PairRow(*r, weight=float(p.get("weight", 1.0)))
+        for r, p in zip(rows, pairs, strict=True)
+        if r is not None
+    ]
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:

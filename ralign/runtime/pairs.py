@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 
 CHOOSERS = ("best", "random")
-REJECTERS = ("worst", "random")
+REJECTERS = ("worst", "random", "all")
 DROP_REASONS = (
     "too_few",
     "tie",
@@ -44,16 +44,23 @@ def make_pairs(
     grades: Sequence[Sequence[float]] | None = None,
     min_grade: float | None = None,
 ) -> tuple[list[dict], dict]:
-    """At most one pair per prompt from its scored responses.
+    """Preference pairs from scored responses: at most one per prompt, or with rejected = "all"
+    one for each answer the chosen one beats.
 
     The two selectors pick which two responses form the pair: a deterministic one ("best" or
     "worst") picks first, then the other picks from the remaining responses ("random" is uniform
     with a generator seeded by `seed`). The pair is then oriented by score, so `chosen` always has
-    the higher score and `margin` = score(chosen) - score(rejected) >= 0.
+    the higher score and `margin` = score(chosen) - score(rejected) >= 0. With rejected = "all"
+    the chosen answer is paired with every other answer that may be rejected, each pair kept or
+    dropped on its own: a prompt with two bad answers (a refusal and a needless hedge) then
+    teaches against both, where "worst" would teach against the lower-scored one alone. Each of
+    a prompt's k pairs then carries "weight" 1/k, which DPO's loss uses, so a prompt with more
+    pairs does not weigh more (a harmful request beaten by its refusal three ways would
+    otherwise push three times as hard towards refusing as a harmless one pushes back).
 
     Args:
         prompts, responses, scores: N prompts, their responses and scores (higher is better).
-        chosen, rejected: "best"/"random" and "worst"/"random".
+        chosen, rejected: "best"/"random" and "worst"/"random"/"all".
         min_margin, min_score, min_grade: floors; a pair below one is dropped (a chosen answer
             that is still bad teaches the lesser evil, e.g. fluent compliance over garbled).
         seed: seeds the "random" selectors.
@@ -66,7 +73,8 @@ def make_pairs(
             a pair whose chosen answer scores below an answer that may not be rejected is dropped.
     Returns:
         (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
-        "pairs" and "dropped", a count for each of DROP_REASONS ("too_few": under two answers,
+        "pairs" and "dropped", a count for each of DROP_REASONS (per prompt, or with rejected =
+        "all" per candidate pair; "too_few": under two answers,
         "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade", "unchoosable":
         the higher-scored answer of the two may not be chosen, "unrejectable": the lower may not
         be rejected).
@@ -99,22 +107,31 @@ def make_pairs(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
             )
         roles = (may, may_lose)
-        picked = _pick_pair(texts, marks, grade, roles, (chosen, rejected), floors, rng)
-        if isinstance(picked, str):
-            dropped[picked] += 1
-            continue
-        hi, lo = picked
-        pair = {
-            "prompt": prompt,
-            "chosen": texts[hi],
-            "rejected": texts[lo],
-            "margin": float(marks[hi]) - float(marks[lo]),
-        }
-        if done is not None:
-            pair.update(chosen_finished=bool(done[hi]), rejected_finished=bool(done[lo]))
-        if grade is not None:
-            pair.update(chosen_grade=float(grade[hi]), rejected_grade=float(grade[lo]))
-        pairs.append(pair)
+        if rejected == "all":
+            picks = _pick_all(texts, marks, grade, roles, chosen, floors, rng)
+        else:
+            picks = [_pick_pair(texts, marks, grade, roles, (chosen, rejected), floors, rng)]
+        kept = []
+        for picked in picks:
+            if isinstance(picked, str):
+                dropped[picked] += 1
+                continue
+            hi, lo = picked
+            pair = {
+                "prompt": prompt,
+                "chosen": texts[hi],
+                "rejected": texts[lo],
+                "margin": float(marks[hi]) - float(marks[lo]),
+            }
+            if done is not None:
+                pair.update(chosen_finished=bool(done[hi]), rejected_finished=bool(done[lo]))
+            if grade is not None:
+                pair.update(chosen_grade=float(grade[hi]), rejected_grade=float(grade[lo]))
+            kept.append(pair)
+        if rejected == "all":  # each prompt weighs 1 in DPO's loss, however many pairs it made
+            for pair in kept:
+                pair["weight"] = 1 / len(kept)
+        pairs += kept
     return pairs, {"prompts": len(prompts), "pairs": len(pairs), "dropped": dropped}
 
 
@@ -147,7 +164,6 @@ def _pick_pair(
     rng: random.Random,
 ) -> tuple[int, int] | str:
     """(chosen, rejected) indices of one prompt's pair, oriented by score, or why there is none."""
-    min_margin, min_score, min_grade = floors
     may, may_lose = roles
     eligible = [i for i in range(len(texts)) if may[i]]
     losers = [i for i in range(len(texts)) if may_lose[i]]
@@ -168,6 +184,43 @@ def _pick_pair(
         if not rest:
             return "too_few"
         b = _pick(rejected, rest, marks, rng)
+    return _checked(a, b, texts, marks, grade, roles, floors)
+
+
+def _pick_all(
+    texts: Sequence[str],
+    marks: Sequence[float],
+    grade: Sequence[float] | None,
+    roles: tuple[Sequence[bool], Sequence[bool]],
+    how: str,
+    floors: tuple[float, float | None, float | None],
+    rng: random.Random,
+) -> list[tuple[int, int] | str]:
+    """One prompt's pairs of its chosen answer with every other answer that may be rejected, in
+    answer order, each oriented by score and checked on its own (or the reason it is dropped)."""
+    may, may_lose = roles
+    eligible = [i for i in range(len(texts)) if may[i]]
+    if len(texts) < 2 or not eligible or not any(may_lose):
+        return ["too_few"]
+    a = _pick(how, eligible, marks, rng)
+    rest = [i for i in range(len(texts)) if may_lose[i] and i != a]
+    if not rest:
+        return ["too_few"]
+    return [_checked(a, b, texts, marks, grade, roles, floors) for b in rest]
+
+
+def _checked(
+    a: int,
+    b: int,
+    texts: Sequence[str],
+    marks: Sequence[float],
+    grade: Sequence[float] | None,
+    roles: tuple[Sequence[bool], Sequence[bool]],
+    floors: tuple[float, float | None, float | None],
+) -> tuple[int, int] | str:
+    """Answers a and b as (chosen, rejected) by score, or why they make no pair."""
+    min_margin, min_score, min_grade = floors
+    may, may_lose = roles
     hi, lo = (a, b) if marks[a] >= marks[b] else (b, a)
     margin = float(marks[hi]) - float(marks[lo])
     if margin == 0:

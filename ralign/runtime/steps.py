@@ -155,12 +155,19 @@ def sample(ctx: StepContext) -> dict[str, Any]:
     negatives: list[str | None] = [None] * len(prompts)
     if "negative_context" in p:  # more answers under the second context, after the first ones
         negatives = [ctx.render("negative_context", {"prompt": x}) for x in prompts]
-        lead = p.get("negative_prefix", "")
-        more = ctx.sharded(
-            len(prompts), lambda idx: run_shard(idx, negatives, p["negative_per_prompt"], 1, lead)
-        )
-        spent += generated_tokens(more, p["temperature"])
-        done = [a + b if not a[0].prompt_too_long else a for a, b in zip(done, more, strict=True)]
+        # Each forced opening draws from a sampler of its own (parts 1, 2, ...), so adding a
+        # second opening leaves the first one's answers as they were.
+        for part, lead in enumerate(negative_prefixes(p), start=1):
+            more = ctx.sharded(
+                len(prompts),
+                lambda idx, lead=lead, part=part: run_shard(
+                    idx, negatives, p["negative_per_prompt"], part, lead
+                ),
+            )
+            spent += generated_tokens(more, p["temperature"])
+            done = [
+                a + b if not a[0].prompt_too_long else a for a, b in zip(done, more, strict=True)
+            ]
     # A prompt longer than the policy's max_length (less the answer's tokens) is dropped, counted.
     kept = [k for k, row in enumerate(done) if not row[0].prompt_too_long]
     if not kept:
@@ -180,6 +187,12 @@ def sample(ctx: StepContext) -> dict[str, Any]:
         "dropped_too_long": len(prompts) - len(kept),
         "generated_tokens": spent,
     }
+
+
+def negative_prefixes(p: dict[str, Any]) -> list[str]:
+    """The forced openings of a sample step's negative answers: one (maybe empty) or a list."""
+    lead = p.get("negative_prefix", "")
+    return [lead] if isinstance(lead, str) else list(lead)
 
 
 def round_slice(records: list[Any], size: int, rnd: int, seed: int) -> list[Any]:
@@ -203,9 +216,10 @@ def _answers(
         "finished": [a.finished for a in row],
     }
     if negative is not None:
-        k = len(row) - p["negative_per_prompt"]
-        record["contexts"] = [context] * k + [negative] * p["negative_per_prompt"]
-        record["negative"] = [False] * k + [True] * p["negative_per_prompt"]
+        m = p["negative_per_prompt"] * len(negative_prefixes(p))
+        k = len(row) - m
+        record["contexts"] = [context] * k + [negative] * m
+        record["negative"] = [False] * k + [True] * m
         if p.get("negative_only_rejected"):
             record["may_choose"] = [not x for x in record["negative"]]
         if p.get("negative_only_chosen"):

@@ -834,6 +834,9 @@ def _scored_reference(
 
 
 def _pairs_in(batch: dict) -> torch.Tensor:
+    """A micro-batch's share of a step: its pairs, or the sum of their weights when weighted."""
+    if "weight" in batch:
+        return batch["weight"].sum()
     return batch["index"].new_tensor(batch["index"].numel())
 
 
@@ -864,6 +867,7 @@ class _DpoMicro:
             chosen_tokens=chosen_tokens,
             rejected_tokens=rejected_tokens,
             nll_weight=self.nll_weight,
+            weights=batch.get("weight"),
         )
         return mean, {"chosen": chosen_rewards, "rejected": rejected_rewards}
 
@@ -935,8 +939,15 @@ def train_dpo(
         model, reference_model, rows, batch_size, pad_id, accelerator, controls
     )
 
+    # Pairs weighted other than 1 (`pairs { rejected = "all" }`: 1/k for each of a prompt's k
+    # pairs) count by weight, in the loss and in a micro-batch's share of its step.
+    weighted = any(r.weight != 1.0 for r in rows)
+
     def collate_fn(idx: list[int]) -> dict[str, torch.Tensor]:
-        return {**pairs_batch(model, [rows[i] for i in idx], pad_id), "index": torch.tensor(idx)}
+        batch = {**pairs_batch(model, [rows[i] for i in idx], pad_id), "index": torch.tensor(idx)}
+        if weighted:
+            batch["weight"] = torch.tensor([rows[i].weight for i in idx])
+        return batch
 
     loader = _loader(len(rows), batch_size, seed, collate_fn)
     with _checkpointing(model, controls.gradient_checkpointing):
