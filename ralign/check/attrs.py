@@ -154,10 +154,9 @@ def _template(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores:
 
 @value_check(sc.STRINGS)
 def _strings(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: Any) -> Any:
+    # One string stays one string, so the plans of recipes that give one keep their hash.
     if isinstance(v, n.String):
-        return (
-            v.value
-        )  # one string stays one string: the plans of recipes that give one keep their hash
+        return v.value
     if isinstance(v, n.ListExpr) and v.items and all(isinstance(i, n.String) for i in v.items):
         return [str(i.value) for i in v.items]  # type: ignore[union-attr]
     w.error(v.span, f"{label} must be a string or a non-empty list of strings")
