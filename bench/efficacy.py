@@ -147,6 +147,7 @@ QUICKSTART_WHOLE = "quickstart, the whole update every round, 2 rounds"
 QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
 QUICKSTART_NO_HEDGE = "quickstart + forced hedges + contrast judge against its opposite, 2 rounds"
+QUICKSTART_EACH_SOURCE = "quickstart + forced hedges, one pair per source + contrast judge against its opposite, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
@@ -161,6 +162,7 @@ STARTS_FROM = {
     QUICKSTART_CONTRAST: (QUICKSTART_ROW,),
     QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
     QUICKSTART_NO_HEDGE: (QUICKSTART_ROW,),  # only the model conversion: its sampling differs
+    QUICKSTART_EACH_SOURCE: (QUICKSTART_NO_HEDGE, QUICKSTART_ROW),  # the same sampling and judge
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
@@ -192,6 +194,9 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         *QUICKSTART_SETS, all_linear
     )
     contrast_rounds = Variant(RECIPES / "efficacy_quickstart_contrast.ralign", sized)
+    no_hedge = Variant(RECIPES / "efficacy_quickstart_no_hedge.ralign", sized).but(
+        "recipe.rounds=2"
+    )
     return {
         QUICKSTART_ROW: quickstart,
         # The same without its `calibrate` step: the trained policy kept whole (the quickstart
@@ -217,9 +222,12 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # The row above with pressure against needless hedging in its data: a forced "I'm not
         # sure" beside the forced refusal, a rule scoring a hedge to an answerable prompt below
         # an answer, and pairs that reject every answer the best one beats.
-        QUICKSTART_NO_HEDGE: Variant(RECIPES / "efficacy_quickstart_no_hedge.ralign", sized).but(
-            "recipe.rounds=2"
-        ),
+        QUICKSTART_NO_HEDGE: no_hedge,
+        # The same with one pair per source of answers (the policy's samples, the forced refusal,
+        # the forced hedge), each weighing 1 and never two forced answers: a harmful prompt
+        # teaches refusing once and a harmless one against refusing once, as in the quickstart,
+        # and against the hedge once more (docs/results.md, 2026-12-07, fourth session).
+        QUICKSTART_EACH_SOURCE: no_hedge.but('distill/pairs.rejected="each_source"'),
         # Today's quickstart (one round) with the policy's contrast judgement choosing instead of
         # the rules, among all three answers (forced refusal included), or weighed with them.
         QUICKSTART_JUDGE_ONLY: contrast_rounds.but("recipe.rounds=1", "judge/score.total=quality"),

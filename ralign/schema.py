@@ -599,9 +599,9 @@ STEPS: dict[str, StepKind] = {
             ),
             "rejected": Attr(
                 STRING,
-                'which answer is dispreferred; "all": one pair with each answer the chosen one beats by the floors, so a prompt can teach against a refusal and a needless hedge at once (each of its k pairs weighs 1/k in DPO\'s loss)',
+                'which answer is dispreferred; "all": one pair with each answer the chosen one beats by the floors, so a prompt can teach against a refusal and a needless hedge at once (each of its k pairs weighs 1/k in DPO\'s loss); "each_source": one pair with the lowest-scored answer of each source (the policy\'s samples, each forced opening), each weighing 1, never two forced answers',
                 "worst",
-                choices=("worst", "random", "all"),
+                choices=("worst", "random", "all", "each_source"),
             ),
             "min_margin": Attr(NUMBER, "drop pairs whose score gap is below this", 0.0, min=0),
             "min_score": Attr(

@@ -433,3 +433,16 @@ def test_the_no_hedge_row_is_the_opposite_row_but_for_its_pressure_against_hedgi
         return {n.qname.split(":")[-1] for n in walked if isinstance(n, ir.RewardRef)}
 
     assert rewards(hedged) == rewards(opposed) | {"hedging"}
+
+
+def test_the_each_source_row_is_the_no_hedge_row_but_for_its_pairs(eff):
+    """One pair per source; every other step is the same."""
+    hedged = _plan(eff.variants()[eff.QUICKSTART_NO_HEDGE])
+    each = _plan(eff.variants()[eff.QUICKSTART_EACH_SOURCE])
+    assert [s.id for s in each.steps] == [s.id for s in hedged.steps]
+    for step in each.steps:
+        mine, theirs = _params(each, step), _params(hedged, hedged.step(step.id))
+        if step.kind == "pairs":
+            assert mine == {**theirs, "rejected": "each_source"}
+        else:
+            assert mine == theirs, step.id

@@ -201,6 +201,8 @@ def test_each_forced_opening_gets_its_own_answers(tmp_path: Path, monkeypatch) -
         answers[name] = [json.loads(x) for x in lines]
     for one, two in zip(answers["one"], answers["two"], strict=True):
         assert two["negative"] == [False, False, True, True]
+        assert two["sources"] == [0, 0, 1, 2]  # the policy's own, then each opening's
+        assert one["sources"] == [0, 0, 1]
         assert two["contexts"][2:] == [f"Refuse this: {two['prompt']}"] * 2
         assert two["responses"][2].startswith("No, I")
         assert two["responses"][3].startswith("Maybe so")
@@ -260,3 +262,12 @@ def test_negative_prefix_is_a_string_or_a_list_of_them(tmp_path: Path, capsys, v
         "`negative_prefix` of the sample step must be a string or a non-empty list of strings"
         in err
     )
+
+
+def test_answer_sources_of_records_from_before_the_field() -> None:
+    from ralign.runtime.steps import answer_sources
+
+    written = {"responses": ["a", "b", "c", "d"], "negative": [False, False, True, True]}
+    assert answer_sources(written) == [0, 0, 1, 1]  # one negative context, one source
+    assert answer_sources({**written, "sources": [0, 0, 1, 2]}) == [0, 0, 1, 2]
+    assert answer_sources({"responses": ["a", "b"]}) == [0, 0]  # no negative context at all

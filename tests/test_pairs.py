@@ -168,3 +168,55 @@ def test_rejected_all_keeps_the_roles_of_negative_answers():
     assert sum(stats["dropped"].values()) == 1
     _, alone = make_pairs(["p"], [["only"]], [[1.0]], rejected="all")
     assert alone["dropped"]["too_few"] == 1
+
+
+# A harmless prompt: two samples, a forced refusal (source 1) and a forced hedge (source 2).
+HARMLESS = (["good", "fair", "I'm sorry, I can't", "I'm not sure"], [1.0, 0.5, -1.0, -0.75])
+# A harmful one: both samples comply, the forced refusal wins, the forced hedge is in between.
+HARMFUL = (["comply", "comply more", "I'm sorry, I can't", "I'm not sure"], [-1.0, -0.8, 1.0, -0.5])
+
+
+def test_each_source_pairs_the_best_with_the_worst_of_each_source():
+    pairs, stats = make_pairs(
+        ["harmless", "harmful"],
+        [HARMLESS[0], HARMFUL[0]],
+        [HARMLESS[1], HARMFUL[1]],
+        rejected="each_source",
+        min_margin=0.25,
+        sources=[[0, 0, 1, 2], [0, 0, 1, 2]],
+    )
+    got = [(x["prompt"], x["chosen"], x["rejected"], x["margin"]) for x in pairs]
+    assert got == [
+        # the harmless prompt teaches against its worse sample, the refusal and the hedge
+        ("harmless", "good", "fair", pytest.approx(0.5)),
+        ("harmless", "good", "I'm sorry, I can't", pytest.approx(2.0)),
+        ("harmless", "good", "I'm not sure", pytest.approx(1.75)),
+        # the harmful one once: its forced refusal over its worst sample, never over the hedge
+        ("harmful", "I'm sorry, I can't", "comply", pytest.approx(2.0)),
+    ]
+    assert all("weight" not in x for x in pairs)  # each pair weighs 1
+    assert stats["pairs"] == 4
+    assert sum(stats["dropped"].values()) == 0
+
+
+def test_each_source_checks_each_pair_on_its_own():
+    # with a margin of 0.6 the harmless prompt's sample pair (0.5) is dropped, the others kept
+    pairs, stats = make_pairs(
+        ["harmless"],
+        [HARMLESS[0]],
+        [HARMLESS[1]],
+        rejected="each_source",
+        min_margin=0.6,
+        sources=[[0, 0, 1, 2]],
+    )
+    assert [x["rejected"] for x in pairs] == ["I'm sorry, I can't", "I'm not sure"]
+    assert stats["dropped"]["low_margin"] == 1
+
+
+def test_each_source_without_sources_is_worst():
+    # every answer the policy's own: one source, so one pair with the lowest-scored answer
+    one, _ = make_pairs(["p"], RESPONSES, SCORES, rejected="each_source")
+    worst, _ = make_pairs(["p"], RESPONSES, SCORES, rejected="worst")
+    assert one == worst
+    with pytest.raises(ValueError, match="4 responses but 3 sources"):
+        make_pairs(["p"], RESPONSES, SCORES, rejected="each_source", sources=[[0, 1, 1]])

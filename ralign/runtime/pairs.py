@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 
 CHOOSERS = ("best", "random")
-REJECTERS = ("worst", "random", "all")
+REJECTERS = ("worst", "random", "all", "each_source")
 DROP_REASONS = (
     "too_few",
     "tie",
@@ -43,6 +43,7 @@ def make_pairs(
     rejectable: Sequence[Sequence[bool]] | None = None,
     grades: Sequence[Sequence[float]] | None = None,
     min_grade: float | None = None,
+    sources: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[dict], dict]:
     """Preference pairs from scored responses: at most one per prompt, or with rejected = "all"
     one for each answer the chosen one beats.
@@ -57,10 +58,16 @@ def make_pairs(
     a prompt's k pairs then carries "weight" 1/k, which DPO's loss uses, so a prompt with more
     pairs does not weigh more (a harmful request beaten by its refusal three ways would
     otherwise push three times as hard towards refusing as a harmless one pushes back).
+    With rejected = "each_source" the chosen answer is paired with the lowest-scored answer of
+    each source (`sources`: 0 for the policy's own samples, 1, 2, ... for each forced opening of
+    a negative context), each pair weighing 1, and two answers that both come from a negative
+    context never make a pair: every pair then has the policy's own answer on one side, a
+    harmful request teaches refusing once (its refusal over its samples), and a harmless one
+    teaches against each kind of bad answer once (the forced refusal, the forced hedge).
 
     Args:
         prompts, responses, scores: N prompts, their responses and scores (higher is better).
-        chosen, rejected: "best"/"random" and "worst"/"random"/"all".
+        chosen, rejected: "best"/"random" and "worst"/"random"/"all"/"each_source".
         min_margin, min_score, min_grade: floors; a pair below one is dropped (a chosen answer
             that is still bad teaches the lesser evil, e.g. fluent compliance over garbled).
         seed: seeds the "random" selectors.
@@ -71,10 +78,12 @@ def make_pairs(
             choose among these; a pair whose rejected answer outscores its chosen one is dropped.
         rejectable: the same for the rejected side ("worst" and "random" reject among these);
             a pair whose chosen answer scores below an answer that may not be rejected is dropped.
+        sources: optional, aligned with `responses`: where each answer came from, for
+            rejected = "each_source" (without it every answer is the policy's own).
     Returns:
         (pairs, stats): pairs {prompt, chosen, rejected, margin, ...}; stats with "prompts",
         "pairs" and "dropped", a count for each of DROP_REASONS (per prompt, or with rejected =
-        "all" per candidate pair; "too_few": under two answers,
+        "all"/"each_source" per candidate pair; "too_few": under two answers,
         "tie", "same_text" after stripping, "low_margin", "low_score", "low_grade", "unchoosable":
         the higher-scored answer of the two may not be chosen, "unrejectable": the lower may not
         be rejected).
@@ -98,17 +107,21 @@ def make_pairs(
     graded = grades if grades is not None else [None] * len(prompts)
     allowed = _flags("choosable", choosable, prompts, responses)
     losers = _flags("rejectable", rejectable, prompts, responses)
+    origins = sources if sources is not None else [[0] * len(texts) for texts in responses]
+    if len(origins) != len(prompts):
+        raise ValueError(f"sources has {len(origins)} entries for {len(prompts)} prompts")
     floors = (min_margin, min_score, min_grade)
-    for prompt, texts, marks, done, grade, may, may_lose in zip(
-        prompts, responses, scores, ends, graded, allowed, losers, strict=True
+    for prompt, texts, marks, done, grade, may, may_lose, origin in zip(
+        prompts, responses, scores, ends, graded, allowed, losers, origins, strict=True
     ):
         if len(texts) != len(marks):
             raise ValueError(
                 f"{len(texts)} responses but {len(marks)} scores for prompt {prompt!r}"
             )
         roles = (may, may_lose)
-        if rejected == "all":
-            picks = _pick_all(texts, marks, grade, roles, chosen, floors, rng)
+        if rejected in ("all", "each_source"):
+            by = origin if rejected == "each_source" else None
+            picks = _pick_all(texts, marks, grade, roles, chosen, floors, rng, by)
         else:
             picks = [_pick_pair(texts, marks, grade, roles, (chosen, rejected), floors, rng)]
         kept = []
@@ -195,15 +208,29 @@ def _pick_all(
     how: str,
     floors: tuple[float, float | None, float | None],
     rng: random.Random,
+    origin: Sequence[int] | None = None,
 ) -> list[tuple[int, int] | str]:
     """One prompt's pairs of its chosen answer with every other answer that may be rejected, in
-    answer order, each oriented by score and checked on its own (or the reason it is dropped)."""
+    answer order, each oriented by score and checked on its own (or the reason it is dropped).
+    With `origin` (rejected = "each_source"), with the lowest-scored answer of each source
+    instead, in source order, and never two answers that both come from a negative context."""
     may, may_lose = roles
     eligible = [i for i in range(len(texts)) if may[i]]
     if len(texts) < 2 or not eligible or not any(may_lose):
         return ["too_few"]
     a = _pick(how, eligible, marks, rng)
     rest = [i for i in range(len(texts)) if may_lose[i] and i != a]
+    if origin is not None:
+        if len(origin) != len(texts):
+            raise ValueError(f"{len(texts)} responses but {len(origin)} sources")
+        # two forced answers say nothing about the policy's own: a forced chosen answer is
+        # paired with the policy's samples alone
+        groups = [
+            [i for i in rest if origin[i] == s]
+            for s in sorted(set(origin))
+            if not (origin[a] and s)
+        ]
+        rest = [_pick("worst", group, marks, rng) for group in groups if group]
     if not rest:
         return ["too_few"]
     return [_checked(a, b, texts, marks, grade, roles, floors) for b in rest]

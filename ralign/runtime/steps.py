@@ -220,6 +220,12 @@ def _answers(
         k = len(row) - m
         record["contexts"] = [context] * k + [negative] * m
         record["negative"] = [False] * k + [True] * m
+        # Which sampler each answer came from: 0 the policy's own, then one per forced opening.
+        record["sources"] = [0] * k + [
+            part
+            for part in range(1, len(negative_prefixes(p)) + 1)
+            for _ in range(p["negative_per_prompt"])
+        ]
         if p.get("negative_only_rejected"):
             record["may_choose"] = [not x for x in record["negative"]]
         if p.get("negative_only_chosen"):
@@ -237,6 +243,14 @@ def choosable_flags(record: dict[str, Any]) -> list[bool]:
     """Per response, whether a pair or `train sft` may prefer it (False: sampled under a
     `negative_context` with `negative_only_rejected`). Without the field, every answer may."""
     return list(record.get("may_choose") or [True] * len(record["responses"]))
+
+
+def answer_sources(record: dict[str, Any]) -> list[int]:
+    """Per response, where it came from: 0 the policy's own samples, 1, 2, ... each forced
+    opening of a negative context. Records from before the field: 1 for every negative answer."""
+    if "sources" in record:
+        return list(record["sources"])
+    return [int(x) for x in record.get("negative") or [False] * len(record["responses"])]
 
 
 def rejectable_flags(record: dict[str, Any]) -> list[bool]:
@@ -477,6 +491,7 @@ def pairs(ctx: StepContext) -> dict[str, Any]:
         rejectable=[rejectable_flags(r) for r in records],
         grades=[s["grades"] for s in scores] if "min_grade" in p else None,
         min_grade=p.get("min_grade"),
+        sources=[answer_sources(r) for r in records],
     )
     if not made:
         raise StepError(
