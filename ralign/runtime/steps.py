@@ -216,16 +216,13 @@ def _answers(
         "finished": [a.finished for a in row],
     }
     if negative is not None:
-        m = p["negative_per_prompt"] * len(negative_prefixes(p))
-        k = len(row) - m
-        record["contexts"] = [context] * k + [negative] * m
-        record["negative"] = [False] * k + [True] * m
         # Which sampler each answer came from: 0 the policy's own, then one per forced opening.
-        record["sources"] = [0] * k + [
-            part
-            for part in range(1, len(negative_prefixes(p)) + 1)
-            for _ in range(p["negative_per_prompt"])
-        ]
+        openings = len(negative_prefixes(p))
+        forced = [part for part in range(1, openings + 1) for _ in range(p["negative_per_prompt"])]
+        sources = [0] * (len(row) - len(forced)) + forced
+        record["contexts"] = [negative if s else context for s in sources]
+        record["negative"] = [s > 0 for s in sources]
+        record["sources"] = sources
         if p.get("negative_only_rejected"):
             record["may_choose"] = [not x for x in record["negative"]]
         if p.get("negative_only_chosen"):
