@@ -148,6 +148,7 @@ QUICKSTART_CONTRAST = "quickstart + contrast judge, 3 rounds"
 QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 rounds"
 QUICKSTART_NO_HEDGE = "quickstart + forced hedges + contrast judge against its opposite, 2 rounds"
 QUICKSTART_EACH_SOURCE = "quickstart + forced hedges, one pair per source + contrast judge against its opposite, 2 rounds"
+QUICKSTART_OWN_REFUSALS = "quickstart + forced hedges, one pair per source, 4 answers + contrast judge against its opposite, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
@@ -228,6 +229,12 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # teaches refusing once and a harmless one against refusing once, as in the quickstart,
         # and against the hedge once more (docs/results.md, 2026-12-07, fourth session).
         QUICKSTART_EACH_SOURCE: no_hedge.but('distill/pairs.rejected="each_source"'),
+        # The same with four answers of the policy's own per prompt instead of two: a harmless
+        # prompt's worst sample is then more often one of the policy's own refusals, in its own
+        # words, which a pair rejects beside the forced one (docs/results.md, 2026-12-07, fifth).
+        QUICKSTART_OWN_REFUSALS: no_hedge.but(
+            'distill/pairs.rejected="each_source"', "sample/sample.per_prompt=4"
+        ),
         # Today's quickstart (one round) with the policy's contrast judgement choosing instead of
         # the rules, among all three answers (forced refusal included), or weighed with them.
         QUICKSTART_JUDGE_ONLY: contrast_rounds.but("recipe.rounds=1", "judge/score.total=quality"),

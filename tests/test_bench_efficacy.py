@@ -435,14 +435,26 @@ def test_the_no_hedge_row_is_the_opposite_row_but_for_its_pressure_against_hedgi
     assert rewards(hedged) == rewards(opposed) | {"hedging"}
 
 
-def test_the_each_source_row_is_the_no_hedge_row_but_for_its_pairs(eff):
-    """One pair per source; every other step is the same."""
-    hedged = _plan(eff.variants()[eff.QUICKSTART_NO_HEDGE])
-    each = _plan(eff.variants()[eff.QUICKSTART_EACH_SOURCE])
-    assert [s.id for s in each.steps] == [s.id for s in hedged.steps]
-    for step in each.steps:
-        mine, theirs = _params(each, step), _params(hedged, hedged.step(step.id))
-        if step.kind == "pairs":
-            assert mine == {**theirs, "rejected": "each_source"}
+@pytest.mark.parametrize(
+    ("row", "of", "kind", "change"),
+    [
+        # one pair per source of answers
+        ("QUICKSTART_EACH_SOURCE", "QUICKSTART_NO_HEDGE", "pairs", {"rejected": "each_source"}),
+        # four answers of the policy's own per prompt instead of two
+        ("QUICKSTART_OWN_REFUSALS", "QUICKSTART_EACH_SOURCE", "sample", {"per_prompt": 4}),
+    ],
+)
+def test_a_row_is_another_but_for_one_step(eff, row, of, kind, change):
+    """The row's steps are the other row's, and only the `kind` step's params change."""
+    theirs_plan = _plan(eff.variants()[getattr(eff, of)])
+    mine_plan = _plan(eff.variants()[getattr(eff, row)])
+    assert [s.id for s in mine_plan.steps] == [s.id for s in theirs_plan.steps]
+    changed = 0
+    for step in mine_plan.steps:
+        mine, theirs = _params(mine_plan, step), _params(theirs_plan, theirs_plan.step(step.id))
+        if step.kind == kind:
+            assert mine == {**theirs, **change} != theirs, step.id
+            changed += 1
         else:
             assert mine == theirs, step.id
+    assert changed == 2  # the step of each of the two rounds
