@@ -149,6 +149,7 @@ QUICKSTART_OPPOSITE = "quickstart + contrast judge against its opposite, 2 round
 QUICKSTART_NO_HEDGE = "quickstart + forced hedges + contrast judge against its opposite, 2 rounds"
 QUICKSTART_EACH_SOURCE = "quickstart + forced hedges, one pair per source + contrast judge against its opposite, 2 rounds"
 QUICKSTART_OWN_REFUSALS = "quickstart + forced hedges, one pair per source, 4 answers + contrast judge against its opposite, 2 rounds"
+QUICKSTART_IMPLICIT = "quickstart + its own judgement from round 2 (implicit), 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
@@ -164,6 +165,7 @@ STARTS_FROM = {
     QUICKSTART_OPPOSITE: (QUICKSTART_ROW,),
     QUICKSTART_NO_HEDGE: (QUICKSTART_ROW,),  # only the model conversion: its sampling differs
     QUICKSTART_EACH_SOURCE: (QUICKSTART_NO_HEDGE, QUICKSTART_ROW),  # the same sampling and judge
+    QUICKSTART_IMPLICIT: (QUICKSTART_ROW,),  # the same first sampling
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
@@ -234,6 +236,13 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # words, which a pair rejects beside the forced one (docs/results.md, 2026-12-07, fifth).
         QUICKSTART_OWN_REFUSALS: no_hedge.but(
             'distill/pairs.rejected="each_source"', "sample/sample.per_prompt=4"
+        ),
+        # Today's quickstart for two rounds, the second judged also by the policy itself: how much
+        # likelier the policy as round 2 began finds each answer than the declared model does
+        # (`rank { mode = "implicit" }`), half of it added to the rules' score, so the pairs it
+        # disagrees with fall under the margin (docs/results.md, 2026-12-07, sixth session).
+        QUICKSTART_IMPLICIT: Variant(RECIPES / "efficacy_quickstart_implicit.ralign", sized).but(
+            "recipe.rounds=2"
         ),
         # Today's quickstart (one round) with the policy's contrast judgement choosing instead of
         # the rules, among all three answers (forced refusal included), or weighed with them.

@@ -3,7 +3,7 @@
 Usage: python bench/ranking.py [--quick] [--model ralign:smollm2-135m] [--prompts 6] [--k 4 8]
        [--batch-size 16] [--repeats 2] [--threads N]
        python bench/ranking.py --accuracy [--quick] [--pairs tests/data/judge_pairs.jsonl]
-       [--per-family N] [--designs NAME ...] [--timing-prompts 8]
+       [--per-family N] [--designs NAME ...] [--timing-prompts 8] [--trained MODEL]
 
 `--accuracy` measures instead whether each judge prefers the better answer of labelled pairs
 (`accuracy_main`, its own notes below); the rest of this docstring is about the speed benchmark.
@@ -334,7 +334,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # The arguments the speed benchmark does not use (the accuracy mode's), left out of its config.
-SPEED_SKIPS = ("out", "accuracy", "pairs", "per_family", "split_seed", "designs", "timing_prompts")
+SPEED_SKIPS = (
+    "out",
+    "accuracy",
+    "pairs",
+    "per_family",
+    "split_seed",
+    "designs",
+    "timing_prompts",
+    "trained",
+)
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -394,6 +403,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 #   (principle, opposite, calibrate); calibration prompts are drawn from all pairs' prompts
 #   (seeded), as a rank step draws them from its batch. Reads that two designs share are
 #   computed once (`MemoJudge`).
+# - Implicit (`--trained MODEL`, a policy trained from the judge model, e.g. a quickstart run's
+#   `final`): `rank("implicit")`, the trained model's summed log-probability of each answer after
+#   the bare request minus the judge model's, as a recipe's second round judges with
+#   `rank { mode = "implicit" }`; beside it, listwise with the trained model as judge, so the two
+#   are compared with the same judge. The trained model never saw these prompts (they are
+#   evaluation prompts, which no step samples), but it learnt from the std/hhh rules' choices.
 # - Combinations: the mean of two judges' raw scores, each standardised over all answers.
 # - The design is chosen on a seeded half of the pairs (stratified by family) and its accuracy
 #   is reported on the other half; nothing is tuned per pair.
@@ -718,8 +733,22 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         f"{chosen} - {other}": paired_difference(raws[chosen], raws[other], better_at, args.seed)
         for other in ("listwise o2", "rules (std/hhh)")
     }
+    if args.trained:
+        raws |= trained_judges(model, tok, items, args)
+        for name in ("implicit (trained)", "listwise o2 (trained)", "rules + implicit (trained)"):
+            rates[name] = judge_rates(raws[name], better_at, pairs, half)
+        paired |= {
+            f"implicit (trained) - {other}": paired_difference(
+                raws["implicit (trained)"], raws[other], better_at, args.seed
+            )
+            for other in ("listwise o2 (trained)", "listwise o2", "rules (std/hhh)")
+        }
+        paired["rules + implicit (trained) - rules (std/hhh)"] = paired_difference(
+            raws["rules + implicit (trained)"], raws["rules (std/hhh)"], better_at, args.seed
+        )
     return {
         "model": args.model,
+        "trained": args.trained,
         "pairs": len(pairs),
         "pairs_sha256": hashlib.sha256(args.pairs.read_bytes()).hexdigest(),
         "families": {f: sum(p["kind"] == f for p in pairs) for f in FAMILIES},
@@ -748,6 +777,36 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             for n, (p, b, h) in enumerate(zip(pairs, better_at, half, strict=True))
         ],
     }
+
+
+def trained_judges(model, tok, items, args: argparse.Namespace) -> dict[str, list[list[float]]]:
+    """`--trained`: the trained policy's implicit reward against the judge model, listwise with
+    the trained policy as judge, and the implicit reward beside the rules."""
+    trained, trained_tok = load_model(ModelSpec(args.trained), "cpu")
+    trained.eval()
+    out = {}
+    started = time.perf_counter()
+    out["implicit (trained)"] = rank(
+        "implicit",
+        trained,
+        trained_tok,
+        items,
+        lambda prompt: prompt,
+        batch_size=args.batch_size,
+        reference_model=model,
+    ).raw
+    print(f"  implicit (trained): {time.perf_counter() - started:.1f}s", flush=True)
+    out["listwise o2 (trained)"] = rank(
+        "listwise",
+        trained,
+        trained_tok,
+        items,
+        view("listwise", stdlib_templates()["rank_listwise"]),
+        orders=2,
+        batch_size=args.batch_size,
+    ).raw
+    out["rules + implicit (trained)"] = combined(rules_scores(items), out["implicit (trained)"])
+    return out
 
 
 def accuracy_table(res: dict[str, Any]) -> str:
@@ -858,6 +917,11 @@ def main(argv: list[str] | None = None) -> int:
         "--per-family", type=int, default=None, help="accuracy: first N pairs per family (quick 2)"
     )
     ap.add_argument("--split-seed", type=int, default=0, help="accuracy: seeds the half split")
+    ap.add_argument(
+        "--trained",
+        default=None,
+        help="accuracy: a policy trained from --model (a run's final/): adds its implicit judge",
+    )
     ap.add_argument(
         "--designs",
         nargs="+",

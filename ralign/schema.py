@@ -34,6 +34,7 @@ class Attr:
     min: float | None = None
     max: float | None = None
     min_open: bool = False  # `min` itself is excluded (e.g. lr > 0)
+    required_unless: tuple[str, ...] = ()  # (attribute, value): not required when it is so
 
 
 @dataclass(frozen=True)
@@ -367,12 +368,12 @@ def _sample_rules(params: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _contrast_rules(params: Mapping[str, Any]) -> list[str]:
-    contrast = params.get("mode") == "contrast"
-    if contrast and "principle" not in params:
+def _rank_rules(params: Mapping[str, Any]) -> list[str]:
+    mode = params.get("mode")
+    if mode == "contrast" and "principle" not in params:
         return ['a rank with mode = "contrast" needs `principle`, the principle it puts in context']
     extra = [a for a in ("principle", "opposite") if a in params]
-    if not contrast and extra:
+    if mode != "contrast" and extra:
         return [f'`{extra[0]}` applies to mode = "contrast" only']
     return []
 
@@ -526,14 +527,15 @@ STEPS: dict[str, StepKind] = {
             ),
             "template": Attr(
                 TEMPLATE,
-                "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`; contrast: `prompt`, `principle`)",
+                "the judging prompt (listwise/pairwise: `prompt`, `responses`, `labels`; pointwise: `prompt`, `response`; contrast: `prompt`, `principle`; implicit, optional: `prompt`, what both models read, by default the bare prompt)",
                 required=True,
+                required_unless=("mode", "implicit"),
             ),
             "mode": Attr(
                 STRING,
-                "how answers are compared",
+                "how answers are compared; implicit: by how much likelier the judge (by default the policy as the round began) finds each answer than the declared model does, DPO's implicit reward: 0 for every answer while the judge is the declared model (a first round)",
                 "listwise",
-                choices=("listwise", "pairwise", "pointwise", "contrast"),
+                choices=("listwise", "pairwise", "pointwise", "contrast", "implicit"),
             ),
             "principle": Attr(
                 STRING,
@@ -569,15 +571,19 @@ STEPS: dict[str, StepKind] = {
             ),
             "batch_size": Attr(INT, "judge prompts per forward pass", 16, min=1),
         },
-        inputs=_always("responses", "judge"),
+        # implicit: the judge's likelihoods against the declared model's (the `reference` slot)
+        inputs=lambda params: (
+            ("responses", "judge") + (("reference",) if params.get("mode") == "implicit" else ())
+        ),
         makes="score",
         named="required",
         template_vars={"template": ("prompt", "responses", "labels")},
         mode_vars={
             "pointwise": ("prompt", "response", "scale"),
             "contrast": ("prompt", "principle"),
+            "implicit": ("prompt",),
         },
-        rules=lambda params, flow: _contrast_rules(params),
+        rules=lambda params, flow: _rank_rules(params),
     ),
     "score": StepKind(
         "score",

@@ -221,6 +221,38 @@ def test_the_contrast_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
     assert small.rounds == 3 and small.datasets["seeds"]["limit"] == 64
 
 
+def test_the_implicit_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
+    """The implicit recipe copies recipes/quickstart.ralign but for two rounds, every round's
+    behaviour evaluation and one rank step added to its score: its first sampling is the
+    quickstart's (reused), and from round 2 the judge is the policy as the round began, compared
+    with the declared model."""
+    mine = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT])
+    one = compile_file(eff.QUICKSTART)
+    assert (mine.rounds, one.rounds) == (2, 1)
+    assert mine.models == one.models and mine.datasets == one.datasets
+    assert mine.step("r1/sample/sample").hash == one.step("r1/sample/sample").hash
+    for i in (
+        "r1/sample/sample",
+        "r1/distill/pairs",
+        "r1/distill/train.dpo",
+        "r1/distill/calibrate",
+    ):
+        assert _params(mine, mine.step(i)) == _params(one, one.step(i)), i
+    for r, judge in ((1, "model:policy"), (2, "r1/distill/calibrate")):
+        rank = mine.step(f"r{r}/judge/rank.self")
+        assert rank.params["mode"] == "implicit" and "template" not in rank.params
+        assert rank.inputs["judge"] == judge and rank.inputs["reference"] == "model:policy"
+    walked = set(ir.walk(mine.step("r1/judge/score").exprs["total"]))
+    assert Var("self") in walked and Var("self") not in set(
+        ir.walk(one.step("r1/judge/score").exprs["total"])
+    )
+    assert [s.id for s in mine.steps if s.kind == "evaluate" and s.name == "behavior"] == [
+        "r0/evaluate/behavior",
+        "r1/evaluate/behavior",
+        "r2/evaluate/behavior",
+    ]
+
+
 def test_the_opposite_row_is_the_contrast_row_but_for_its_opposite_and_rounds(eff):
     """Its `opposite` is the contrast recipe's own principle negated, and nothing else changes:
     the same first sampling, the same judge otherwise."""

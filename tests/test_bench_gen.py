@@ -52,7 +52,17 @@ def ranking(tmp_path_factory):
 @pytest.fixture(scope="module")
 def judge_accuracy(tmp_path_factory):
     out = tmp_path_factory.mktemp("accuracy")
-    return run_bench("ranking", out, "--accuracy", "--quick", result="judge-accuracy")
+    # --trained: the judge model itself, so its implicit judge (its likelihoods against its own)
+    # ties every pair and its listwise judgement is the plain listwise row's.
+    return run_bench(
+        "ranking",
+        out,
+        "--accuracy",
+        "--quick",
+        "--trained",
+        "ralign:tiny-llama",
+        result="judge-accuracy",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +198,13 @@ def test_judge_accuracy_counts_every_pair_once(judge_accuracy):
         assert t["reads"] == t["prompts"] * 8 * 2 * (1 + others)
     assert [t["calibrate"] for t in res["quickstart_timing"]] == [0, 2]
     assert "held_out_half" in stdout and f"chosen on half A: {res['chosen']}" in stdout
+    # The trained policy is the judge model itself: every implicit score is 0, every pair a tie.
+    assert res["trained"] == "ralign:tiny-llama"
+    assert all(s["implicit (trained)"] == [0.0, 0.0] for s in scores)
+    assert res["rates"]["implicit (trained)"]["all"]["value"] == 0.5
+    assert [s["listwise o2 (trained)"] for s in scores] == [s["listwise o2"] for s in scores]
+    d = res["paired"]["implicit (trained) - listwise o2 (trained)"]
+    assert d["value"] == pytest.approx(0.5 - res["rates"]["listwise o2"]["all"]["value"])
 
 
 def test_round_split_sums_to_the_steps_it_read(round_run):

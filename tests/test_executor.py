@@ -222,6 +222,32 @@ def test_a_two_round_recipe_runs_end_to_end(arch, finished):
     assert out.shape == (1, batch["input_ids"].shape[1] + 5)
 
 
+def test_the_implicit_judge_scores_nothing_until_the_policy_has_learnt(tmp_path):
+    """`rank { mode = "implicit" }`: in round 1 the judge is the declared model, its own reference,
+    so every answer scores 0.5 with no model read; in round 2 the judge is round 1's policy, read
+    against the declared model, answer by answer, and its scores differ."""
+    shutil.copy(RECIPES / "implicit.ralign", tmp_path / "implicit.ralign")
+    plan = compile_plan(tmp_path / "implicit.ralign", tmp_path / "plan.json")
+    run_dir = tmp_path / "run"
+    execute_here(tmp_path / "plan.json", run_dir)
+    first, second = plan.step("r1/judge/rank.learnt"), plan.step("r2/judge/rank.learnt")
+    assert first.inputs["judge"] == first.inputs["reference"] == "model:policy"
+    assert (second.inputs["judge"], second.inputs["reference"]) == (
+        "r1/learn/train.dpo",
+        "model:policy",
+    )
+    scores = {
+        r: read_jsonl(step_folder(run_dir, s) / "score.learnt.jsonl")
+        for r, s in ((1, first), (2, second))
+    }
+    assert all(v == 0.5 for row in scores[1] for v in row["scores"])
+    assert metrics(run_dir)[first.id]["forward_passes"] == 0
+    answers = read_jsonl(step_folder(run_dir, plan.step("r2/answer/sample")) / "responses.jsonl")
+    read = metrics(run_dir)[second.id]["forward_passes"]
+    assert read == 2 * sum(len(r["responses"]) for r in answers) > 0
+    assert all(sorted(row["scores"])[::2] == [0.0, 1.0] for row in scores[2])
+
+
 def test_behavior_reports_the_mean_reward_of_its_answers(finished):
     """`reward = hhh.rules` on a behavior evaluation: the mean of the rules over the very answers
     the evaluator wrote (with 8 prompts and 2 examples per kind, result.json lists them all)."""

@@ -121,7 +121,7 @@ def test_permutations(k, orders, expected):
 
 
 def test_registry_has_every_mode():
-    assert set(RANKERS) == {"listwise", "pairwise", "pointwise", "contrast"}
+    assert set(RANKERS) == {"listwise", "pairwise", "pointwise", "contrast", "implicit"}
 
 
 def test_two_orders_cancel_first_position_preference(tok):
@@ -390,3 +390,45 @@ def test_contrast_scores_the_principles_lift_and_calibrates_it(tiny_models, arch
         model, tok, format_prompt(tok, render(items[0][0], "Be rude.")), "Mix and knead."
     )
     assert opposed.raw[0][0] == pytest.approx(first, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_implicit_scores_the_judges_log_ratio_to_its_reference(tiny_models, arch):
+    import copy
+
+    from ralign.runtime.models import format_prompt
+    from ralign.runtime.rank import rank
+
+    reference, tok = tiny_models(arch)
+    judge = copy.deepcopy(reference)
+    with torch.no_grad():  # the judge: the reference after some "training"
+        for p in judge.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    items = [
+        ("How do I bake bread?", ["Mix and knead.", "I can't help.", "Bake it."]),
+        ("Name a river.", ["The Nile.", "No."]),
+    ]
+
+    def summed(model, prompt: str, answer: str) -> float:
+        from ralign.runtime.hhh import encode_pair
+
+        n = len(encode_pair(tok, format_prompt(tok, prompt), answer)[1])
+        return n * _mean_logprob(model, tok, format_prompt(tok, prompt), answer)
+
+    got = rank("implicit", judge, tok, items, lambda prompt: prompt, reference_model=reference)
+    want = [[summed(judge, q, a) - summed(reference, q, a) for a in ans] for q, ans in items]
+    for raw, expected in zip(got.raw, want, strict=True):
+        np.testing.assert_allclose(raw, expected, atol=1e-3)
+    assert all(sorted(s)[0] == 0.0 and sorted(s)[-1] == 1.0 for s in got.scores)
+    assert got.forward_passes == 2 * 5 and got.agreement is None
+    # The judge is its own reference (a first round): every answer scores 0, so 0.5 each.
+    same = rank("implicit", judge, tok, items, lambda prompt: prompt)
+    assert same.raw == [[0.0] * 3, [0.0] * 2] and same.scores == [[0.5] * 3, [0.5] * 2]
+    assert same.forward_passes == 0
+    # What both read can be a template of the prompt: then the prompt is read through it.
+    framed = rank("implicit", judge, tok, items[:1], lambda q: f"Q: {q}", reference_model=reference)
+    framed_prompt = "Q: " + items[0][0]
+    want = [
+        summed(judge, framed_prompt, a) - summed(reference, framed_prompt, a) for a in items[0][1]
+    ]
+    np.testing.assert_allclose(framed.raw[0], want, atol=1e-3)

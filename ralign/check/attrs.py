@@ -60,7 +60,11 @@ def check_attrs(
     for name, rule in spec.items():
         if name in seen:
             continue
-        if rule.required:
+        exempt = (
+            bool(rule.required_unless)
+            and out.get(rule.required_unless[0]) == rule.required_unless[1]
+        )
+        if rule.required and not exempt:
             w.error(where, f"{what} needs `{name}` ({rule.doc})")
         elif rule.default is not None:
             out[name] = rule.default

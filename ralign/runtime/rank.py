@@ -10,6 +10,10 @@ Three modes, each one forward pass per judge text (no generation, no sampling of
 - pointwise: each response alone with a rubric; the next-token distribution over the digit
   tokens "0".."scale" gives an expected score E[d] / scale.
 
+Two more read the judge's likelihood of each answer instead of a verdict (no labels, no positions):
+`contrast` (a principle in context against none or its opposite, `rank_contrast`) and `implicit`
+(the judge against a reference model on the same prompt, `rank_implicit`).
+
 Scores are then min-max normalised per prompt to [0, 1] (all equal -> 0.5 each).
 
 Position bias and `orders` (listwise): judges prefer some positions regardless of content.
@@ -114,7 +118,13 @@ class Judge:
         return format_prompt(self.tokenizer, rendered) if self.chat else rendered
 
     def mean_logprobs(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """Mean log-probability per token of each (context, answer)'s answer under the judge.
+        """Mean log-probability per token of each (context, answer)'s answer under the judge."""
+        sums, counts = self.logprobs(requests)
+        return [s / k for s, k in zip(sums, counts, strict=True)]
+
+    def logprobs(self, requests: Sequence[tuple[str, str]]) -> tuple[list[float], list[int]]:
+        """Summed log-probability of each (context, answer)'s answer under the judge, and its
+        token count (at least 1).
 
         Tokens as lm-evaluation-harness splits them (`evaluate.encode_pair`). With a model that
         takes a KV cache each distinct context is computed once per batch and only the answers'
@@ -148,7 +158,7 @@ class Judge:
         counts = [max(1, len(cont)) for _, cont in pairs]
         if self.progress is not None:
             self.progress(len(requests), sum(counts))
-        return [s / k for s, k in zip(sums, counts, strict=True)]
+        return sums, counts
 
     def label_logprobs(
         self, texts: list[str], labels: list[Sequence[str]]
@@ -727,6 +737,47 @@ def rank_contrast(
     return RankResult([normalise(r) for r in raw], raw, None, len(requests), None)
 
 
+@ranker("implicit")
+def rank_implicit(
+    judge: Judge,
+    items: Sequence[tuple[str, Sequence[str]]],
+    render: Callable[[str], str],
+    *,
+    reference: Judge | None = None,
+    **_,
+) -> RankResult:
+    """Implicit: how much likelier the judge finds each answer than a reference model does.
+
+    An answer's score is log pi_judge(answer | prompt) - log pi_reference(answer | prompt), summed
+    over its tokens, the prompt read as `render(prompt)` by both. With the policy as it began the
+    round as judge and the declared model as reference, this is the reward DPO trained into the
+    policy so far (Rafailov et al. 2023, eq. 5, up to beta; used between rounds by DICE, Chen et
+    al. 2024), and, when a round trained the policy to answer without the instruction it sampled
+    under (context distillation, Askell et al. 2021), the contrast judge with its principle in
+    the weights instead of the context. No answer is shown beside another, so no position bias;
+    with no reference (the judge is the reference, as in a first round) every score is 0.
+
+    Returns:
+        RankResult: raw = log-ratio per answer, scores = raw normalised per prompt.
+    """
+    contexts = [judge.text(render(prompt)) for prompt, _ in items]
+    requests = [
+        (ctx, a) for ctx, (_, answers) in zip(contexts, items, strict=True) for a in answers
+    ]
+    if reference is None:
+        ratios = [0.0] * len(requests)
+    else:
+        mine, _ = judge.logprobs(requests)
+        theirs, _ = reference.logprobs(requests)
+        ratios = [a - b for a, b in zip(mine, theirs, strict=True)]
+    raw, at = [], 0
+    for _, answers in items:
+        raw.append(ratios[at : at + len(answers)])
+        at += len(answers)
+    passes = 2 * len(requests) if reference is not None else 0
+    return RankResult([normalise(r) for r in raw], raw, None, passes, None)
+
+
 def rank(
     mode: str,
     judge_model,
@@ -741,12 +792,13 @@ def rank(
     batch_size: int = 8,
     chat: bool = True,
     progress: Progress | None = None,
+    reference_model=None,
     **contrast: Any,
 ) -> RankResult:
     """Score every item's responses with a judge model.
 
     Args:
-        mode: a key of RANKERS ("listwise", "pairwise", "pointwise").
+        mode: a key of RANKERS ("listwise", "pairwise", "pointwise", "contrast", "implicit").
         judge_model: a causal LM (eval mode is the caller's business; no gradients are taken).
         tokenizer: its tokenizer.
         items: (prompt, responses) per item.
@@ -759,6 +811,8 @@ def rank(
         batch_size: judge texts per forward pass.
         chat: wrap each rendered judge text as a user turn with the chat template.
         progress: called as progress(texts_done, tokens_read) after each forward pass.
+        reference_model: implicit only: the model the judge's likelihoods are compared with
+            (None: the judge itself, so every score is 0); `render` is then `render(prompt)`.
         contrast: contrast only: `principle`, `opposite`, `calibrate` (see `rank_contrast`);
             `render` is then `render(prompt, principle) -> str`.
     Returns:
@@ -770,6 +824,12 @@ def rank(
         if value < 1:
             raise RalignError(f"{name} must be at least 1, got {value}")
     judge = Judge(judge_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress)
+    if mode == "implicit" and reference_model is not None:
+        contrast["reference"] = Judge(
+            reference_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress
+        )
+        with eval_mode(judge_model), eval_mode(reference_model):
+            return RANKERS[mode](judge, items, render, **contrast)
     with eval_mode(judge_model):
         return RANKERS[mode](
             judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed, **contrast

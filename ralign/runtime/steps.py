@@ -337,6 +337,10 @@ def rank(ctx: StepContext) -> dict[str, Any]:
     judge, tok = ctx.model("judge")
     pointwise = p["mode"] == "pointwise"
     view, contrast = _judge_view(ctx)
+    reference = None
+    if p["mode"] == "implicit" and ctx.step.inputs["reference"] != ctx.step.inputs["judge"]:
+        # a copy beside the judge: the run keeps only one model of its own in memory
+        reference, _ = ctx.run.models.load(ctx.step.inputs["reference"], lora=False)
 
     shards: list[
         tuple[float | None, int, int]
@@ -357,6 +361,7 @@ def rank(ctx: StepContext) -> dict[str, Any]:
             progress=ctx.progress(
                 sum(_judge_texts(p, len(records[i]["responses"])) for i in idx), "judge texts"
             ),
+            reference_model=reference,
             **contrast,
         )
         units = sum(_agreement_units(p["mode"], len(records[i]["responses"])) for i in idx)
@@ -397,6 +402,10 @@ def _judge_view(ctx: StepContext) -> tuple[Callable[..., str], dict[str, Any]]:
         return lambda prompt, principle: ctx.render(
             "template", {"prompt": prompt, "principle": principle}
         ), settings
+    if p["mode"] == "implicit":  # what both models read: the bare prompt unless a template says
+        if "template" not in p:
+            return lambda prompt: prompt, {}
+        return lambda prompt: ctx.render("template", {"prompt": prompt}), {}
 
     def view(prompt: str, responses: list[str], labels: list[str]) -> str:
         if p["mode"] == "pointwise":
@@ -422,6 +431,8 @@ def _judge_texts(p: dict[str, Any], k: int) -> int:
         return k
     if p["mode"] == "contrast":  # each answer read with and without the principle, per prompt
         return 2 * k * (1 + p.get("calibrate", 0))
+    if p["mode"] == "implicit":  # each answer read by the judge and by the reference
+        return 2 * k
     return min(p["orders"], k) if k > 1 else 1
 
 
