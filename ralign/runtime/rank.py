@@ -58,6 +58,7 @@ but is never more accurate than `samples=1`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import string
@@ -764,17 +765,15 @@ def rank_implicit(
     requests = [
         (ctx, a) for ctx, (_, answers) in zip(contexts, items, strict=True) for a in answers
     ]
-    if reference is None:
-        ratios = [0.0] * len(requests)
-    else:
+    ratios, passes = [0.0] * len(requests), 0
+    if reference is not None:
         mine, _ = judge.logprobs(requests)
         theirs, _ = reference.logprobs(requests)
-        ratios = [a - b for a, b in zip(mine, theirs, strict=True)]
+        ratios, passes = [a - b for a, b in zip(mine, theirs, strict=True)], 2 * len(requests)
     raw, at = [], 0
     for _, answers in items:
         raw.append(ratios[at : at + len(answers)])
         at += len(answers)
-    passes = 2 * len(requests) if reference is not None else 0
     return RankResult([normalise(r) for r in raw], raw, None, passes, None)
 
 
@@ -824,13 +823,15 @@ def rank(
         if value < 1:
             raise RalignError(f"{name} must be at least 1, got {value}")
     judge = Judge(judge_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress)
-    if mode == "implicit" and reference_model is not None:
+    models = [judge_model]
+    if reference_model is not None:
         contrast["reference"] = Judge(
             reference_model, tokenizer, batch_size=batch_size, chat=chat, progress=progress
         )
-        with eval_mode(judge_model), eval_mode(reference_model):
-            return RANKERS[mode](judge, items, render, **contrast)
-    with eval_mode(judge_model):
+        models.append(reference_model)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
         return RANKERS[mode](
             judge, items, render, orders=orders, samples=samples, scale=scale, seed=seed, **contrast
         )
