@@ -150,6 +150,8 @@ QUICKSTART_NO_HEDGE = "quickstart + forced hedges + contrast judge against its o
 QUICKSTART_EACH_SOURCE = "quickstart + forced hedges, one pair per source + contrast judge against its opposite, 2 rounds"
 QUICKSTART_OWN_REFUSALS = "quickstart + forced hedges, one pair per source, 4 answers + contrast judge against its opposite, 2 rounds"
 QUICKSTART_IMPLICIT = "quickstart + its own judgement from round 2 (implicit), 2 rounds"
+QUICKSTART_IMPLICIT_PLAIN = "quickstart + its own judgement from round 2 (implicit), no needless hedges from round 2, 2 rounds"
+QUICKSTART_PLAIN = "quickstart, no needless hedges from round 2, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
@@ -166,6 +168,8 @@ STARTS_FROM = {
     QUICKSTART_NO_HEDGE: (QUICKSTART_ROW,),  # only the model conversion: its sampling differs
     QUICKSTART_EACH_SOURCE: (QUICKSTART_NO_HEDGE, QUICKSTART_ROW),  # the same sampling and judge
     QUICKSTART_IMPLICIT: (QUICKSTART_ROW,),  # the same first sampling
+    QUICKSTART_IMPLICIT_PLAIN: (QUICKSTART_IMPLICIT, QUICKSTART_ROW),  # the same sampling, rank
+    QUICKSTART_PLAIN: (QUICKSTART_ROW,),  # the same first sampling
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
     QUICKSTART_NO_OVER_REFUSAL: (QUICKSTART_ROW,),
@@ -242,6 +246,17 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         # (`rank { mode = "implicit" }`), half of it added to the rules' score, so the pairs it
         # disagrees with fall under the margin (docs/results.md, 2026-12-07, sixth session).
         QUICKSTART_IMPLICIT: Variant(RECIPES / "efficacy_quickstart_implicit.ralign", sized).but(
+            "recipe.rounds=2"
+        ),
+        # The same with a rule from round 2 on that scores a needless hedge ("I'm not sure." to a
+        # request that can be answered) just above a refusal, so that no pair chooses the round-1
+        # policy's own hedges (docs/results.md, 2026-12-07, seventh session).
+        QUICKSTART_IMPLICIT_PLAIN: Variant(
+            RECIPES / "efficacy_quickstart_implicit_plain.ralign", sized
+        ).but("recipe.rounds=2"),
+        # The same without the policy's judgement: the rules alone, as the quickstart, and from round
+        # 2 on no needless hedges (the row above's control).
+        QUICKSTART_PLAIN: Variant(RECIPES / "efficacy_quickstart_plain.ralign", sized).but(
             "recipe.rounds=2"
         ),
         # Today's quickstart (one round) with the policy's contrast judgement choosing instead of

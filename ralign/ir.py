@@ -249,9 +249,15 @@ def labels(nodes: tuple[Node, ...]) -> list[str]:
     return out
 
 
+# What a record gives an expression besides the round's scores: `round` (1-based) only in a
+# `score` step, so that a recipe can score differently from one round to the next.
+ROUND = "round"
+RECORD_FIELDS = frozenset({"prompt", "response", ROUND})
+
+
 def variables(node: Node) -> set[str]:
-    """The names an expression reads as variables, other than `prompt` and `response`."""
-    return {n.name for n in walk(node) if isinstance(n, Var)} - {"prompt", "response"}
+    """The names an expression reads as variables (scores), other than a record's own fields."""
+    return {n.name for n in walk(node) if isinstance(n, Var)} - RECORD_FIELDS
 
 
 # ---- JSON -----------------------------------------------------------------------------------

@@ -253,6 +253,41 @@ def test_the_implicit_row_is_the_quickstart_but_for_its_judge_and_rounds(eff):
     ]
 
 
+def test_the_plain_row_is_the_implicit_row_but_for_needless_hedges_from_round_2(eff):
+    """Round 1 of the plain row is the implicit row's in everything but its score expression,
+    which from round 2 adds the `plain` reward (and its rule only scores hedges to answerable
+    requests): the same steps, models, data and round-1 sampling and judging."""
+    plain = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT_PLAIN])
+    implicit = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT])
+    assert [s.id for s in plain.steps] == [s.id for s in implicit.steps]
+    assert plain.models == implicit.models and plain.datasets == implicit.datasets
+    for i in ("r1/sample/sample", "r1/judge/rank.self"):
+        assert plain.step(i).hash == implicit.step(i).hash, i
+    for s in plain.steps:
+        if s.kind != "score":
+            assert _params(plain, s) == _params(implicit, implicit.step(s.id)), s.id
+    total = plain.step("r1/judge/score").exprs["total"]
+    walked = set(ir.walk(total))
+    assert Var("round") in walked and Var("self") in walked
+    assert any(isinstance(x, ir.RewardRef) and x.qname.endswith(":plain") for x in walked)
+    plain_reward = next(r for q, r in plain.programs.rewards.items() if q.endswith(":plain"))
+    assert [r.name for r in plain_reward.rules] == ["needless_hedge"]
+
+
+def test_the_plain_control_is_the_plain_row_without_the_judge(eff):
+    """The control has the plain row's steps less its rank step, with the same parameters, and
+    its score is the plain row's without `self`."""
+    control = _plan(eff.variants()[eff.QUICKSTART_PLAIN])
+    plain = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT_PLAIN])
+    assert [s.id for s in control.steps] == [s.id for s in plain.steps if s.kind != "rank"]
+    assert control.step("r1/sample/sample").hash == plain.step("r1/sample/sample").hash
+    for s in control.steps:
+        if s.kind != "score":
+            assert _params(control, s) == _params(plain, plain.step(s.id)), s.id
+    walked = set(ir.walk(control.step("r2/judge/score").exprs["total"]))
+    assert Var("round") in walked and Var("self") not in walked
+
+
 def test_the_opposite_row_is_the_contrast_row_but_for_its_opposite_and_rounds(eff):
     """Its `opposite` is the contrast recipe's own principle negated, and nothing else changes:
     the same first sampling, the same judge otherwise."""

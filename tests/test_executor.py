@@ -246,6 +246,11 @@ def test_the_implicit_judge_scores_nothing_until_the_policy_has_learnt(tmp_path)
     read = metrics(run_dir)[second.id]["forward_passes"]
     assert read == 2 * sum(len(r["responses"]) for r in answers) > 0
     assert all(sorted(row["scores"])[::2] == [0.0, 1.0] for row in scores[2])
+    # a score expression reads the round's number
+    for r in (1, 2):
+        step = plan.step(f"r{r}/judge/score")
+        rows = read_jsonl(step_folder(run_dir, step) / "score.round_seen.jsonl")
+        assert rows and all(v == r for row in rows for v in row["scores"])
 
 
 def test_behavior_reports_the_mean_reward_of_its_answers(finished):

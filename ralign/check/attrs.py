@@ -12,6 +12,7 @@ from ralign.check.exprs import typed
 from ralign.check.names import lookup
 from ralign.check.templates import template_value
 from ralign.imports import Unit
+from ralign.ir import ROUND
 from ralign.rewards import builtins as bi
 from ralign.source import Span
 
@@ -26,13 +27,14 @@ def check_attrs(
     what: str,
     where: Span,
     *,
-    scores: tuple[str, ...] = (),
+    scores: tuple[str, ...] | None = None,
     open_type: str | None = None,
 ) -> dict[str, Any]:
     """Check attributes against `spec`; returns name -> checked value, defaults filled.
 
     Args:
-        scores: the round's scores so far (names a `score` expression may read).
+        scores: the round's scores so far (names a `score` expression may read), or None outside
+            a round (an `evaluate` block: its expressions read neither scores nor `round`).
         open_type: the type of attributes `spec` does not list (None: they are errors).
     """
     out: dict[str, Any] = {}
@@ -72,13 +74,13 @@ def check_attrs(
 
 
 def attr_value(
-    w: Work, unit: Unit, attr: n.Attr, rule: sc.Attr, label: str, scores: tuple[str, ...]
+    w: Work, unit: Unit, attr: n.Attr, rule: sc.Attr, label: str, scores: tuple[str, ...] | None
 ) -> Any:
     """One attribute's checked value, or BAD after reporting why not."""
     return VALUE_CHECKS[rule.type](w, unit, attr.value, rule, label, scores)
 
 
-ValueCheck = Callable[[Work, Unit, n.Expr, sc.Attr, str, tuple[str, ...]], Any]
+ValueCheck = Callable[[Work, Unit, n.Expr, sc.Attr, str, tuple[str, ...] | None], Any]
 VALUE_CHECKS: dict[str, ValueCheck] = {}
 
 
@@ -188,13 +190,15 @@ def _lora(w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: Any
 
 @value_check(sc.EXPR_BOOL, sc.EXPR_NUMBER)
 def _expression(
-    w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: tuple[str, ...]
+    w: Work, unit: Unit, v: n.Expr, rule: sc.Attr, label: str, scores: tuple[str, ...] | None
 ) -> Any:
     if rule.type == sc.EXPR_BOOL:
         context, want, scope = "filter", bi.BOOL, {"prompt": bi.TEXT}
     else:
         context, want = "score", bi.NUMBER
-        scope = {"prompt": bi.TEXT, "response": bi.TEXT, **dict.fromkeys(scores, bi.NUMBER)}
+        scope = {"prompt": bi.TEXT, "response": bi.TEXT}
+        if scores is not None:  # in a round: its number and the scores made so far
+            scope.update({ROUND: bi.NUMBER, **dict.fromkeys(scores, bi.NUMBER)})
     t, node = typed(w, unit.key, v, scope, context)
     if t not in (want, ERROR):
         w.error(v.span, f"{label} must be a {want} expression, but this is a {t}")

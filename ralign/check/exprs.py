@@ -23,7 +23,7 @@ CONTEXT_WORDS = {
     "def": "a def sees only its parameters",
     "filter": "a filter sees only `prompt`",
     "reward": "rules see `prompt` and `response`",
-    "score": "score sees `prompt`, `response`, the round's scores and rewards",
+    "score": "score sees `prompt`, `response`, `round`, the round's scores and rewards",
 }
 FAILED: Typed = (ERROR, None)
 
@@ -157,6 +157,8 @@ def _ref(w: Work, unit: str, e: n.Ref, scope: dict[str, str], context: str) -> T
             found = f"'{name}' is a builtin function; call it: {bi.signature(bi.BUILTINS[name])}"
         elif len(e.parts) == 1 and name in ("prompt", "response"):
             found = f"'{name}' is not available here ({CONTEXT_WORDS[context]})"
+        elif len(e.parts) == 1 and name == ir.ROUND:
+            found = f"'{name}' is not available here: only a `score` step's expressions read the round number"
         w.error(e.span, found)
         return FAILED
     if found.keyword == "let":

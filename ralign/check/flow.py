@@ -73,7 +73,12 @@ def _wired(w: Work, step: CheckedStep, state: sc.Flow) -> CheckedStep:
         w.error(step.span, message)
     seen = dict(state.scores)
     for name in made_scores(step):
-        if name in seen:
+        if name in ir.RECORD_FIELDS:
+            w.error(
+                step.name_span or step.span,
+                f"a score cannot be named '{name}': score expressions read '{name}' as the record's own",
+            )
+        elif name in seen:
             w.error(
                 step.name_span or step.span,
                 f"the score '{name}' is already made earlier in the round",

@@ -451,6 +451,7 @@ def score(ctx: StepContext) -> dict[str, Any]:
                 {
                     "prompt": r["prompt"],
                     "response": response,
+                    ir.ROUND: float(ctx.step.round),
                     **{n: float(v[i]["scores"][j]) for n, v in named.items()},
                 }
             )
