@@ -734,7 +734,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for other in ("listwise o2", "rules (std/hhh)")
     }
     if args.trained:
-        raws |= trained_judges(model, tok, items, args)
+        raws |= trained_judges(model, tok, items, raws["rules (std/hhh)"], args)
         for name in ("implicit (trained)", "listwise o2 (trained)", "rules + implicit (trained)"):
             rates[name] = judge_rates(raws[name], better_at, pairs, half)
         paired |= {
@@ -779,9 +779,11 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def trained_judges(model, tok, items, args: argparse.Namespace) -> dict[str, list[list[float]]]:
+def trained_judges(
+    model, tok, items, rules: list[list[float]], args: argparse.Namespace
+) -> dict[str, list[list[float]]]:
     """`--trained`: the trained policy's implicit reward against the judge model, listwise with
-    the trained policy as judge, and the implicit reward beside the rules."""
+    the trained policy as judge, and the implicit reward beside the rules' scores `rules`."""
     trained, trained_tok = load_model(ModelSpec(args.trained), "cpu")
     trained.eval()
     out = {}
@@ -805,7 +807,7 @@ def trained_judges(model, tok, items, args: argparse.Namespace) -> dict[str, lis
         orders=2,
         batch_size=args.batch_size,
     ).raw
-    out["rules + implicit (trained)"] = combined(rules_scores(items), out["implicit (trained)"])
+    out["rules + implicit (trained)"] = combined(rules, out["implicit (trained)"])
     return out
 
 
