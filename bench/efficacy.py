@@ -151,6 +151,7 @@ QUICKSTART_EACH_SOURCE = "quickstart + forced hedges, one pair per source + cont
 QUICKSTART_OWN_REFUSALS = "quickstart + forced hedges, one pair per source, 4 answers + contrast judge against its opposite, 2 rounds"
 QUICKSTART_IMPLICIT = "quickstart + its own judgement from round 2 (implicit), 2 rounds"
 QUICKSTART_IMPLICIT_PLAIN = "quickstart + its own judgement from round 2 (implicit), no needless hedges from round 2, 2 rounds"
+QUICKSTART_IMPLICIT_LAST = "quickstart + its own judgement from round 2 (implicit), no needless hedges from round 2, hedges bounded by round 1's, 2 rounds"
 QUICKSTART_PLAIN = "quickstart, no needless hedges from round 2, 2 rounds"
 QUICKSTART_JUDGE_ONLY = "quickstart, contrast judge only"
 QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
@@ -169,6 +170,7 @@ STARTS_FROM = {
     QUICKSTART_EACH_SOURCE: (QUICKSTART_NO_HEDGE, QUICKSTART_ROW),  # the same sampling and judge
     QUICKSTART_IMPLICIT: (QUICKSTART_ROW,),  # the same first sampling
     QUICKSTART_IMPLICIT_PLAIN: (QUICKSTART_IMPLICIT, QUICKSTART_ROW),  # the same sampling, rank
+    QUICKSTART_IMPLICIT_LAST: (QUICKSTART_IMPLICIT_PLAIN, QUICKSTART_ROW),  # all but calibrate 2
     QUICKSTART_PLAIN: (QUICKSTART_ROW,),  # the same first sampling
     QUICKSTART_JUDGE_ONLY: (QUICKSTART_ROW,),
     QUICKSTART_AGREE: (QUICKSTART_JUDGE_ONLY, QUICKSTART_ROW),  # the same rank step
@@ -254,8 +256,18 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         QUICKSTART_IMPLICIT_PLAIN: Variant(
             RECIPES / "efficacy_quickstart_implicit_plain.ralign", sized
         ).but("recipe.rounds=2"),
-        # The same without the policy's judgement: the rules alone, as the quickstart, and from round
-        # 2 on no needless hedges (the row above's control).
+        # The same whose round 2 keeps no more of its update than hedges on the harmless held-out
+        # prompts no more often than round 1 ended (`hedging_relative_to = "last_round"`: round 1
+        # is unbounded, so it stays the quickstart; docs/results.md, 2026-12-07, eighth session).
+        QUICKSTART_IMPLICIT_LAST: Variant(
+            RECIPES / "efficacy_quickstart_implicit_plain.ralign", sized
+        ).but(
+            "recipe.rounds=2",
+            "distill/calibrate.max_hedging_rise=0",
+            'distill/calibrate.hedging_relative_to="last_round"',
+        ),
+        # The implicit-plain row without the policy's judgement: the rules alone, as the
+        # quickstart, and from round 2 on no needless hedges (its control).
         QUICKSTART_PLAIN: Variant(RECIPES / "efficacy_quickstart_plain.ralign", sized).but(
             "recipe.rounds=2"
         ),

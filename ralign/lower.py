@@ -45,21 +45,23 @@ class _Round:
         self.start = policy
         self.made: dict[str, str] = {}
 
-    def source(self, slot: str, step: CheckedStep) -> str:
-        """The model, dataset or earlier step that fills one input slot of `step`."""
+    def source(self, slot: str, params: dict[str, Any]) -> str:
+        """The model, dataset or earlier step that fills one input slot of a step whose
+        parameters in this round are `params`."""
         if slot == "dataset":
-            return f"dataset:{step.params['from']}"
+            return f"dataset:{params['from']}"
         if slot == "policy":
             return self.policy
         if slot == "start":
             return self.start
-        if slot == "baseline":
-            return self.base if step.params.get("relative_to") == "base" else self.start
+        if slot == "baseline":  # the base where a bound is measured from it
+            refs = (params.get("relative_to"), params.get("hedging_relative_to"))
+            return self.base if "base" in refs else self.start
         if slot == "judge":
-            judge = step.params.get("judge", self.checked.policy)
+            judge = params.get("judge", self.checked.policy)
             return self.policy if judge == self.checked.policy else f"model:{judge}"
         if slot == "reference":
-            which = step.params.get("reference")
+            which = params.get("reference")
             if which == "previous":  # as the train step before this one in the round left it
                 return self.policy
             return self.start if which == "round_start" else self.base
@@ -73,6 +75,31 @@ class _Round:
                 del self.made[key]
         if "policy" in step.outputs:
             self.policy = step_id
+
+
+# A calibrate bound and the attribute naming what it is measured from.
+_BOUNDS = (("max_refusal_rise", "relative_to"), ("max_hedging_rise", "hedging_relative_to"))
+
+
+def _in_round(step: CheckedStep, rnd: int) -> dict[str, Any]:
+    """A step's parameters in round `rnd`. A calibrate bound measured from "last_round" is off in
+    round 1 (there is no last round: the bound becomes 1) and from the round's start after it; a
+    hedging reference that says no more than `relative_to` is dropped, so plans that do not use
+    it hash as before."""
+    params = dict(step.params)
+    if step.kind != "calibrate":
+        return params
+    refs = {bound: params.get(ref) or params.get("relative_to") for bound, ref in _BOUNDS}
+    for bound, ref in refs.items():
+        if ref == "last_round":
+            if rnd == 1:
+                params[bound] = 1.0
+            refs[bound] = "round_start"
+    params["relative_to"] = refs["max_refusal_rise"]
+    params.pop("hedging_relative_to", None)
+    if refs["max_hedging_rise"] != params["relative_to"] and params["max_hedging_rise"] < 1:
+        params["hedging_relative_to"] = refs["max_hedging_rise"]
+    return params
 
 
 def _evaluations(checked: Checked, rnd: int, final: bool, policy: str) -> list[Step]:
@@ -124,7 +151,8 @@ def lower(checked: Checked) -> Plan:
         wiring = _Round(checked, policy)
         for s, local in zip(checked.steps, ids, strict=True):
             step_id = f"r{rnd}/{local}"
-            inputs = {slot: wiring.source(slot, s) for slot in s.inputs}
+            params = _in_round(s, rnd)
+            inputs = {slot: wiring.source(slot, params) for slot in s.inputs}
             steps.append(
                 Step(
                     step_id,
@@ -132,7 +160,7 @@ def lower(checked: Checked) -> Plan:
                     s.phase,
                     s.kind,
                     s.name,
-                    dict(s.params),
+                    params,
                     inputs,
                     s.outputs,
                     s.span.to_json(),

@@ -45,6 +45,10 @@ class Block:
     attrs: dict[str, Attr]
 
 
+# What a `calibrate` bound is measured from: "last_round" is lowered away (ralign/lower.py).
+REFERENCES = ("round_start", "base", "last_round")
+
+
 def _positive(doc: str, default: Any, type_: str = NUMBER) -> Attr:
     return Attr(type_, doc, default, min=0, min_open=True)
 
@@ -721,16 +725,21 @@ STEPS: dict[str, StepKind] = {
             ),
             "max_hedging_rise": Attr(
                 NUMBER,
-                'how much more often than the policy `relative_to` names the calibrated one may hedge on those harmless prompts: admit not knowing without refusing ("I\'m not sure." to "What is 15% of 240?"; the behaviour evaluation\'s needless hedging); 1 bounds nothing',
+                'how much more often than the policy `hedging_relative_to` (or else `relative_to`) names the calibrated one may hedge on those harmless prompts: admit not knowing without refusing ("I\'m not sure." to "What is 15% of 240?"; the behaviour evaluation\'s needless hedging); 1 bounds nothing',
                 1.0,
                 min=0,
                 max=1,
             ),
             "relative_to": Attr(
                 STRING,
-                'whose refusals (and hedges) the bounds start from: the policy as the round began, or the declared model (`"base"`: over several rounds the rises cannot add up)',
+                'whose refusals (and hedges) the bounds start from: the policy as the round began, the declared model (`"base"`: over several rounds the rises cannot add up), or the policy the last round ended with (`"last_round"`: the round\'s start from round 2 on; round 1 has no last round, so there the bound is off)',
                 "round_start",
-                choices=("round_start", "base"),
+                choices=REFERENCES,
+            ),
+            "hedging_relative_to": Attr(
+                STRING,
+                'whose hedges `max_hedging_rise` starts from, when not the policy `relative_to` names (same choices): `"last_round"` lets a round hedge no more than the last one did without bounding round 1 against a base that never hedges',
+                choices=REFERENCES,
             ),
             "confidence": Attr(
                 NUMBER,

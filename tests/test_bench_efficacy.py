@@ -274,6 +274,22 @@ def test_the_plain_row_is_the_implicit_row_but_for_needless_hedges_from_round_2(
     assert [r.name for r in plain_reward.rules] == ["needless_hedge"]
 
 
+def test_the_last_round_row_is_the_plain_row_but_for_round_two_s_hedging_bound(eff):
+    """Round 1 of the row is the implicit-plain row's, hash for hash (its bound is off there),
+    and round 2 differs only in calibrate bounding hedges from the round's start."""
+    last = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT_LAST])
+    plain = _plan(eff.variants()[eff.QUICKSTART_IMPLICIT_PLAIN])
+    assert [s.id for s in last.steps] == [s.id for s in plain.steps]
+    differ = [s.id for s in last.steps if s.hash != plain.step(s.id).hash]
+    assert differ == ["r2/distill/calibrate", "r2/evaluate/hhh", "r2/evaluate/behavior"]
+    got = last.step("r2/distill/calibrate").params
+    assert got == {**plain.step("r2/distill/calibrate").params} | {
+        "max_hedging_rise": 0,
+        "hedging_relative_to": "round_start",
+    }
+    assert got["relative_to"] == "base"  # refusals still from the declared model
+
+
 def test_the_plain_control_is_the_plain_row_without_the_judge(eff):
     """The control has the plain row's steps less its rank step, with the same parameters, and
     its score is the plain row's without `self`."""

@@ -349,3 +349,76 @@ def test_show_prints_the_harmless_held_out_prompts_it_answers(tmp_path: Path, ca
     others = [r["prompt"] for r in rows if r["kind"] not in cal.HARMLESS]
     assert out.count("-----") == 2 * 40 and harmless[0] in out and harmless[-1] in out
     assert not any(p in out for p in others)
+
+
+def _two_rounds(tmp_path: Path, step: str):
+    from ralign.compile import compile_file
+
+    recipe = tmp_path / "cal.ralign"
+    text = RECIPE.replace("CALIBRATE", f"  calibrate {{ data = seeds, {step} }}\n")
+    recipe.write_text(text.replace("seed = 3", "seed = 3, rounds = 2"), "utf-8")
+    return compile_file(recipe)
+
+
+def test_a_bound_from_the_last_round_is_off_in_round_one_and_from_its_start_after(
+    tmp_path: Path,
+) -> None:
+    plain = _two_rounds(tmp_path, 'relative_to = "base"')
+    plan = _two_rounds(
+        tmp_path, 'relative_to = "base", max_hedging_rise = 0, hedging_relative_to = "last_round"'
+    )
+    r1, r2 = plan.step("r1/p/calibrate"), plan.step("r2/p/calibrate")
+    # Round 1 has no last round: its calibrate is the one without the hedging bound, hash and all.
+    assert r1.params == plain.step("r1/p/calibrate").params
+    assert r1.hash == plain.step("r1/p/calibrate").hash
+    assert r1.params["max_hedging_rise"] == 1.0 and "hedging_relative_to" not in r1.params
+    assert (r2.params["max_hedging_rise"], r2.params["hedging_relative_to"]) == (0, "round_start")
+    assert r2.params["relative_to"] == "base"
+    assert (r2.inputs["start"], r2.inputs["baseline"]) == ("r1/p/calibrate", "model:policy")
+    assert plan.hash != plain.hash
+
+    refusals = _two_rounds(tmp_path, 'relative_to = "last_round", max_refusal_rise = 0.05')
+    r1, r2 = refusals.step("r1/p/calibrate"), refusals.step("r2/p/calibrate")
+    assert (r1.params["max_refusal_rise"], r1.params["relative_to"]) == (1.0, "round_start")
+    assert (r2.params["max_refusal_rise"], r2.params["relative_to"]) == (0.05, "round_start")
+    assert r2.inputs["baseline"] == "r1/p/calibrate"  # the base is not needed
+
+    # Hedges from the base while refusals count from the round's start: the base is loaded.
+    mixed = _two_rounds(tmp_path, 'max_hedging_rise = 0.02, hedging_relative_to = "base"')
+    r2 = mixed.step("r2/p/calibrate")
+    assert (r2.params["relative_to"], r2.params["hedging_relative_to"]) == ("round_start", "base")
+    assert r2.inputs["baseline"] == "model:policy"
+
+
+def test_each_count_is_bounded_from_its_own_reference(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RALIGN_CACHE", str(tmp_path / "cache"))
+    recipe, run = tmp_path / "cal.ralign", tmp_path / "run"
+    # Hedges by call: round 1 start 0 and weight 1 on 10 (no bound in round 1: kept); round 2
+    # start 10, the base 0, weight 1 on 12 (over the round's start: out), weight 0.75 on 10.
+    hedged = iter([0, 10, 10, 0, 12, 10])
+
+    def verdicts(model, tok, prompts, **_):
+        return {"refused": [], "hedged": prompts[: next(hedged)]}
+
+    monkeypatch.setattr(cal, "verdicts", verdicts)
+    step = (
+        '  calibrate { data = seeds, relative_to = "base", max_hedging_rise = 0,'
+        ' hedging_relative_to = "last_round" }\n'
+    )
+    text = RECIPE.replace("CALIBRATE", step).replace("seed = 3", "seed = 3, rounds = 2")
+    recipe.write_text(text, "utf-8")
+    execute_here(recipe, run)
+    got = metrics(run)
+    assert (got["r1/p/calibrate"]["weight"], got["r2/p/calibrate"]["weight"]) == (1, 0.75)
+    assert got["r2/p/calibrate"]["harmless_hedging_baseline"] == 10 / 80  # the round's start's
+    record = json.loads((run / "r2" / "p.calibrate" / "calibration.json").read_text())
+    assert record["baseline"]["hedged"]["relative_to"] == "round_start"
+    assert record["baseline"]["refused"]["relative_to"] == "base"
+    assert [(r["hedged"]["k"], r["hedged"]["rise"], r["passed"]) for r in record["tried"]] == [
+        (12, pytest.approx(2 / 80), False),
+        (10, 0, True),
+    ]
+    log = (run / "run.log").read_text()
+    assert "hedges on 10 (the round's start 10; rise +0.000)" in log
+    assert "refuses 0 (the round's start 0, the base 0; rise" in log
+    assert next(hedged, None) is None  # no verdicts asked for beyond these

@@ -685,12 +685,15 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     model, _ = ctx.run.models.load(ctx.step.inputs["start"], lora=False)
     model.eval()
     before = verdicts(model, tok, prompts, **opts)
-    baseline = before
+    base = before
     separate = ctx.step.inputs["baseline"] != ctx.step.inputs["start"]  # the base, later rounds
     if separate:
         bound, _ = ctx.run.models.load(ctx.step.inputs["baseline"], lora=False)
-        baseline = verdicts(bound.eval(), tok, prompts, **opts)
+        base = verdicts(bound.eval(), tok, prompts, **opts)
         del bound
+    # Each count is bounded from its own reference (lowering resolved "last_round").
+    refs = {"refused": p["relative_to"], "hedged": p.get("hedging_relative_to", p["relative_to"])}
+    baseline = {name: (base if ref == "base" else before)[name] for name, ref in refs.items()}
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def tried(weight: float) -> dict[str, list[str]]:
@@ -713,6 +716,7 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
         "start": {name: {"k": len(got), "n": n, "prompts": got} for name, got in before.items()},
         "baseline": {
             name: {"k": len(got), "n": n, "prompts": got, "max_rise": bounds[name]}
+            | {"relative_to": refs[name]}
             for name, got in baseline.items()
         }
         | {"confidence": p["confidence"]},
@@ -727,7 +731,7 @@ def calibrate(ctx: StepContext) -> dict[str, Any]:
     def counted(name: str, verb: str) -> str:
         got = chosen[name]
         then = f"the round's start {len(before[name])}"
-        then += f", the base {len(baseline[name])}" if separate else ""
+        then += f", the base {len(base[name])}" if refs[name] == "base" and separate else ""
         sure = f", at most {got['rise_upper']:+.3f} ({p['confidence']:g})" if z > 0 else ""
         return f"{verb} {got['k']} ({then}; rise {got['rise']:+.3f}{sure})"
 
