@@ -83,22 +83,18 @@ _BOUNDS = (("max_refusal_rise", "relative_to"), ("max_hedging_rise", "hedging_re
 
 def _in_round(step: CheckedStep, rnd: int) -> dict[str, Any]:
     """A step's parameters in round `rnd`. A calibrate bound measured from "last_round" is off in
-    round 1 (there is no last round: the bound becomes 1) and from the round's start after it; a
-    hedging reference that says no more than `relative_to` is dropped, so plans that do not use
-    it hash as before."""
+    round 1 (there is no last round: the bound becomes 1) and from the round's start after it."""
     params = dict(step.params)
     if step.kind != "calibrate":
         return params
-    refs = {bound: params.get(ref) or params.get("relative_to") for bound, ref in _BOUNDS}
-    for bound, ref in refs.items():
-        if ref == "last_round":
+    params.setdefault("hedging_relative_to", params["relative_to"])  # absent: as relative_to
+    for bound, ref in _BOUNDS:
+        if params[ref] == "last_round":
+            params[ref] = "round_start"
             if rnd == 1:
                 params[bound] = 1.0
-            refs[bound] = "round_start"
-    params["relative_to"] = refs["max_refusal_rise"]
-    params.pop("hedging_relative_to", None)
-    if refs["max_hedging_rise"] != params["relative_to"] and params["max_hedging_rise"] < 1:
-        params["hedging_relative_to"] = refs["max_hedging_rise"]
+    if params["hedging_relative_to"] == params["relative_to"] or params["max_hedging_rise"] >= 1:
+        del params["hedging_relative_to"]  # it says nothing more: such plans hash as before
     return params
 
 
