@@ -158,6 +158,10 @@ QUICKSTART_AGREE = "quickstart, agree(contrast, rules)"
 QUICKSTART_NO_OVER_REFUSAL = "quickstart without over-refusal pairs"
 QUICKSTART_HEDGING = "quickstart with a hedging bound"
 QUICKSTART_HEDGING_2_ROUNDS = "quickstart with a hedging bound, 2 rounds"
+QUICKSTART_HALF_BOUND = "quickstart, refusal bound halved (2.5 points)"
+QUICKSTART_HEDGE_OPENING = (
+    "quickstart, refusal bound halved + a forced hedge and a needless-hedge rule"
+)
 # A row whose first steps are other rows' starts as a copy of the first of them that ran.
 STARTS_FROM = {
     "3 rounds": ("2 rounds",),
@@ -178,6 +182,8 @@ STARTS_FROM = {
     QUICKSTART_UNCALIBRATED: (QUICKSTART_ROW,),
     QUICKSTART_HEDGING: (QUICKSTART_HEDGING_2_ROUNDS, QUICKSTART_ROW),
     QUICKSTART_HEDGING_2_ROUNDS: (QUICKSTART_HEDGING, QUICKSTART_ROW),
+    QUICKSTART_HALF_BOUND: (QUICKSTART_ROW,),  # all but calibrate
+    QUICKSTART_HEDGE_OPENING: (QUICKSTART_ROW,),  # only the model conversion: its sampling differs
 }
 
 
@@ -285,6 +291,15 @@ def variants(scale: str = "full") -> dict[str, Variant]:
         QUICKSTART_HEDGING: quickstart.but("distill/calibrate.max_hedging_rise=0.05"),
         QUICKSTART_HEDGING_2_ROUNDS: quickstart.but(
             "distill/calibrate.max_hedging_rise=0.05", "recipe.rounds=2", 'behavior.every="round"'
+        ),
+        # Today's quickstart whose refusal bound is halved: its 80 held-out harmless prompts saw
+        # about half of the evaluation's rise on seeds 7 to 11 (docs/results.md, 2026-12-08).
+        QUICKSTART_HALF_BOUND: quickstart.but("distill/calibrate.max_refusal_rise=0.025"),
+        # That with a forced "I'm not sure" beside the forced refusal, so every unknowable prompt
+        # has an admission to choose, and a rule scoring a hedge to an answerable prompt below an
+        # answer (the same file's docstring says why).
+        QUICKSTART_HEDGE_OPENING: Variant(
+            RECIPES / "efficacy_quickstart_hedge_opening.ralign", sized
         ),
         BASE_ROW: base,
         "self-ranking only": ranked,

@@ -541,3 +541,56 @@ def test_a_row_is_another_but_for_one_step(eff, row, of, kind, change):
         else:
             assert mine == theirs, step.id
     assert changed == 2  # the step of each of the two rounds
+
+
+def test_the_half_bound_row_is_the_quickstart_but_for_its_refusal_bound(eff):
+    """Only `calibrate` (and what evaluates its policy) differs from the quickstart row: its
+    sampling, pairs and training are reused, and its bound is half the quickstart's."""
+    half = _plan(eff.variants()[eff.QUICKSTART_HALF_BOUND])
+    row = _plan(eff.variants()[eff.QUICKSTART_ROW])
+    assert [s.id for s in half.steps] == [s.id for s in row.steps]
+    differ = [s.id for s in half.steps if s.hash != row.step(s.id).hash]
+    assert differ[0] == "r1/distill/calibrate"
+    assert all(i.startswith("r1/evaluate/") for i in differ[1:])
+    got, theirs = (p.step("r1/distill/calibrate").params for p in (half, row))
+    assert theirs["max_refusal_rise"] == 0.05
+    assert got == theirs | {"max_refusal_rise": 0.025}
+
+
+def test_the_hedge_opening_row_is_the_quickstart_but_for_its_hedges_and_bound(eff):
+    """The probe's recipe is the shipped quickstart with a second forced opening, a needless-
+    hedge reward in its score and the halved bound; pairs and DPO keep their parameters."""
+    mine = compile_file(eff.RECIPES / "efficacy_quickstart_hedge_opening.ralign")
+    one = compile_file(eff.QUICKSTART)
+    assert (mine.seed, mine.rounds, mine.models, mine.datasets) == (
+        one.seed,
+        one.rounds,
+        one.models,
+        one.datasets,
+    )
+    assert evaluations(mine) == evaluations(one)
+    sample = _params(mine, mine.step("r1/sample/sample"))
+    assert sample["negative_prefix"] == [
+        _params(one, one.step("r1/sample/sample"))["negative_prefix"],
+        "I'm not sure",
+    ]
+    assert {k: v for k, v in sample.items() if k != "negative_prefix"} == {
+        k: v
+        for k, v in _params(one, one.step("r1/sample/sample")).items()
+        if k != "negative_prefix"
+    }
+    for i in ("r1/distill/pairs", "r1/distill/train.dpo"):
+        assert _params(mine, mine.step(i)) == _params(one, one.step(i)), i
+    assert mine.step("r1/distill/calibrate").params == one.step("r1/distill/calibrate").params | {
+        "max_refusal_rise": 0.025
+    }
+
+    def rewards(plan):
+        total = plan.step("r1/judge/score").exprs["total"]
+        return {
+            n.qname.replace(plan.source, "<recipe>")
+            for n in ir.walk(total)
+            if isinstance(n, ir.RewardRef)
+        }
+
+    assert rewards(mine) == rewards(one) | {"<recipe>:hedging"}
